@@ -1,0 +1,221 @@
+#include "common.h"
+
+#include <sstream>
+
+namespace mlx_moe {
+
+std::vector<mx::array> InferencePrimitive::jvp(const std::vector<mx::array>&,
+                                               const std::vector<mx::array>&,
+                                               const std::vector<int>&) {
+  throw std::invalid_argument(std::string("mlx_moe.") + name() +
+                              " is inference-only: it has no jvp (forward-mode derivative)");
+}
+
+std::vector<mx::array> InferencePrimitive::vjp(const std::vector<mx::array>&,
+                                               const std::vector<mx::array>&,
+                                               const std::vector<int>&,
+                                               const std::vector<mx::array>&) {
+  throw std::invalid_argument(std::string("mlx_moe.") + name() +
+                              " is inference-only: it has no vjp (gradient)");
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> InferencePrimitive::vmap(
+    const std::vector<mx::array>&, const std::vector<int>&) {
+  throw std::invalid_argument(std::string("mlx_moe.") + name() +
+                              " has no vmap: call it on the batched arrays directly");
+}
+
+std::string shape_str(const mx::Shape& s) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  os << "]";
+  return os.str();
+}
+
+std::string dtype_str(mx::Dtype d) {
+  switch (d) {
+    case mx::bool_: return "bool";
+    case mx::uint8: return "uint8";
+    case mx::uint16: return "uint16";
+    case mx::uint32: return "uint32";
+    case mx::uint64: return "uint64";
+    case mx::int8: return "int8";
+    case mx::int16: return "int16";
+    case mx::int32: return "int32";
+    case mx::int64: return "int64";
+    case mx::float16: return "float16";
+    case mx::bfloat16: return "bfloat16";
+    case mx::float32: return "float32";
+    case mx::float64: return "float64";
+    case mx::complex64: return "complex64";
+  }
+  return "unknown";
+}
+
+bool is_float(mx::Dtype d) {
+  return d == mx::float16 || d == mx::bfloat16 || d == mx::float32;
+}
+
+bool is_integer(mx::Dtype d) {
+  return mx::issubdtype(d, mx::integer);
+}
+
+mx::array ensure_row_contiguous(const mx::array& a, mx::StreamOrDevice s) {
+  return mx::contiguous(a, /*allow_col_major=*/false, s);
+}
+
+std::string Format::describe() const {
+  std::ostringstream os;
+  switch (mode) {
+    case Mode::Affine: os << "affine " << bits << "-bit, group_size " << group_size; break;
+    case Mode::MxFp4: os << "mxfp4, group_size " << group_size; break;
+    case Mode::Trellis: os << "trellis " << bits << "-bit, group_size " << group_size; break;
+  }
+  return os.str();
+}
+
+Format make_format(const std::string& mode, int bits, int group_size, bool has_su, bool has_sv,
+                   bool fp4_quarter_subnormal) {
+  Format f;
+  f.bits = bits;
+  f.group_size = group_size;
+  f.has_su = has_su;
+  f.has_sv = has_sv;
+  f.fp4_quarter_subnormal = fp4_quarter_subnormal;
+  if (mode == "affine") {
+    f.mode = Mode::Affine;
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 5 && bits != 6 && bits != 8) {
+      throw std::invalid_argument("bits must be one of 2, 3, 4, 5, 6, 8 for affine weights, got " +
+                                  std::to_string(bits));
+    }
+    if (group_size <= 0 || group_size % 32 != 0) {
+      throw std::invalid_argument(
+          "group_size must be a positive multiple of 32 for affine weights (MLX uses 32, 64, "
+          "128), got " + std::to_string(group_size));
+    }
+  } else if (mode == "mxfp4") {
+    f.mode = Mode::MxFp4;
+    if (bits != 4) {
+      throw std::invalid_argument("bits must be 4 for mxfp4 weights, got " + std::to_string(bits));
+    }
+    if (group_size != 32) {
+      throw std::invalid_argument("group_size must be 32 for mxfp4 weights, got " +
+                                  std::to_string(group_size));
+    }
+  } else if (mode == "trellis") {
+    f.mode = Mode::Trellis;
+    if (bits < 2 || bits > 8) {
+      throw std::invalid_argument("bits must be in 2..8 for trellis weights, got " +
+                                  std::to_string(bits));
+    }
+    if (group_size <= 0 || group_size % 16 != 0) {
+      throw std::invalid_argument(
+          "group_size must be a positive multiple of 16 (the tile edge) for trellis weights, got " +
+          std::to_string(group_size));
+    }
+  } else {
+    throw std::invalid_argument("mode must be 'affine', 'mxfp4' or 'trellis', got '" + mode + "'");
+  }
+  if (fp4_quarter_subnormal && f.mode != Mode::MxFp4) {
+    throw std::invalid_argument("fp4_decoder applies to mxfp4 weights only");
+  }
+  if ((has_su || has_sv) && f.mode != Mode::Trellis) {
+    throw std::invalid_argument("sign vectors su/sv apply to trellis weights only");
+  }
+  return f;
+}
+
+namespace {
+
+void expect_same_batch(const mx::array& a, const mx::array& w, const std::string& what,
+                       const std::string& expected) {
+  if (a.ndim() != w.ndim()) {
+    throw std::invalid_argument(what + " has shape " + shape_str(a.shape()) + "; expected " +
+                                expected);
+  }
+  for (int i = 0; i < int(w.ndim()) - 1; ++i) {
+    if (a.shape(i) != w.shape(i)) {
+      throw std::invalid_argument(what + " has shape " + shape_str(a.shape()) + "; expected " +
+                                  expected);
+    }
+  }
+}
+
+std::string expected_shape(const mx::Shape& batch, int N, const std::string& last) {
+  std::ostringstream os;
+  os << "[";
+  for (auto b : batch) os << b << ", ";
+  os << N << ", " << last << "]";
+  return os.str();
+}
+
+}  // namespace
+
+WeightShape check_weight(const std::vector<mx::array>& arrays, const Format& fmt,
+                         const std::string& name) {
+  if (int(arrays.size()) != fmt.num_arrays()) {
+    throw std::invalid_argument(name + ": expected " + std::to_string(fmt.num_arrays()) +
+                                " arrays for " + fmt.describe() + ", got " +
+                                std::to_string(arrays.size()));
+  }
+  const auto& w = arrays[0];
+  const auto& scales = arrays[1];
+  WeightShape ws;
+  if (fmt.mode == Mode::Trellis) {
+    throw std::invalid_argument(name + ": trellis weights are not supported by this build yet");
+  }
+  if (w.dtype() != mx::uint32) {
+    throw TypeError(name + ".w must be uint32 (MLX's packed layout), got " + dtype_str(w.dtype()));
+  }
+  if (w.ndim() < 2) {
+    throw std::invalid_argument(name + ".w must have at least 2 dimensions [..., N, K_packed], got " +
+                                shape_str(w.shape()));
+  }
+  ws.batch = mx::Shape(w.shape().begin(), w.shape().end() - 2);
+  ws.N = w.shape(-2);
+  int64_t kbits = int64_t(w.shape(-1)) * 32;
+  if (kbits % fmt.bits != 0) {
+    throw std::invalid_argument(name + ".w: its last dimension (" + std::to_string(w.shape(-1)) +
+                                " words) does not hold a whole number of " +
+                                std::to_string(fmt.bits) + "-bit values");
+  }
+  ws.K = int(kbits / fmt.bits);
+  if (ws.K % fmt.group_size != 0) {
+    throw std::invalid_argument(name + ": group_size " + std::to_string(fmt.group_size) +
+                                " does not divide K = " + std::to_string(ws.K));
+  }
+  std::string exp_scales = expected_shape(ws.batch, ws.N, std::to_string(ws.K / fmt.group_size));
+  expect_same_batch(scales, w, name + ".scales", exp_scales + " (K = " + std::to_string(ws.K) +
+                                                     ", group_size = " +
+                                                     std::to_string(fmt.group_size) + ")");
+  if (scales.shape(-1) * fmt.group_size != ws.K) {
+    throw std::invalid_argument(name + ".scales has shape " + shape_str(scales.shape()) +
+                                "; expected " + exp_scales + " (K = " + std::to_string(ws.K) +
+                                ", group_size = " + std::to_string(fmt.group_size) +
+                                "): group size mismatch?");
+  }
+  if (fmt.mode == Mode::Affine) {
+    if (!is_float(scales.dtype())) {
+      throw TypeError(name + ".scales must be float16, bfloat16 or float32, got " +
+                      dtype_str(scales.dtype()));
+    }
+    const auto& biases = arrays[2];
+    if (biases.shape() != scales.shape()) {
+      throw std::invalid_argument(name + ".biases has shape " + shape_str(biases.shape()) +
+                                  "; expected the shape of scales, " + shape_str(scales.shape()));
+    }
+    if (biases.dtype() != scales.dtype()) {
+      throw TypeError(name + ".biases must have the dtype of scales (" +
+                      dtype_str(scales.dtype()) + "), got " + dtype_str(biases.dtype()));
+    }
+  } else if (fmt.mode == Mode::MxFp4) {
+    if (scales.dtype() != mx::uint8) {
+      throw TypeError(name + ".scales must be uint8 (E8M0) for mxfp4, got " +
+                      dtype_str(scales.dtype()));
+    }
+  }
+  return ws;
+}
+
+}  // namespace mlx_moe
