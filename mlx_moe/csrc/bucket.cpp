@@ -19,6 +19,7 @@ std::vector<mx::array> bucket(const mx::array& ids, int num_experts, int tile,
     throw std::invalid_argument("ids has more than 2^32 - 1 pairs");
   }
   auto stream = mx::to_stream(s);
+  check_ids_if_available(ids, num_experts, "ids", stream);
   const int P = int(ids.size());
   return mx::array::make_arrays(
       {{num_experts}, {num_experts + 1}, {P}, {3}},

@@ -61,6 +61,32 @@ bool is_integer(mx::Dtype d) {
   return mx::issubdtype(d, mx::integer);
 }
 
+void check_ids_if_available(const mx::array& ids, int num_experts, const std::string& what,
+                            const mx::Stream& stream) {
+  if (stream.device != mx::Device::cpu || ids.size() == 0) return;
+  if (!ids.is_available() || !ids.flags().row_contiguous) return;
+  const void* p = ids.data<void>();
+  for (size_t i = 0; i < ids.size(); ++i) {
+    int64_t e;
+    switch (ids.dtype()) {
+      case mx::uint8: e = static_cast<const uint8_t*>(p)[i]; break;
+      case mx::uint16: e = static_cast<const uint16_t*>(p)[i]; break;
+      case mx::uint32: e = static_cast<const uint32_t*>(p)[i]; break;
+      case mx::uint64: e = int64_t(std::min<uint64_t>(static_cast<const uint64_t*>(p)[i], INT64_MAX)); break;
+      case mx::int8: e = static_cast<const int8_t*>(p)[i]; break;
+      case mx::int16: e = static_cast<const int16_t*>(p)[i]; break;
+      case mx::int32: e = static_cast<const int32_t*>(p)[i]; break;
+      case mx::int64: e = static_cast<const int64_t*>(p)[i]; break;
+      default: return;
+    }
+    if (e < 0 || e >= num_experts) {
+      throw std::invalid_argument(what + ": expert id " + std::to_string(e) + " at flat position " +
+                                  std::to_string(i) + " is out of range [0, " +
+                                  std::to_string(num_experts) + ")");
+    }
+  }
+}
+
 mx::array ensure_row_contiguous(const mx::array& a, mx::StreamOrDevice s) {
   return mx::contiguous(a, /*allow_col_major=*/false, s);
 }
@@ -185,6 +211,21 @@ WeightShape check_weight(const std::vector<mx::array>& arrays, const Format& fmt
     throw std::invalid_argument(name + ": group_size " + std::to_string(fmt.group_size) +
                                 " does not divide K = " + std::to_string(ws.K));
   }
+  if (fmt.mode == Mode::Affine) {
+    if (!is_float(scales.dtype())) {
+      throw TypeError(name + ".scales must be float16, bfloat16 or float32, got " +
+                      dtype_str(scales.dtype()));
+    }
+    if (arrays[2].dtype() != scales.dtype()) {
+      throw TypeError(name + ".biases must have the dtype of scales (" +
+                      dtype_str(scales.dtype()) + "), got " + dtype_str(arrays[2].dtype()));
+    }
+  } else if (fmt.mode == Mode::MxFp4) {
+    if (scales.dtype() != mx::uint8) {
+      throw TypeError(name + ".scales must be uint8 (E8M0) for mxfp4, got " +
+                      dtype_str(scales.dtype()));
+    }
+  }
   std::string exp_scales = expected_shape(ws.batch, ws.N, std::to_string(ws.K / fmt.group_size));
   expect_same_batch(scales, w, name + ".scales", exp_scales + " (K = " + std::to_string(ws.K) +
                                                      ", group_size = " +
@@ -195,25 +236,9 @@ WeightShape check_weight(const std::vector<mx::array>& arrays, const Format& fmt
                                 ", group_size = " + std::to_string(fmt.group_size) +
                                 "): group size mismatch?");
   }
-  if (fmt.mode == Mode::Affine) {
-    if (!is_float(scales.dtype())) {
-      throw TypeError(name + ".scales must be float16, bfloat16 or float32, got " +
-                      dtype_str(scales.dtype()));
-    }
-    const auto& biases = arrays[2];
-    if (biases.shape() != scales.shape()) {
-      throw std::invalid_argument(name + ".biases has shape " + shape_str(biases.shape()) +
-                                  "; expected the shape of scales, " + shape_str(scales.shape()));
-    }
-    if (biases.dtype() != scales.dtype()) {
-      throw TypeError(name + ".biases must have the dtype of scales (" +
-                      dtype_str(scales.dtype()) + "), got " + dtype_str(biases.dtype()));
-    }
-  } else if (fmt.mode == Mode::MxFp4) {
-    if (scales.dtype() != mx::uint8) {
-      throw TypeError(name + ".scales must be uint8 (E8M0) for mxfp4, got " +
-                      dtype_str(scales.dtype()));
-    }
+  if (fmt.mode == Mode::Affine && arrays[2].shape() != scales.shape()) {
+    throw std::invalid_argument(name + ".biases has shape " + shape_str(arrays[2].shape()) +
+                                "; expected the shape of scales, " + shape_str(scales.shape()));
   }
   return ws;
 }

@@ -86,6 +86,12 @@ std::string dtype_str(mx::Dtype d);
 bool is_float(mx::Dtype d);
 bool is_integer(mx::Dtype d);
 
+// Raises ValueError naming `what` if an expert id is outside [0, num_experts), when the
+// ids are already materialised on the host (free: no evaluation is forced). Lazy ids are
+// checked by the kernels at evaluation, where MLX re-raises the error as RuntimeError.
+void check_ids_if_available(const mx::array& ids, int num_experts, const std::string& what,
+                            const mx::Stream& stream);
+
 // Row-major contiguous copy of `a` when it is not already (graph-level, lazy).
 mx::array ensure_row_contiguous(const mx::array& a, mx::StreamOrDevice s);
 

@@ -75,6 +75,7 @@ mx::array moe_mlp(const mx::array& x, const mx::array& ids, const mx::array& wei
   }
 
   auto stream = mx::to_stream(s);
+  check_ids_if_available(ids, E, "ids", stream);
   int T = 1;
   for (int i = 0; i + 1 < int(x.ndim()); ++i) T *= x.shape(i);
   std::vector<mx::array> inputs = {

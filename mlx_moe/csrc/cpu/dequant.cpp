@@ -24,7 +24,7 @@ void Dequantize::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::
         if (dt == mx::float32) {
           cpu::dequant_row(wv, m, n, static_cast<float*>(dst) + r * wv.K);
         } else {
-          cpu::dequant_row(wv, m, n, buf.data());
+          cpu::dequant_row(wv, m, n, buf.data(), /*fp16_scales=*/dt == mx::float16);
           for (int k = 0; k < wv.K; ++k) cpu::store_float(dst, dt, r * wv.K + k, buf[k]);
         }
       }

@@ -44,13 +44,14 @@ void dequant_row_affine(const WeightView& wv, int64_t m, int64_t n, float* out) 
   }
 }
 
-void dequant_row_fp4(const WeightView& wv, int64_t m, int64_t n, float* out) {
+void dequant_row_fp4(const WeightView& wv, int64_t m, int64_t n, float* out, bool fp16_scales) {
   const uint8_t* row = wv.row(m, n);
   const float* lut = fp4_table(wv.fmt.fp4_quarter_subnormal).v;
   const uint8_t* sc = static_cast<const uint8_t*>(wv.scales);
   const int gs = wv.fmt.group_size;
   for (int g = 0; g < wv.groups; ++g) {
     float s = moe_e8m0_scale(sc[wv.group_index(m, n, g)]);
+    if (fp16_scales) s = float(mx::float16_t(s));
     const uint8_t* p = row + (g * gs) / 2;
     float* o = out + g * gs;
     for (int j = 0; j < gs / 2; ++j) {
@@ -106,10 +107,10 @@ void affine_panel(const WeightView& wv, int64_t m, int n0, int nr, float* panel,
 
 }  // namespace
 
-void dequant_row(const WeightView& wv, int64_t m, int64_t n, float* out) {
+void dequant_row(const WeightView& wv, int64_t m, int64_t n, float* out, bool fp16_scales) {
   switch (wv.fmt.mode) {
     case Mode::Affine: return dequant_row_affine(wv, m, n, out);
-    case Mode::MxFp4: return dequant_row_fp4(wv, m, n, out);
+    case Mode::MxFp4: return dequant_row_fp4(wv, m, n, out, fp16_scales);
     case Mode::Trellis: break;
   }
   throw std::invalid_argument("trellis weights are not supported by this build yet");

@@ -84,8 +84,10 @@ struct Fp4Table {
 };
 const Fp4Table& fp4_table(bool quarter);
 
-// Decode row n of matrix m (all K values) into out[0..K).
-void dequant_row(const WeightView& wv, int64_t m, int64_t n, float* out);
+// Decode row n of matrix m (all K values) into out[0..K). With `fp16_scales`, FP4 group
+// scales are first rounded to float16, as mx.dequantize does for a float16 output
+// (docs/FORMATS.md): only the dequantize op to float16 asks for it.
+void dequant_row(const WeightView& wv, int64_t m, int64_t n, float* out, bool fp16_scales = false);
 
 // Decode rows [n0, n0 + nr) of matrix m into a K-major panel (panel[k * 16 + r]);
 // rows nr..15 are zero. `scratch` is reused between calls.
