@@ -1,0 +1,248 @@
+"""Side-by-side timing of one MoE layer: mlx-lm's SwitchGLU path (three mx.gather_qmm, a
+SiLU and the host-side routing ops, i.e. what mlx-lm runs today) against mlx_moe's
+route + moe_mlp, on the same quantized weights, in one run, for a sweep of token counts.
+
+Prints the table and writes it to docs/PERFORMANCE.md (its own section, keyed by device and
+format, with date and machine), next to the floor of each row:
+max(weight bytes of the touched experts / memory bandwidth, flops / matmul rate), both
+measured on this machine in the same run.
+
+    python benchmarks/bench_moe.py                       # Qwen3-30B-A3B layer, affine 4-bit
+    python benchmarks/bench_moe.py --format mxfp4 --tokens 1 16 256
+    python benchmarks/bench_moe.py --shape glm47flash
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import mlx.core as mx
+import mlx_moe
+
+SHAPES = {
+    "qwen3": dict(name="Qwen3-30B-A3B", E=128, D=2048, F=768, k=8),
+    "glm47flash": dict(name="GLM-4.7-Flash", E=64, D=2048, F=1536, k=4),
+}
+FORMATS = {
+    "affine4": dict(mode="affine", bits=4, group_size=64),
+    "affine8": dict(mode="affine", bits=8, group_size=64),
+    "mxfp4": dict(mode="mxfp4", bits=4, group_size=32),
+}
+
+
+def mlx_lm_version() -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version("mlx-lm")
+
+
+def machine_name() -> str:
+    dev = mx.default_device()
+    if dev.type == mx.gpu:
+        try:
+            info = mx.device_info()
+            return str(info.get("device_name", info.get("architecture", "GPU")))
+        except Exception:
+            return "GPU"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def make_layer(shape, fmt, seed=0):
+    """Random fp32 weights quantized by mx.quantize, in the layout mlx-lm stores."""
+    E, D, F = shape["E"], shape["D"], shape["F"]
+    mx.random.seed(seed)
+    projs = []
+    for out_f, in_f in ((F, D), (F, D), (D, F)):
+        parts = []
+        for e0 in range(0, E, 16):  # quantize in chunks to bound peak memory
+            w = mx.random.normal((min(16, E - e0), out_f, in_f)) * (in_f ** -0.5)
+            q = mx.quantize(w, group_size=fmt["group_size"], bits=fmt["bits"], mode=fmt["mode"])
+            mx.eval(*q)
+            parts.append(q)
+        arrays = [mx.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+        mx.eval(*arrays)
+        projs.append(mlx_moe.QuantizedWeight(
+            arrays[0], arrays[1], arrays[2] if fmt["mode"] == "affine" else None,
+            mode=fmt["mode"], bits=fmt["bits"], group_size=fmt["group_size"]))
+    return mlx_moe.Experts(*projs)
+
+
+def baseline_layer(experts: mlx_moe.Experts, k: int):
+    """mlx-lm's own routed-expert path: qwen3_moe's block code around mlx-lm's SwitchGLU
+    (three mx.gather_qmm, SwiGLU, sorting of many tokens) on the same quantized arrays."""
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU
+
+    def wrap(q):
+        m = QuantizedSwitchLinear.__new__(QuantizedSwitchLinear)
+        nn.Module.__init__(m)
+        m.group_size, m.bits, m.mode, m.global_scale = q.group_size, q.bits, q.mode, None
+        m.weight, m.scales, m.biases = q.w, q.scales, q.biases
+        m.freeze()
+        return m
+
+    E, F, D = experts.gate.w.shape[0], experts.gate.out_features, experts.gate.in_features
+    sg = SwitchGLU.__new__(SwitchGLU)
+    nn.Module.__init__(sg)
+    sg.gate_proj, sg.up_proj, sg.down_proj = wrap(experts.gate), wrap(experts.up), wrap(experts.down)
+    sg.activation = SwiGLU()
+
+    def run(x, logits):  # Qwen3MoeSparseMoeBlock.__call__ after its router matmul
+        gates = mx.softmax(logits, axis=-1, precise=True)
+        inds = mx.stop_gradient(mx.argpartition(gates, kth=-k, axis=-1)[..., -k:])
+        scores = mx.take_along_axis(gates, inds, axis=-1)
+        scores /= mx.sum(scores, axis=-1, keepdims=True)
+        y = sg(x, inds)
+        return (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
+
+    return run
+
+
+def ours_layer(experts: mlx_moe.Experts, k: int):
+    def run(x, logits):
+        ids, w = mlx_moe.route(logits, k)
+        return mlx_moe.moe_mlp(x, ids, w, experts)
+
+    return run
+
+
+def time_fn(fn, args, min_reps=3, budget_s=2.0, max_reps=50):
+    mx.eval(fn(*args))  # warm-up
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        mx.eval(fn(*args))
+        times.append(time.perf_counter() - t0)
+        if times[-1] > budget_s:
+            break
+    return statistics.median(times)
+
+
+def measure_bandwidth_gbs():
+    a = np.ones(64 * 2**20, dtype=np.float32)  # 256 MiB
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.nbytes / best / 1e9
+
+
+def measure_matmul_gflops():
+    if mx.default_device().type == mx.gpu:
+        a = mx.random.normal((4096, 4096)).astype(mx.float16)
+        mx.eval(a)
+        t = time_fn(lambda a: a @ a, (a,), min_reps=5, budget_s=1.0)
+        return 2 * 4096**3 / t / 1e9
+    a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 2048**3 / best / 1e9
+
+
+def expert_bytes(q: mlx_moe.QuantizedWeight) -> float:
+    total = q.w.nbytes + q.scales.nbytes + (q.biases.nbytes if q.biases is not None else 0)
+    return total / q.w.shape[0]
+
+
+def write_section(path: Path, key: str, text: str):
+    begin, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
+    body = path.read_text() if path.exists() else "# Performance\n\n"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in body:
+        body = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, body, flags=re.S)
+    else:
+        body = body.rstrip() + "\n\n" + block + "\n"
+    path.write_text(body)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=SHAPES, default="qwen3")
+    ap.add_argument("--format", choices=FORMATS, default="affine4")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024, 4096])
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "PERFORMANCE.md")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+
+    shape, fmt = SHAPES[args.shape], FORMATS[args.format]
+    dtype = getattr(mx, args.dtype)
+    E, D, F, k = shape["E"], shape["D"], shape["F"], shape["k"]
+    device = mx.default_device()
+    print(f"{shape['name']} MoE layer (E={E}, D={D}, F={F}, top-{k}), {args.format}, {args.dtype} "
+          f"activations, device {device}: {machine_name()}", flush=True)
+    experts = make_layer(shape, fmt)
+    per_expert = sum(expert_bytes(q) for q in (experts.gate, experts.up, experts.down))
+    bw, rate = measure_bandwidth_gbs(), measure_matmul_gflops()
+    print(f"measured: copy bandwidth {bw:.1f} GB/s, matmul {rate:.0f} GFLOP/s "
+          f"(floor = max(touched expert bytes / bandwidth, flops / matmul rate))", flush=True)
+
+    base, ours = baseline_layer(experts, k), ours_layer(experts, k)
+    rows = []
+    header = "| tokens | baseline ms | mlx_moe ms | speed-up | floor ms | mlx_moe / floor | max abs err / max abs |"
+    print(header)
+    print("|" + "---:|" * 7)
+    for T in args.tokens:
+        rng = np.random.default_rng(T)
+        x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(dtype)
+        # fp32 logits: in bf16, random logits tie often and the two paths would break
+        # ties differently (ours: smaller id; argpartition: arbitrary), so the error
+        # column would compare different expert choices.
+        logits = mx.array(rng.standard_normal((T, E)).astype(np.float32))
+        mx.eval(x, logits)
+        y_ours = ours(x, logits)
+        y_base = base(x, logits)
+        err = mx.abs(y_ours.astype(mx.float32) - y_base.astype(mx.float32)).max().item()
+        mag = mx.abs(y_base.astype(mx.float32)).max().item()
+        t_ours = time_fn(ours, (x, logits))
+        t_base = time_fn(base, (x, logits), min_reps=1 if T >= 256 else 3)
+        ids, _ = mlx_moe.route(logits, k)
+        touched = len(np.unique(np.array(ids)))
+        floor = max(touched * per_expert / (bw * 1e9), 2 * 3 * D * F * T * k / (rate * 1e9))
+        row = (f"| {T} | {t_base * 1e3:.2f} | {t_ours * 1e3:.2f} | {t_base / t_ours:.1f}x | "
+               f"{floor * 1e3:.3f} | {t_ours / floor:.1f} | {err:.2e} / {mag:.2e} |")
+        rows.append(row)
+        print(row, flush=True)
+
+    if not args.no_write:
+        today = datetime.date.today().isoformat()
+        key = f"{device.type}-{args.shape}-{args.format}-{args.dtype}".replace("DeviceType.", "")
+        text = (f"### {shape['name']} layer, {args.format}, {args.dtype}, {device}\n\n"
+                f"{today}, {machine_name()}, MLX {mx.__version__}; "
+                f"`python benchmarks/bench_moe.py --shape {args.shape} --format {args.format} "
+                f"--dtype {args.dtype}`.\n"
+                f"Baseline: mlx-lm {mlx_lm_version()} SwitchGLU path as qwen3_moe runs it (mx.gather_qmm x3, "
+                f"SwiGLU, softmax/argpartition routing). Measured here: copy bandwidth {bw:.1f} GB/s, matmul {rate:.0f} GFLOP/s. "
+                f"Error column: max |ours - baseline| over max |baseline| "
+                f"(the baseline rounds its intermediates to {args.dtype}).\n\n"
+                + header + "\n|" + "---:|" * 7 + "\n" + "\n".join(rows) + "\n")
+        write_section(args.out, key, text)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
