@@ -288,6 +288,18 @@ def test_moe_mlp_dtypes_and_bits(rng, dtype, bits):
     assert_close_to(y, moe_mlp_ref(x.astype(mx.float32), ids, w, *dense), dtype)
 
 
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("T", [1, 2, 4, 5, 40])
+def test_moe_mlp_decode_and_panel_paths(rng, group_size, T):
+    # T tokens over 8 experts with top-2: experts get 1..4 tokens (decode path) or more
+    # (decoded-panel path); both must agree with the reference.
+    E, D, F, k = 8, 256, 128, 2
+    experts, dense = make_experts(rng, E, D, F, bits=(4, 8, 4), group_size=group_size)
+    x = mx.array(rng.standard_normal((T, D)).astype(np.float32))
+    ids, w = random_routing(rng, T, E, k)
+    assert_close_to(mlx_moe.moe_mlp(x, ids, w, experts), moe_mlp_ref(x, ids, w, *dense), mx.float32)
+
+
 def test_moe_mlp_mxfp4(rng):
     T, E, D, F, k = 17, 8, 128, 64, 2
     experts, dense = make_experts(rng, E, D, F, fmt="mxfp4")

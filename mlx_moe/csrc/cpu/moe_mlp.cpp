@@ -15,6 +15,7 @@
 
 #include "cpu/float_load.h"
 #include "cpu/gemm.h"
+#include "cpu/gemv.h"
 #include "cpu/parallel.h"
 #include "cpu/quant.h"
 #include "cpu/util.h"
@@ -131,6 +132,27 @@ void MoeMLP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arra
     std::vector<float> H(size_t(P) * F);
     std::vector<float> Yp(size_t(P) * D);
 
+    // Experts with few tokens take the decode path (dot products straight from the
+    // packed words) when their format has one.
+    auto small = [&](int e) { return counts[e] <= uint32_t(cpu::GEMV_MAX_TOKENS); };
+    std::vector<int> expert_of(P);
+    for (int e = 0; e < E; ++e)
+      for (uint32_t i = offsets[e]; i < offsets[e + 1]; ++i) expert_of[i] = e;
+    const bool lanes_gu = cpu::has_lane_path(gate.fmt) && cpu::has_lane_path(up.fmt);
+    cpu::LaneRows lanes_g, lanes_u;
+    if (lanes_gu) {
+      std::vector<char> token_small(T, 0);
+      for (int64_t i = 0; i < P; ++i)
+        if (small(expert_of[i])) token_small[order[i] / k] = 1;
+      auto row = [&](int64_t t) { return xf + t * D; };
+      auto needed = [&](int64_t t) { return token_small[t] != 0; };
+      lanes_g.build(gate.fmt, D, T, row, needed);
+      if (up.fmt.bits != gate.fmt.bits || up.fmt.group_size != gate.fmt.group_size) {
+        lanes_u.build(up.fmt, D, T, row, needed);
+      }
+    }
+    const cpu::LaneRows& lanes_up = lanes_u.K ? lanes_u : lanes_g;
+
     // 2. Gate + up + SwiGLU.
     {
       const int blocks = (F + cpu::PANEL_N - 1) / cpu::PANEL_N;
@@ -140,14 +162,34 @@ void MoeMLP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arra
         auto& sc = scratch[th];
         const int n0 = task.block * cpu::PANEL_N;
         const int nr = std::min(cpu::PANEL_N, F - n0);
+        float g[cpu::MR_MAX][cpu::PANEL_N], u[cpu::MR_MAX][cpu::PANEL_N];
+        const uint32_t first = offsets[task.e], last = offsets[task.e + 1];
+        if (lanes_gu && small(task.e)) {
+          const int c = int(last - first);
+          cpu::LaneRow in_g[cpu::GEMV_MAX_TOKENS], in_u[cpu::GEMV_MAX_TOKENS];
+          for (int r = 0; r < c; ++r) {
+            in_g[r] = lanes_g.get(order[first + r] / k);
+            in_u[r] = lanes_up.get(order[first + r] / k);
+          }
+          auto dot = [&](const cpu::WeightView& wv, const cpu::LaneRow* in, float out[][cpu::PANEL_N]) {
+            if (wv.fmt.bits == 4) cpu::affine_block_dot<4>(c, wv, task.e, n0, nr, in, out);
+            else cpu::affine_block_dot<8>(c, wv, task.e, n0, nr, in, out);
+          };
+          dot(gate, in_g, g);
+          dot(up, in_u, u);
+          for (int r = 0; r < c; ++r) {
+            float* h = H.data() + int64_t(first + r) * F + n0;
+            for (int cc = 0; cc < nr; ++cc) h[cc] = silu(g[r][cc]) * u[r][cc];
+          }
+          return;
+        }
         float* pg = sc.panel_a.get(size_t(D) * cpu::PANEL_N);
         float* pu = sc.panel_b.get(size_t(D) * cpu::PANEL_N);
         cpu::dequant_panel(gate, task.e, n0, nr, pg, sc.misc);
         cpu::dequant_panel(up, task.e, n0, nr, pu, sc.misc);
-        float g[cpu::MR_MAX][cpu::PANEL_N], u[cpu::MR_MAX][cpu::PANEL_N];
         const float* xr[cpu::MR_MAX];
-        for (uint32_t i = offsets[task.e]; i < offsets[task.e + 1]; i += cpu::MR_MAX) {
-          int m = int(std::min<uint32_t>(cpu::MR_MAX, offsets[task.e + 1] - i));
+        for (uint32_t i = first; i < last; i += cpu::MR_MAX) {
+          int m = int(std::min<uint32_t>(cpu::MR_MAX, last - i));
           for (int r = 0; r < m; ++r) xr[r] = xf + int64_t(order[i + r] / k) * D;
           cpu::gemm_tile(m, xr, pg, D, g);
           cpu::gemm_tile(m, xr, pu, D, u);
@@ -161,6 +203,12 @@ void MoeMLP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arra
 
     // 3. Down projection, scaled by the routing weight, into per-pair rows.
     {
+      const bool lanes_d = cpu::has_lane_path(down.fmt);
+      cpu::LaneRows lanes_h;
+      if (lanes_d) {
+        lanes_h.build(down.fmt, F, P, [&](int64_t i) { return H.data() + i * F; },
+                      [&](int64_t i) { return small(expert_of[i]); });
+      }
       const int blocks = (D + cpu::PANEL_N - 1) / cpu::PANEL_N;
       auto tasks = make_tasks(counts, blocks);
       cpu::parallel_for(int64_t(tasks.size()), [&](int64_t ti, int th) {
@@ -168,20 +216,33 @@ void MoeMLP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arra
         auto& sc = scratch[th];
         const int n0 = task.block * cpu::PANEL_N;
         const int nr = std::min(cpu::PANEL_N, D - n0);
-        float* pd = sc.panel_a.get(size_t(F) * cpu::PANEL_N);
-        cpu::dequant_panel(down, task.e, n0, nr, pd, sc.misc);
         float acc[cpu::MR_MAX][cpu::PANEL_N];
-        const float* hr[cpu::MR_MAX];
-        for (uint32_t i = offsets[task.e]; i < offsets[task.e + 1]; i += cpu::MR_MAX) {
-          int m = int(std::min<uint32_t>(cpu::MR_MAX, offsets[task.e + 1] - i));
-          for (int r = 0; r < m; ++r) hr[r] = H.data() + int64_t(i + r) * F;
-          cpu::gemm_tile(m, hr, pd, F, acc);
+        const uint32_t first = offsets[task.e], last = offsets[task.e + 1];
+        auto emit = [&](uint32_t i, int m) {
           for (int r = 0; r < m; ++r) {
             const uint32_t pair = order[i + r];
             const float w = wp[pair];
             float* y = Yp.data() + int64_t(pair) * D + n0;
             for (int c = 0; c < nr; ++c) y[c] = w * acc[r][c];
           }
+        };
+        if (lanes_d && small(task.e)) {
+          const int c = int(last - first);
+          cpu::LaneRow in[cpu::GEMV_MAX_TOKENS];
+          for (int r = 0; r < c; ++r) in[r] = lanes_h.get(first + r);
+          if (down.fmt.bits == 4) cpu::affine_block_dot<4>(c, down, task.e, n0, nr, in, acc);
+          else cpu::affine_block_dot<8>(c, down, task.e, n0, nr, in, acc);
+          emit(first, c);
+          return;
+        }
+        float* pd = sc.panel_a.get(size_t(F) * cpu::PANEL_N);
+        cpu::dequant_panel(down, task.e, n0, nr, pd, sc.misc);
+        const float* hr[cpu::MR_MAX];
+        for (uint32_t i = first; i < last; i += cpu::MR_MAX) {
+          int m = int(std::min<uint32_t>(cpu::MR_MAX, last - i));
+          for (int r = 0; r < m; ++r) hr[r] = H.data() + int64_t(i + r) * F;
+          cpu::gemm_tile(m, hr, pd, F, acc);
+          emit(i, m);
         }
       });
     }
