@@ -51,10 +51,14 @@ def bucket(ids: mx.array, num_experts: int, *, tile: int = 32, stream=None):
     * ``offsets uint32 [E+1]``: exclusive prefix sum of ``counts``;
     * ``pairs   uint32 [T*k]``: pair index ``t*k + slot``, grouped by expert, ascending
       within an expert;
-    * ``dispatch uint32 [3]``: threadgroups of a grouped GEMM with ``tile`` rows per
-      threadgroup: ``(max(1, sum_e ceil(counts[e] / tile)), 1, 1)``.
+    * ``dispatch uint32 [4]``: ``(x, 1, 1, dropped)``; the first three are the indirect
+      dispatch arguments of a grouped GEMM with ``tile`` rows per threadgroup,
+      ``x = max(1, sum_e ceil(counts[e] / tile))``; ``dropped`` counts out-of-range ids
+      that a GPU kernel skipped (always 0 on the CPU, which raises instead).
 
-    Ids ``>= num_experts`` raise ``ValueError`` when evaluated (CPU).
+    Out-of-range ids raise ``ValueError`` naming ``ids`` when ``ids`` is already
+    materialised, and an error naming ``ids`` at evaluation otherwise (CPU); a GPU kernel
+    drops them and counts them in ``dispatch[3]`` (no host sync).
     """
     _check_array("ids", ids)
     return tuple(_ext.bucket(ids, int(num_experts), int(tile), stream=stream))

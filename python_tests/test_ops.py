@@ -123,7 +123,7 @@ def test_route_leading_dims_and_noncontiguous(rng):
 @pytest.mark.parametrize("T,E,k,tile", [(1, 128, 8, 32), (37, 64, 4, 16), (4096, 128, 8, 64), (3, 5, 2, 1)])
 def test_bucket(rng, T, E, k, tile):
     ids = rng.integers(0, E, size=(T, k)).astype(np.int32)
-    poison_cache([E * 4, (E + 1) * 4, T * k * 4, 12])
+    poison_cache([E * 4, (E + 1) * 4, T * k * 4, 16])
     counts, offsets, pairs, dispatch = mlx_moe.bucket(mx.array(ids), E, tile=tile)
     counts, offsets, pairs, dispatch = map(np.array, (counts, offsets, pairs, dispatch))
     flat = ids.reshape(-1)
@@ -133,7 +133,7 @@ def test_bucket(rng, T, E, k, tile):
     # Grouped by expert, ascending pair order inside each group: a stable sort by expert.
     assert pairs.tolist() == np.argsort(flat, kind="stable").tolist()
     tiles = int(sum(math.ceil(c / tile) for c in ref_counts))
-    assert dispatch.tolist() == [max(1, tiles), 1, 1]
+    assert dispatch.tolist() == [max(1, tiles), 1, 1, 0]
 
 
 def test_bucket_out_of_range_ids():
@@ -148,7 +148,7 @@ def test_bucket_out_of_range_ids():
 
 def test_bucket_empty_grid_is_clamped():
     counts, offsets, pairs, dispatch = mlx_moe.bucket(mx.zeros((0, 4), dtype=mx.uint32), 8)
-    assert np.array(dispatch).tolist() == [1, 1, 1]
+    assert np.array(dispatch).tolist() == [1, 1, 1, 0]
     assert np.array(counts).sum() == 0 and pairs.size == 0
 
 

@@ -22,7 +22,7 @@ std::vector<mx::array> bucket(const mx::array& ids, int num_experts, int tile,
   check_ids_if_available(ids, num_experts, "ids", stream);
   const int P = int(ids.size());
   return mx::array::make_arrays(
-      {{num_experts}, {num_experts + 1}, {P}, {3}},
+      {{num_experts}, {num_experts + 1}, {P}, {4}},
       {mx::uint32, mx::uint32, mx::uint32, mx::uint32},
       std::make_shared<Bucket>(stream, num_experts, tile),
       {ensure_row_contiguous(mx::reshape(ids, {P}, stream), stream)});

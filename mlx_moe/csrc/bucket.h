@@ -1,6 +1,8 @@
 // Expert bucketing: (token, slot) pairs grouped by expert in ascending pair order, and the
 // dispatch sizes of a grouped GEMM with `tile` rows per threadgroup.
-// Outputs: counts uint32 [E], offsets uint32 [E+1], pairs uint32 [P], dispatch uint32 [3].
+// Outputs: counts uint32 [E], offsets uint32 [E+1], pairs uint32 [P], dispatch uint32 [4]
+// = (threadgroups x, y, z, dropped): the first three are a Metal/CUDA indirect-dispatch
+// argument block; `dropped` counts out-of-range ids a GPU kernel skipped (the CPU raises).
 #pragma once
 #include "common.h"
 

@@ -28,6 +28,7 @@ void Bucket::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arra
     dispatch[0] = uint32_t(std::max<uint64_t>(1, tiles));
     dispatch[1] = 1;
     dispatch[2] = 1;
+    dispatch[3] = 0;  // out-of-range ids raised above
   });
 }
 

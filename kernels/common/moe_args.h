@@ -1,0 +1,37 @@
+// Argument structs shared by the host dispatch code and the kernels (one definition, so
+// host and kernel can never disagree on a field's offset). Plain 32-bit fields only:
+// identical layout in C++, Metal and CUDA.
+#pragma once
+#include "common/defines.h"
+
+struct MoeRouteArgs {
+  uint32_t rows;       // token rows
+  uint32_t E;          // experts (logits per row)
+  uint32_t k;          // experts per token
+  uint32_t normalize;  // 1: divide the k weights by their sum (when positive)
+};
+
+struct MoeBucketArgs {
+  uint32_t P;        // pairs (T * k)
+  uint32_t E;        // experts
+  uint32_t tile;     // rows per threadgroup of the grouped GEMM the dispatch sizes
+  uint32_t chunk;    // pairs per bucketing threadgroup
+  uint32_t nblocks;  // ceil(P / chunk)
+};
+
+// One projection's format, as the kernels see it.
+struct MoeWeightArgs {
+  uint32_t N;           // rows (out features)
+  uint32_t K;           // columns (in features)
+  uint32_t bits;        // bits per code
+  uint32_t group_size;  // codes per scale
+  uint32_t row_bytes;   // bytes of one packed row
+  uint32_t groups;      // scales per row
+  uint32_t mode;        // 0 affine, 1 mxfp4, 2 trellis
+  uint32_t flags;       // bit 0: FP4 quarter-subnormal decoder (opt-in)
+};
+
+struct MoeDequantArgs {
+  MoeWeightArgs w;
+  uint32_t rows;  // matrices * N
+};
