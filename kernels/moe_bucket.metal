@@ -49,6 +49,7 @@ template <typename I>
     device uint* offsets [[buffer(2)]],
     device uint* dispatch [[buffer(3)]],
     constant MoeBucketArgs& args [[buffer(4)]],
+    device uint* tile_starts [[buffer(5)]],  // [E + 1]: first grouped-GEMM tile of each expert
     uint tid [[thread_index_in_threadgroup]],
     uint3 tpt [[threads_per_threadgroup]]) {
   const uint nt = tpt.x;
@@ -73,11 +74,13 @@ template <typename I>
     for (uint e = 0; e < args.E; ++e) {
       offsets[e] = total;
       total += counts[e];
+      tile_starts[e] = tiles;
       tiles += (counts[e] + args.tile - 1) / args.tile;
     }
+    tile_starts[args.E] = tiles;
     offsets[args.E] = total;
     dispatch[0] = max(tiles, 1u);
-    dispatch[1] = 1;
+    dispatch[1] = args.grid_y;
     dispatch[2] = 1;
   }
   threadgroup_barrier(mem_flags::mem_device);

@@ -16,3 +16,13 @@ MOE_FN float moe_affine_value(uint32_t q, float scale, float bias) {
 MOE_FN uint32_t moe_affine_code(uint32_t window16, uint32_t i, uint32_t bits) {
   return (window16 >> ((i * bits) & 7u)) & ((1u << bits) - 1u);
 }
+
+// Code whose first bit is bit `bit` (< 32) of the little-endian 64-bit pair (lo, hi) of
+// packed words: the word-wise form of moe_affine_code, for kernels that load whole words.
+MOE_FN uint32_t moe_affine_code64(uint32_t lo, uint32_t hi, uint32_t bit, uint32_t bits) {
+  uint32_t v = lo >> bit;
+  if (bit + bits > 32u) {
+    v |= hi << (32u - bit);
+  }
+  return v & ((1u << bits) - 1u);
+}

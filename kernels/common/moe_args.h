@@ -17,6 +17,7 @@ struct MoeBucketArgs {
   uint32_t tile;     // rows per threadgroup of the grouped GEMM the dispatch sizes
   uint32_t chunk;    // pairs per bucketing threadgroup
   uint32_t nblocks;  // ceil(P / chunk)
+  uint32_t grid_y;   // written to dispatch[1] (1 for the public op)
 };
 
 // One projection's format, as the kernels see it.
@@ -29,6 +30,19 @@ struct MoeWeightArgs {
   uint32_t groups;      // scales per row
   uint32_t mode;        // 0 affine, 1 mxfp4, 2 trellis
   uint32_t flags;       // bit 0: FP4 quarter-subnormal decoder (opt-in)
+  uint32_t scale_kind;  // 0 float32, 1 float16, 2 bfloat16, 3 E8M0 (uint8)
+};
+
+struct MoeMlpArgs {
+  uint32_t T;        // tokens
+  uint32_t k;        // slots per token
+  uint32_t D;        // model width
+  uint32_t F;        // expert width
+  uint32_t E;        // experts
+  uint32_t tm;       // pairs per threadgroup tile
+  uint32_t fs;       // hidden units per slice
+  uint32_t nslices;  // ceil(F / fs)
+  MoeWeightArgs gate, up, down;
 };
 
 struct MoeDequantArgs {

@@ -21,11 +21,13 @@ std::vector<mx::array> bucket(const mx::array& ids, int num_experts, int tile,
   auto stream = mx::to_stream(s);
   check_ids_if_available(ids, num_experts, "ids", stream);
   const int P = int(ids.size());
+  // Kernels read uint32, int32 or int64 ids; other integer dtypes are widened.
+  mx::array id = supported_id_dtype(ids.dtype()) ? ids : mx::astype(ids, mx::int64, stream);
   return mx::array::make_arrays(
       {{num_experts}, {num_experts + 1}, {P}, {4}},
       {mx::uint32, mx::uint32, mx::uint32, mx::uint32},
       std::make_shared<Bucket>(stream, num_experts, tile),
-      {ensure_row_contiguous(mx::reshape(ids, {P}, stream), stream)});
+      {ensure_row_contiguous(mx::reshape(id, {P}, stream), stream)});
 }
 
 void Bucket::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {

@@ -92,6 +92,11 @@ bool is_integer(mx::Dtype d);
 void check_ids_if_available(const mx::array& ids, int num_experts, const std::string& what,
                             const mx::Stream& stream);
 
+// The id dtypes the kernels read directly (others are widened to int64 in the graph).
+inline bool supported_id_dtype(mx::Dtype d) {
+  return d == mx::uint32 || d == mx::int32 || d == mx::int64;
+}
+
 // Row-major contiguous copy of `a` when it is not already (graph-level, lazy).
 mx::array ensure_row_contiguous(const mx::array& a, mx::StreamOrDevice s);
 

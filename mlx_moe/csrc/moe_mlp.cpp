@@ -80,7 +80,10 @@ mx::array moe_mlp(const mx::array& x, const mx::array& ids, const mx::array& wei
   for (int i = 0; i + 1 < int(x.ndim()); ++i) T *= x.shape(i);
   std::vector<mx::array> inputs = {
       ensure_row_contiguous(mx::reshape(x, {T, D}, stream), stream),
-      ensure_row_contiguous(mx::reshape(ids, {T, k}, stream), stream),
+      ensure_row_contiguous(
+          mx::reshape(supported_id_dtype(ids.dtype()) ? ids : mx::astype(ids, mx::int64, stream),
+                      {T, k}, stream),
+          stream),
       ensure_row_contiguous(mx::astype(mx::reshape(weights, {T, k}, stream), mx::float32, stream),
                             stream)};
   for (int i = 0; i < 3; ++i) {

@@ -1,0 +1,261 @@
+// Fused expert MLP, token-tile x F-slice variant (decode and small batches).
+//
+// Grid (indirect, from moe_bucket_scan): x = grouped-GEMM tiles of up to TM pairs of one
+// expert (bucketed order), y = slices of FS hidden units. A threadgroup
+//   1. stages the activations of its TM pairs in threadgroup memory (once per threadgroup),
+//   2. computes h[t][f] = silu(gate_f . x_t) * (up_f . x_t) for the FS rows f of its slice
+//      (a simdgroup per row at a time, lanes across K, one read of each weight byte),
+//   3. multiplies h by the slice's FS columns of down for every output row d (one read of
+//      each down byte), scales by the routing weight, and writes the pair's partial
+//      output for this slice: partial[(pair * nslices + slice) * D + d].
+// Every weight byte of a touched expert is read once per token tile; nothing is
+// recomputed per output block. moe_mlp_combine then sums, per token, the k slots and the
+// slices in a fixed order (slot-major), so results are bitwise reproducible: no float
+// atomics decide an order.
+#include <metal_stdlib>
+
+#include "common/affine.h"
+#include "common/fp4.h"
+#include "common/moe_args.h"
+
+using namespace metal;
+
+constant constexpr uint MOE_HALF = 32;   // codes per decode step (divides every group size)
+constant constexpr uint MOE_CHUNK = 64;  // codes a lane takes at once: two steps
+
+inline float moe_load_scale(device const uint8_t* p, uint kind, size_t i) {
+  switch (kind) {
+    case 0: return ((device const float*)p)[i];
+    case 1: return float(((device const half*)p)[i]);
+    case 2: return float(((device const bfloat*)p)[i]);
+    default: return moe_e8m0_scale(p[i]);
+  }
+}
+
+// Decodes the 32 codes [k0, k0 + 32) of `row` (row index over all experts) with scale s
+// and bias b (affine) into v.
+inline void moe_decode32(
+    device const uint8_t* w,
+    constant MoeWeightArgs& a,
+    size_t row,
+    uint k0,
+    float s,
+    float b,
+    thread float* v) {
+  device const uint* words = (device const uint*)(w + row * a.row_bytes) + (k0 * a.bits) / 32;
+  if (a.mode == 0) {
+    uint local[9];
+    for (uint i = 0; i < a.bits; ++i) {
+      local[i] = words[i];
+    }
+    local[a.bits] = 0;
+    for (uint j = 0; j < MOE_HALF; ++j) {
+      uint bit = j * a.bits;
+      uint code = moe_affine_code64(local[bit / 32], local[bit / 32 + 1], bit % 32, a.bits);
+      v[j] = moe_affine_value(code, s, b);
+    }
+  } else {
+    const bool quarter = (a.flags & 1u) != 0;
+    for (uint i = 0; i < 4; ++i) {
+      uint word = words[i];
+      for (uint j = 0; j < 8; ++j) {
+        uint code = (word >> (4 * j)) & 0xfu;
+        float e = quarter ? moe_fp4_e2m1_quarter_subnormal(code) : moe_fp4_e2m1(code);
+        v[8 * i + j] = e * s;
+      }
+    }
+  }
+}
+
+// Decodes codes [k0, k0 + n) of `row`, n in {32, 64}, k0 a multiple of 32, reading each
+// scale (and bias) once: a 64-code chunk inside one group shares them.
+inline void moe_decode_chunk(
+    device const uint8_t* w,
+    device const uint8_t* scales,
+    device const uint8_t* biases,
+    constant MoeWeightArgs& a,
+    size_t row,
+    uint k0,
+    uint n,
+    thread float* v) {
+  for (uint h = 0; h < n; h += MOE_HALF) {
+    const uint kk = k0 + h;
+    if (h == 0 || kk % a.group_size == 0) {
+      const size_t g = row * a.groups + kk / a.group_size;
+      v[MOE_CHUNK] = moe_load_scale(scales, a.scale_kind, g);
+      v[MOE_CHUNK + 1] = a.mode == 0 ? moe_load_scale(biases, a.scale_kind, g) : 0.0f;
+    }
+    moe_decode32(w, a, row, kk, v[MOE_CHUNK], v[MOE_CHUNK + 1], v + h);
+  }
+}
+
+inline uint moe_find_expert(device const uint* tile_starts, uint E, uint tile) {
+  uint lo = 0, hi = E;  // tile_starts[lo] <= tile < tile_starts[hi]
+  while (hi - lo > 1) {
+    uint mid = (lo + hi) / 2;
+    if (tile_starts[mid] <= tile) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+template <typename T, int TM>
+[[kernel]] void moe_mlp_fused(
+    device const T* x [[buffer(0)]],
+    device const float* route_w [[buffer(1)]],
+    device const uint* pairs [[buffer(2)]],
+    device const uint* offsets [[buffer(3)]],
+    device const uint* tile_starts [[buffer(4)]],
+    device const uint8_t* gate_w [[buffer(5)]],
+    device const uint8_t* gate_s [[buffer(6)]],
+    device const uint8_t* gate_b [[buffer(7)]],
+    device const uint8_t* up_w [[buffer(8)]],
+    device const uint8_t* up_s [[buffer(9)]],
+    device const uint8_t* up_b [[buffer(10)]],
+    device const uint8_t* down_w [[buffer(11)]],
+    device const uint8_t* down_s [[buffer(12)]],
+    device const uint8_t* down_b [[buffer(13)]],
+    device float* partial [[buffer(14)]],
+    constant MoeMlpArgs& args [[buffer(15)]],
+    threadgroup T* xs [[threadgroup(0)]],     // [TM][D]
+    threadgroup float* hs [[threadgroup(1)]],  // [TM][fs]
+    uint2 tg [[threadgroup_position_in_grid]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint3 tpt [[threads_per_threadgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  const uint nthreads = tpt.x;
+  const uint nsg = nthreads / 32;
+  const uint D = args.D, F = args.F;
+  const uint e = moe_find_expert(tile_starts, args.E, tg.x);
+  const uint r0 = offsets[e] + (tg.x - tile_starts[e]) * TM;
+  const uint c = min(uint(TM), offsets[e + 1] - r0);
+  const uint slice = tg.y;
+  const uint f0 = slice * args.fs;
+  const uint fs = min(args.fs, F - f0);
+
+  // 1. Activations of the tile's pairs, once per threadgroup.
+  for (uint t = 0; t < c; ++t) {
+    device const T* xr = x + size_t(pairs[r0 + t] / args.k) * D;
+    for (uint d = tid; d < D; d += nthreads) {
+      xs[t * D + d] = xr[d];
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+
+  // 2. Gate and up rows of the slice: simdgroup per row, lanes across K.
+  float v[MOE_CHUNK + 2];  // 64 codes, then the current scale and bias
+  for (uint f = sg; f < fs; f += nsg) {
+    const size_t row = size_t(e) * F + f0 + f;
+    float g_acc[TM], u_acc[TM];
+    for (int t = 0; t < TM; ++t) {
+      g_acc[t] = 0.0f;
+      u_acc[t] = 0.0f;
+    }
+    for (uint k0 = lane * MOE_CHUNK; k0 < D; k0 += 32 * MOE_CHUNK) {
+      const uint n = min(MOE_CHUNK, D - k0);  // D is a multiple of 32
+      moe_decode_chunk(gate_w, gate_s, gate_b, args.gate, row, k0, n, v);
+      for (int t = 0; t < TM; ++t) {
+        if (uint(t) < c) {
+          for (uint j = 0; j < n; ++j) {
+            g_acc[t] = fma(v[j], float(xs[t * D + k0 + j]), g_acc[t]);
+          }
+        }
+      }
+      moe_decode_chunk(up_w, up_s, up_b, args.up, row, k0, n, v);
+      for (int t = 0; t < TM; ++t) {
+        if (uint(t) < c) {
+          for (uint j = 0; j < n; ++j) {
+            u_acc[t] = fma(v[j], float(xs[t * D + k0 + j]), u_acc[t]);
+          }
+        }
+      }
+    }
+    for (int t = 0; t < TM; ++t) {
+      float g = simd_sum(g_acc[t]);
+      float u = simd_sum(u_acc[t]);
+      if (lane == 0 && uint(t) < c) {
+        hs[t * args.fs + f] = g / (1.0f + precise::exp(-g)) * u;
+      }
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+
+  // 3. Down: output row d takes the slice's fs columns (one group-aligned run of codes).
+  for (uint d = tid; d < D; d += nthreads) {
+    const size_t row = size_t(e) * D + d;
+    float acc[TM];
+    for (int t = 0; t < TM; ++t) {
+      acc[t] = 0.0f;
+    }
+    for (uint j0 = 0; j0 < fs; j0 += MOE_CHUNK) {
+      const uint n = min(MOE_CHUNK, fs - j0);  // fs is a multiple of 32
+      moe_decode_chunk(down_w, down_s, down_b, args.down, row, f0 + j0, n, v);
+      for (int t = 0; t < TM; ++t) {
+        if (uint(t) < c) {
+          for (uint j = 0; j < n; ++j) {
+            acc[t] = fma(v[j], hs[t * args.fs + j0 + j], acc[t]);
+          }
+        }
+      }
+    }
+    for (uint t = 0; t < c; ++t) {
+      const uint pair = pairs[r0 + t];
+      partial[(size_t(pair) * args.nslices + slice) * D + d] = route_w[pair] * acc[t];
+    }
+  }
+}
+
+// y[t][d] = sum over slots j (in order) of sum over slices s (in order) of partials.
+template <typename T>
+[[kernel]] void moe_mlp_combine(
+    device const float* partial [[buffer(0)]],
+    device T* y [[buffer(1)]],
+    constant MoeMlpArgs& args [[buffer(2)]],
+    uint gid [[thread_position_in_grid]]) {
+  const uint D = args.D;
+  if (gid >= args.T * D) {
+    return;
+  }
+  const uint t = gid / D, d = gid % D;
+  float acc = 0.0f;
+  for (uint j = 0; j < args.k; ++j) {
+    const size_t base = (size_t(t) * args.k + j) * args.nslices;
+    for (uint s = 0; s < args.nslices; ++s) {
+      acc += partial[(base + s) * D + d];
+    }
+  }
+  y[gid] = T(acc);
+}
+
+#define MOE_INSTANTIATE_FUSED(tname, T, TM)                                                   \
+  template [[host_name("moe_mlp_fused_" #tname "_tm" #TM)]] [[kernel]] void                  \
+  moe_mlp_fused<T, TM>(                                                                      \
+      device const T* x [[buffer(0)]], device const float* route_w [[buffer(1)]],           \
+      device const uint* pairs [[buffer(2)]], device const uint* offsets [[buffer(3)]],     \
+      device const uint* tile_starts [[buffer(4)]], device const uint8_t* gate_w [[buffer(5)]], \
+      device const uint8_t* gate_s [[buffer(6)]], device const uint8_t* gate_b [[buffer(7)]], \
+      device const uint8_t* up_w [[buffer(8)]], device const uint8_t* up_s [[buffer(9)]],   \
+      device const uint8_t* up_b [[buffer(10)]], device const uint8_t* down_w [[buffer(11)]], \
+      device const uint8_t* down_s [[buffer(12)]], device const uint8_t* down_b [[buffer(13)]], \
+      device float* partial [[buffer(14)]], constant MoeMlpArgs& args [[buffer(15)]],       \
+      threadgroup T* xs [[threadgroup(0)]], threadgroup float* hs [[threadgroup(1)]],        \
+      uint2 tg [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],  \
+      uint3 tpt [[threads_per_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],    \
+      uint lane [[thread_index_in_simdgroup]]);
+
+#define MOE_INSTANTIATE_TYPE(tname, T)                                                        \
+  MOE_INSTANTIATE_FUSED(tname, T, 1)                                                          \
+  MOE_INSTANTIATE_FUSED(tname, T, 2)                                                          \
+  MOE_INSTANTIATE_FUSED(tname, T, 4)                                                          \
+  MOE_INSTANTIATE_FUSED(tname, T, 8)                                                          \
+  template [[host_name("moe_mlp_combine_" #tname)]] [[kernel]] void moe_mlp_combine<T>(       \
+      device const float* partial [[buffer(0)]], device T* y [[buffer(1)]],                  \
+      constant MoeMlpArgs& args [[buffer(2)]], uint gid [[thread_position_in_grid]]);
+
+MOE_INSTANTIATE_TYPE(float32, float)
+MOE_INSTANTIATE_TYPE(float16, half)
+MOE_INSTANTIATE_TYPE(bfloat16, bfloat)
