@@ -259,3 +259,210 @@ template <typename T>
 MOE_INSTANTIATE_TYPE(float32, float)
 MOE_INSTANTIATE_TYPE(float16, half)
 MOE_INSTANTIATE_TYPE(bfloat16, bfloat)
+
+// ---------------------------------------------------------------------------------------
+// Grouped GEMM variant (larger batches): the two projections as tiled GEMMs over the
+// bucketed rows of each expert, on simdgroup_matrix 8x8 tiles.
+//   moe_gemm_gateup: H[row][f] = silu(X_e W_gate^T) * (X_e W_up^T), rows in bucketed order
+//   moe_gemm_down:   partial[pair][d] = w_pair * (H_e W_down^T)[row][d]
+// then moe_mlp_combine (nslices = 1) sums each token's k slots in slot order.
+// A threadgroup owns a BM x BN output tile of one expert (tile index from tile_starts,
+// grid y over N) and walks K in steps of BK: activations gathered into threadgroup memory,
+// weights decoded once per tile step into threadgroup memory (transposed, K-major), then
+// four simdgroups each accumulate a 16 x 16 block (2 x 2 fragments).
+
+constant constexpr uint GEMM_BM = 32;
+constant constexpr uint GEMM_BN = 32;
+constant constexpr uint GEMM_BK = 32;
+
+// Decodes rows [n0, n0 + 32) x codes [k0, k0 + 32) of one expert's projection into
+// wt[k][n] (K-major). Threads 0..31 of `lane_base` each decode one row.
+inline void moe_gemm_load_w(
+    device const uint8_t* w, device const uint8_t* s, device const uint8_t* b,
+    constant MoeWeightArgs& a, uint e, uint n0, uint k0, uint t, threadgroup float* wt) {
+  if (t < GEMM_BN) {
+    const uint n = n0 + t;
+    float v[MOE_HALF];
+    if (n < a.N) {
+      const size_t row = size_t(e) * a.N + n;
+      const size_t g = row * a.groups + k0 / a.group_size;
+      const float sc = moe_load_scale(s, a.scale_kind, g);
+      const float bi = a.mode == 0 ? moe_load_scale(b, a.scale_kind, g) : 0.0f;
+      moe_decode32(w, a, row, k0, sc, bi, v);
+    } else {
+      for (uint j = 0; j < MOE_HALF; ++j) {
+        v[j] = 0.0f;
+      }
+    }
+    for (uint j = 0; j < MOE_HALF; ++j) {
+      wt[j * GEMM_BN + t] = v[j];
+    }
+  }
+}
+
+template <typename T>
+[[kernel]] void moe_gemm_gateup(
+    device const T* x [[buffer(0)]],
+    device const uint* pairs [[buffer(2)]],
+    device const uint* offsets [[buffer(3)]],
+    device const uint* tile_starts [[buffer(4)]],
+    device const uint8_t* gate_w [[buffer(5)]],
+    device const uint8_t* gate_s [[buffer(6)]],
+    device const uint8_t* gate_b [[buffer(7)]],
+    device const uint8_t* up_w [[buffer(8)]],
+    device const uint8_t* up_s [[buffer(9)]],
+    device const uint8_t* up_b [[buffer(10)]],
+    device float* H [[buffer(14)]],
+    constant MoeMlpArgs& args [[buffer(15)]],
+    uint2 tg [[threadgroup_position_in_grid]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]]) {
+  threadgroup float xs[GEMM_BM * GEMM_BK];
+  threadgroup float wg[GEMM_BK * GEMM_BN];
+  threadgroup float wu[GEMM_BK * GEMM_BN];
+  threadgroup float og[GEMM_BM * GEMM_BN];
+  threadgroup float ou[GEMM_BM * GEMM_BN];
+  const uint e = moe_find_expert(tile_starts, args.E, tg.x);
+  const uint r0 = offsets[e] + (tg.x - tile_starts[e]) * GEMM_BM;
+  const uint rows = min(GEMM_BM, offsets[e + 1] - r0);
+  const uint n0 = tg.y * GEMM_BN;
+  const uint sm = (sg / 2) * 16, sn = (sg % 2) * 16;  // this simdgroup's 16 x 16 block
+  simdgroup_float8x8 cg[2][2], cu[2][2];
+  for (uint i = 0; i < 2; ++i) {
+    for (uint j = 0; j < 2; ++j) {
+      cg[i][j] = simdgroup_float8x8(0.0f);
+      cu[i][j] = simdgroup_float8x8(0.0f);
+    }
+  }
+  for (uint k0 = 0; k0 < args.D; k0 += GEMM_BK) {
+    for (uint i = tid; i < GEMM_BM * GEMM_BK; i += 128) {
+      const uint r = i / GEMM_BK, kk = i % GEMM_BK;
+      xs[i] = r < rows ? float(x[size_t(pairs[r0 + r] / args.k) * args.D + k0 + kk]) : 0.0f;
+    }
+    moe_gemm_load_w(gate_w, gate_s, gate_b, args.gate, e, n0, k0, tid, wg);
+    moe_gemm_load_w(up_w, up_s, up_b, args.up, e, n0, k0, tid >= 64 ? tid - 64 : GEMM_BN, wu);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint kk = 0; kk < GEMM_BK; kk += 8) {
+      simdgroup_float8x8 a[2], bg[2], bu[2];
+      for (uint i = 0; i < 2; ++i) {
+        simdgroup_load(a[i], xs + (sm + 8 * i) * GEMM_BK + kk, GEMM_BK);
+        simdgroup_load(bg[i], wg + kk * GEMM_BN + sn + 8 * i, GEMM_BN);
+        simdgroup_load(bu[i], wu + kk * GEMM_BN + sn + 8 * i, GEMM_BN);
+      }
+      for (uint i = 0; i < 2; ++i) {
+        for (uint j = 0; j < 2; ++j) {
+          simdgroup_multiply_accumulate(cg[i][j], a[i], bg[j], cg[i][j]);
+          simdgroup_multiply_accumulate(cu[i][j], a[i], bu[j], cu[i][j]);
+        }
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  for (uint i = 0; i < 2; ++i) {
+    for (uint j = 0; j < 2; ++j) {
+      simdgroup_store(cg[i][j], og + (sm + 8 * i) * GEMM_BN + sn + 8 * j, GEMM_BN);
+      simdgroup_store(cu[i][j], ou + (sm + 8 * i) * GEMM_BN + sn + 8 * j, GEMM_BN);
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (uint i = tid; i < GEMM_BM * GEMM_BN; i += 128) {
+    const uint r = i / GEMM_BN, n = i % GEMM_BN;
+    if (r < rows && n0 + n < args.F) {
+      const float g = og[i];
+      H[size_t(r0 + r) * args.F + n0 + n] = g / (1.0f + precise::exp(-g)) * ou[i];
+    }
+  }
+}
+
+[[kernel]] void moe_gemm_down(
+    device const float* route_w [[buffer(1)]],
+    device const uint* pairs [[buffer(2)]],
+    device const uint* offsets [[buffer(3)]],
+    device const uint* tile_starts [[buffer(4)]],
+    device const uint8_t* down_w [[buffer(11)]],
+    device const uint8_t* down_s [[buffer(12)]],
+    device const uint8_t* down_b [[buffer(13)]],
+    device float* partial [[buffer(14)]],
+    constant MoeMlpArgs& args [[buffer(15)]],
+    device const float* H [[buffer(16)]],
+    uint2 tg [[threadgroup_position_in_grid]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]]) {
+  threadgroup float hs[GEMM_BM * GEMM_BK];
+  threadgroup float wd[GEMM_BK * GEMM_BN];
+  threadgroup float os[GEMM_BM * GEMM_BN];
+  const uint e = moe_find_expert(tile_starts, args.E, tg.x);
+  const uint r0 = offsets[e] + (tg.x - tile_starts[e]) * GEMM_BM;
+  const uint rows = min(GEMM_BM, offsets[e + 1] - r0);
+  const uint n0 = tg.y * GEMM_BN;
+  const uint sm = (sg / 2) * 16, sn = (sg % 2) * 16;
+  simdgroup_float8x8 c[2][2];
+  for (uint i = 0; i < 2; ++i) {
+    for (uint j = 0; j < 2; ++j) {
+      c[i][j] = simdgroup_float8x8(0.0f);
+    }
+  }
+  for (uint k0 = 0; k0 < args.F; k0 += GEMM_BK) {
+    for (uint i = tid; i < GEMM_BM * GEMM_BK; i += 128) {
+      const uint r = i / GEMM_BK, kk = i % GEMM_BK;
+      hs[i] = r < rows ? H[size_t(r0 + r) * args.F + k0 + kk] : 0.0f;
+    }
+    moe_gemm_load_w(down_w, down_s, down_b, args.down, e, n0, k0, tid, wd);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint kk = 0; kk < GEMM_BK; kk += 8) {
+      simdgroup_float8x8 a[2], b[2];
+      for (uint i = 0; i < 2; ++i) {
+        simdgroup_load(a[i], hs + (sm + 8 * i) * GEMM_BK + kk, GEMM_BK);
+        simdgroup_load(b[i], wd + kk * GEMM_BN + sn + 8 * i, GEMM_BN);
+      }
+      for (uint i = 0; i < 2; ++i) {
+        for (uint j = 0; j < 2; ++j) {
+          simdgroup_multiply_accumulate(c[i][j], a[i], b[j], c[i][j]);
+        }
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  for (uint i = 0; i < 2; ++i) {
+    for (uint j = 0; j < 2; ++j) {
+      simdgroup_store(c[i][j], os + (sm + 8 * i) * GEMM_BN + sn + 8 * j, GEMM_BN);
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (uint i = tid; i < GEMM_BM * GEMM_BN; i += 128) {
+    const uint r = i / GEMM_BN, n = i % GEMM_BN;
+    if (r < rows && n0 + n < args.D) {
+      const uint pair = pairs[r0 + r];
+      partial[size_t(pair) * args.D + n0 + n] = route_w[pair] * os[i];
+    }
+  }
+}
+
+// The second indirect-argument block: same tile count, grid y over the down projection.
+[[kernel]] void moe_gemm_dispatch_down(
+    device const uint* dispatch [[buffer(0)]],
+    device uint* dispatch_down [[buffer(1)]],
+    constant MoeMlpArgs& args [[buffer(2)]],
+    uint i [[thread_position_in_grid]]) {
+  if (i == 0) {
+    dispatch_down[0] = dispatch[0];
+    dispatch_down[1] = (args.D + GEMM_BN - 1) / GEMM_BN;
+    dispatch_down[2] = 1;
+    dispatch_down[3] = 0;
+  }
+}
+
+#define MOE_INSTANTIATE_GEMM(tname, T)                                                        \
+  template [[host_name("moe_gemm_gateup_" #tname)]] [[kernel]] void moe_gemm_gateup<T>(       \
+      device const T* x [[buffer(0)]], device const uint* pairs [[buffer(2)]],              \
+      device const uint* offsets [[buffer(3)]], device const uint* tile_starts [[buffer(4)]], \
+      device const uint8_t* gate_w [[buffer(5)]], device const uint8_t* gate_s [[buffer(6)]], \
+      device const uint8_t* gate_b [[buffer(7)]], device const uint8_t* up_w [[buffer(8)]],  \
+      device const uint8_t* up_s [[buffer(9)]], device const uint8_t* up_b [[buffer(10)]],   \
+      device float* H [[buffer(14)]], constant MoeMlpArgs& args [[buffer(15)]],             \
+      uint2 tg [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],  \
+      uint sg [[simdgroup_index_in_threadgroup]]);
+
+MOE_INSTANTIATE_GEMM(float32, float)
+MOE_INSTANTIATE_GEMM(float16, half)
+MOE_INSTANTIATE_GEMM(bfloat16, bfloat)

@@ -108,6 +108,8 @@ MoeWeightArgs weight_args(const std::vector<mx::array>& arrays, const Format& f)
 }
 
 constexpr uint32_t BUCKET_CHUNK = 256;
+constexpr uint32_t GEMM_TILE = 32;         // GEMM_BM = GEMM_BN in kernels/moe_mlp.metal
+constexpr uint32_t GEMM_MIN_TOKENS = 64;   // tokens from which the grouped GEMMs run
 
 // Runs the three bucketing kernels on `ids` (P flat pairs). Outputs must be allocated.
 void encode_bucket(mx::metal::Device& d, mx::metal::CommandEncoder& enc, const mx::array& ids,
@@ -264,13 +266,17 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs, std::vector<mx::ar
   args.fs = 64;
   args.nslices = (F + args.fs - 1) / args.fs;
 
-  // Token chunks bound the partial-output buffer (pairs x slices x D fp32) to ~256 MiB.
-  const size_t per_token = size_t(k) * args.nslices * D * 4;
+  // Few tokens: the token-tile x F-slice kernel (every weight byte once per tile). Many
+  // tokens: the grouped GEMMs (gate/up -> H, down -> per-pair rows). The threshold is a
+  // first guess until measured on Apple GPUs (docs/MACOS.md).
+  const bool gemm = T >= GEMM_MIN_TOKENS;
+  if (gemm) args.nslices = 1;
+  // Token chunks bound the temporaries (partials, H) to ~256 MiB.
+  const size_t per_token = gemm ? size_t(k) * (D + F) * 4 : size_t(k) * args.nslices * D * 4;
   const uint32_t chunk_t = uint32_t(std::max<size_t>(1, (size_t(256) << 20) / per_token));
 
   auto& enc = mx::metal::get_command_encoder(s);
   const std::string xt = tname(x.dtype());
-  auto fused = kernel(d, "moe_mlp_fused_" + xt + "_tm" + std::to_string(tm));
   auto combine = kernel(d, "moe_mlp_combine_" + xt);
   for (uint32_t t0 = 0; t0 < T; t0 += chunk_t) {
     const uint32_t tc = std::min(chunk_t, T - t0);
@@ -283,26 +289,53 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs, std::vector<mx::ar
     auto dispatch = temp(enc, {4}, mx::uint32);
     auto tile_starts = temp(enc, {int(E) + 1}, mx::uint32);
     auto partial = temp(enc, {int(P * a.nslices), int(D)}, mx::float32);
-    encode_bucket(d, enc, ids, int64_t(t0) * k * mx::size_of(ids.dtype()), P, E, tm,
-                  a.nslices, counts, offsets, pairs, dispatch, tile_starts);
+    const uint32_t tile = gemm ? GEMM_TILE : tm;
+    const uint32_t grid_y = gemm ? (F + GEMM_TILE - 1) / GEMM_TILE : a.nslices;
+    encode_bucket(d, enc, ids, int64_t(t0) * k * mx::size_of(ids.dtype()), P, E, tile, grid_y,
+                  counts, offsets, pairs, dispatch, tile_starts);
 
-    enc.set_compute_pipeline_state(fused);
-    enc.set_input_array(x, 0, int64_t(t0) * D * xsize);
-    enc.set_input_array(rw, 1, int64_t(t0) * k * 4);
-    enc.set_input_array(pairs, 2);
-    enc.set_input_array(offsets, 3);
-    enc.set_input_array(tile_starts, 4);
-    for (int i = 0; i < 3; ++i) {
-      enc.set_input_array(proj[i][0], 5 + 3 * i);
-      enc.set_input_array(proj[i][1], 6 + 3 * i);
-      // mxfp4 has no biases: bind the scales again (never read).
-      enc.set_input_array(proj[i].size() > 2 ? proj[i][2] : proj[i][1], 7 + 3 * i);
+    auto bind_common = [&]() {
+      enc.set_input_array(rw, 1, int64_t(t0) * k * 4);
+      enc.set_input_array(pairs, 2);
+      enc.set_input_array(offsets, 3);
+      enc.set_input_array(tile_starts, 4);
+      for (int i = 0; i < 3; ++i) {
+        enc.set_input_array(proj[i][0], 5 + 3 * i);
+        enc.set_input_array(proj[i][1], 6 + 3 * i);
+        // mxfp4 has no biases: bind the scales again (never read).
+        enc.set_input_array(proj[i].size() > 2 ? proj[i][2] : proj[i][1], 7 + 3 * i);
+      }
+      enc.set_bytes(a, 15);
+    };
+    if (!gemm) {
+      enc.set_compute_pipeline_state(kernel(d, "moe_mlp_fused_" + xt + "_tm" + std::to_string(tm)));
+      enc.set_input_array(x, 0, int64_t(t0) * D * xsize);
+      bind_common();
+      enc.set_output_array(partial, 14);
+      enc.set_threadgroup_memory_length((tm * D * xsize + 15) / 16 * 16, 0);
+      enc.set_threadgroup_memory_length(tm * a.fs * 4, 1);
+      dispatch_indirect(enc, dispatch, 16, MTL::Size(256, 1, 1));
+    } else {
+      auto H = temp(enc, {int(P), int(F)}, mx::float32);
+      auto dispatch_down = temp(enc, {4}, mx::uint32);
+      enc.set_compute_pipeline_state(kernel(d, "moe_gemm_gateup_" + xt));
+      enc.set_input_array(x, 0, int64_t(t0) * D * xsize);
+      bind_common();
+      enc.set_output_array(H, 14);
+      dispatch_indirect(enc, dispatch, 16, MTL::Size(128, 1, 1));
+
+      enc.set_compute_pipeline_state(kernel(d, "moe_gemm_dispatch_down"));
+      enc.set_input_array(dispatch, 0);
+      enc.set_output_array(dispatch_down, 1);
+      enc.set_bytes(a, 2);
+      enc.dispatch_threadgroups(MTL::Size(1, 1, 1), MTL::Size(32, 1, 1));
+
+      enc.set_compute_pipeline_state(kernel(d, "moe_gemm_down"));
+      bind_common();
+      enc.set_output_array(partial, 14);
+      enc.set_input_array(H, 16);
+      dispatch_indirect(enc, dispatch_down, 17, MTL::Size(128, 1, 1));
     }
-    enc.set_output_array(partial, 14);
-    enc.set_bytes(a, 15);
-    enc.set_threadgroup_memory_length((tm * D * xsize + 15) / 16 * 16, 0);
-    enc.set_threadgroup_memory_length(tm * a.fs * 4, 1);
-    dispatch_indirect(enc, dispatch, 16, MTL::Size(256, 1, 1));
 
     enc.set_compute_pipeline_state(combine);
     enc.set_input_array(partial, 0);
