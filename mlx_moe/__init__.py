@@ -19,6 +19,7 @@ __all__ = [
     "dequantize",
     "moe_mlp",
     "route",
+    "load",
     "patch",
     "unpatch",
 ]
@@ -30,6 +31,14 @@ def patch(model, **kwargs):
     from .patch import patch as _patch
 
     return _patch(model, **kwargs)
+
+
+def load(path, **kwargs):
+    """Load a local mlx-lm model directory (also one written by ``mlx_moe.convert``) with
+    the fused path on its MoE blocks: ``(model, tokenizer)``."""
+    from .layers import load as _load
+
+    return _load(path, **kwargs)
 
 
 def unpatch(model):

@@ -73,7 +73,10 @@ class QuantizedWeight:
     * ``mxfp4``: MLX's layout: ``w uint32 [E, N, K/8]``, ``scales uint8 [E, N, K/32]``
       (E8M0); ``fp4_decoder`` may opt into ``"e2m1_quarter_subnormal"`` (see
       docs/FORMATS.md), never the default.
-    * ``trellis``: see docs/FORMATS.md, "Trellis".
+    * ``trellis``: 16x16 tiles of packed k-bit codebook indices:
+      ``w uint8 [E, K/16, ceil(N/16), 32*bits]``, ``scales [E, K/group_size, N]``,
+      ``grid [2^bits]`` (or ``[E, 2^bits]``), optional ``su [E, K]``, ``sv [E, N]``; see
+      docs/FORMATS.md, "Trellis k-bit". ``mlx_moe.formats.trellis.quantize`` makes them.
 
     ``E`` may be absent (a single matrix, for :func:`dequantize`).
     """
@@ -162,6 +165,8 @@ class Experts:
 
 
 def _from_quantized_switch_linear(layer, name) -> QuantizedWeight:
+    if hasattr(layer, "quantized_weight"):  # mlx_moe's own holders (trellis)
+        return layer.quantized_weight()
     if not hasattr(layer, "scales"):
         raise TypeError(
             f"{name} is not quantized ({type(layer).__name__}); mlx_moe runs quantized experts"

@@ -95,3 +95,32 @@ def test_convert_bad_arguments(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mlx_moe.convert", str(src), str(tmp_path / "o"),
                         "--format", "fp4", "--bits", "3"], capture_output=True, text=True)
     assert r.returncode == 2 and "--bits does not apply" in r.stderr
+
+
+def test_convert_trellis_and_load(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    original = write_tiny_model(src, True)
+    r = subprocess.run([sys.executable, "-m", "mlx_moe.convert", str(src), str(dst), "--format",
+                        "trellis", "--bits", "6,2,3", "--group-size", "32"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    config = json.loads((dst / "config.json").read_text())
+    mods = config["mlx_moe"]["modules"]
+    assert {p.rsplit(".", 1)[1]: m["bits"] for p, m in mods.items()} == {
+        "gate_proj": 6, "up_proj": 2, "down_proj": 3}
+    from mlx_moe.formats import trellis
+    from mlx_moe.layers import TrellisSwitchLinear
+    import mlx_moe
+
+    model, tok = mlx_moe.load(dst, patch=False)
+    assert tok is None
+    layer = model.model.layers[1].mlp.switch_mlp
+    assert isinstance(layer.gate_proj, TrellisSwitchLinear) and layer.gate_proj.bits == 6
+    # The stored experts decode (reference decoder) to a quantization of the original ones.
+    dense = np.array(mx.dequantize(original["model.layers.1.mlp.switch_mlp.gate_proj.weight"],
+                                   original["model.layers.1.mlp.switch_mlp.gate_proj.scales"],
+                                   original["model.layers.1.mlp.switch_mlp.gate_proj.biases"],
+                                   group_size=32, bits=4, dtype=mx.float32))
+    dec = trellis.dequantize_reference(layer.gate_proj.quantized_weight())
+    assert np.mean((dec - dense) ** 2) < 0.01 * np.var(dense)  # 6-bit
+    logits = model(mx.array([[1, 2, 3]]))
+    assert bool(mx.all(mx.isfinite(logits)))

@@ -176,6 +176,71 @@ std::string expected_shape(const mx::Shape& batch, int N, const std::string& las
   return os.str();
 }
 
+// docs/FORMATS.md, "Trellis k-bit": w uint8 [..., K/16, ceil(N/16), 32*bits], scales
+// [..., K/group_size, N], grid [2^bits] or [..., 2^bits], su [..., K], sv [..., N].
+WeightShape check_trellis(const std::vector<mx::array>& arrays, const Format& fmt,
+                          const std::string& name) {
+  const auto& w = arrays[0];
+  const auto& scales = arrays[1];
+  const auto& grid = arrays[2];
+  if (w.dtype() != mx::uint8) {
+    throw TypeError(name + ".w must be uint8 for trellis weights, got " + dtype_str(w.dtype()));
+  }
+  if (!is_float(scales.dtype())) {
+    throw TypeError(name + ".scales must be float16, bfloat16 or float32, got " +
+                    dtype_str(scales.dtype()));
+  }
+  if (grid.dtype() != mx::float32 && grid.dtype() != mx::float16) {
+    throw TypeError(name + ".grid must be float32 or float16, got " + dtype_str(grid.dtype()));
+  }
+  if (scales.ndim() < 2) {
+    throw std::invalid_argument(name + ".scales must have shape [..., K/group_size, N], got " +
+                                shape_str(scales.shape()));
+  }
+  WeightShape ws;
+  ws.batch = mx::Shape(scales.shape().begin(), scales.shape().end() - 2);
+  ws.N = scales.shape(-1);
+  ws.K = scales.shape(-2) * fmt.group_size;
+  mx::Shape wexp = ws.batch;
+  wexp.push_back(ws.K / 16);
+  wexp.push_back((ws.N + 15) / 16);
+  wexp.push_back(32 * fmt.bits);
+  if (w.shape() != wexp) {
+    throw std::invalid_argument(
+        name + ".w has shape " + shape_str(w.shape()) + "; expected " + shape_str(wexp) +
+        " ([..., K/16, ceil(N/16), 32*bits] for K = " + std::to_string(ws.K) + ", N = " +
+        std::to_string(ws.N) + ", bits = " + std::to_string(fmt.bits) +
+        ": bits or group_size mismatch?)");
+  }
+  const int levels = 1 << fmt.bits;
+  mx::Shape gexp = ws.batch;
+  gexp.push_back(levels);
+  if (!(grid.ndim() == 1 && grid.shape(0) == levels) && grid.shape() != gexp) {
+    throw std::invalid_argument(name + ".grid has shape " + shape_str(grid.shape()) +
+                                "; expected [" + std::to_string(levels) + "] or " +
+                                shape_str(gexp) + " (2^bits levels, bits = " +
+                                std::to_string(fmt.bits) + ")");
+  }
+  int next = 3;
+  auto check_sign = [&](bool present, const char* what, int len) {
+    if (!present) return;
+    const auto& a = arrays[next++];
+    if (!is_float(a.dtype())) {
+      throw TypeError(name + "." + what + " must be float16, bfloat16 or float32, got " +
+                      dtype_str(a.dtype()));
+    }
+    mx::Shape exp = ws.batch;
+    exp.push_back(len);
+    if (a.shape() != exp) {
+      throw std::invalid_argument(name + "." + what + " has shape " + shape_str(a.shape()) +
+                                  "; expected " + shape_str(exp));
+    }
+  };
+  check_sign(fmt.has_su, "su", ws.K);
+  check_sign(fmt.has_sv, "sv", ws.N);
+  return ws;
+}
+
 }  // namespace
 
 WeightShape check_weight(const std::vector<mx::array>& arrays, const Format& fmt,
@@ -189,7 +254,7 @@ WeightShape check_weight(const std::vector<mx::array>& arrays, const Format& fmt
   const auto& scales = arrays[1];
   WeightShape ws;
   if (fmt.mode == Mode::Trellis) {
-    throw std::invalid_argument(name + ": trellis weights are not supported by this build yet");
+    return check_trellis(arrays, fmt, name);
   }
   if (w.dtype() != mx::uint32) {
     throw TypeError(name + ".w must be uint32 (MLX's packed layout), got " + dtype_str(w.dtype()));

@@ -61,6 +61,46 @@ void dequant_row_fp4(const WeightView& wv, int64_t m, int64_t n, float* out, boo
   }
 }
 
+inline float grid_level(const WeightView& wv, int64_t m, uint32_t q) {
+  int64_t i = (wv.grid_per_expert ? (m << wv.fmt.bits) : 0) + q;
+  return wv.gdtype == mx::float32 ? static_cast<const float*>(wv.grid)[i]
+                                  : float(static_cast<const mx::float16_t*>(wv.grid)[i]);
+}
+
+// Row n (output feature) of trellis matrix m: for each 16-k tile row, the 16 indices of
+// column n are one run of 2*bits bytes (docs/FORMATS.md).
+template <uint32_t BITS>
+void dequant_row_trellis_bits(const WeightView& wv, int64_t m, int64_t n, float* out) {
+  const uint32_t K = uint32_t(wv.K), N = uint32_t(wv.N);
+  const uint32_t TK = moe_trellis_tiles_k(K);
+  const float sv = wv.sv ? to_float(wv.sv, wv.vdtype, moe_trellis_sv_index(uint32_t(m), uint32_t(n), N)) : 1.f;
+  uint32_t idx[16];
+  for (uint32_t kt = 0; kt < TK; ++kt) {
+    const uint8_t* tile = wv.w + moe_trellis_tile_offset(uint32_t(m), kt, uint32_t(n) >> 4, K, N, BITS);
+    moe_trellis_unpack_run16<BITS>(tile + (uint32_t(n) & 15u) * moe_trellis_run_bytes(BITS), idx);
+    for (uint32_t i = 0; i < 16; ++i) {
+      const uint32_t k = kt * 16 + i;
+      const float s = to_float(wv.scales, wv.sdtype,
+                               moe_trellis_scale_index(uint32_t(m), k / wv.fmt.group_size,
+                                                       uint32_t(n), uint32_t(wv.groups), N));
+      const float su = wv.su ? to_float(wv.su, wv.udtype, moe_trellis_su_index(uint32_t(m), k, K)) : 1.f;
+      out[k] = moe_trellis_value(grid_level(wv, m, idx[i]), s, su, sv);
+    }
+  }
+}
+
+void dequant_row_trellis(const WeightView& wv, int64_t m, int64_t n, float* out) {
+  switch (wv.fmt.bits) {
+    case 2: return dequant_row_trellis_bits<2>(wv, m, n, out);
+    case 3: return dequant_row_trellis_bits<3>(wv, m, n, out);
+    case 4: return dequant_row_trellis_bits<4>(wv, m, n, out);
+    case 5: return dequant_row_trellis_bits<5>(wv, m, n, out);
+    case 6: return dequant_row_trellis_bits<6>(wv, m, n, out);
+    case 7: return dequant_row_trellis_bits<7>(wv, m, n, out);
+    default: return dequant_row_trellis_bits<8>(wv, m, n, out);
+  }
+}
+
 // Eight rows at a time, K-major: one packed word of each row is decoded into PER
 // vectors of 8 lanes (one lane per row), written to panel[k * 16 + half * 8].
 template <int BITS>
@@ -111,9 +151,8 @@ void dequant_row(const WeightView& wv, int64_t m, int64_t n, float* out, bool fp
   switch (wv.fmt.mode) {
     case Mode::Affine: return dequant_row_affine(wv, m, n, out);
     case Mode::MxFp4: return dequant_row_fp4(wv, m, n, out, fp16_scales);
-    case Mode::Trellis: break;
+    case Mode::Trellis: return dequant_row_trellis(wv, m, n, out);
   }
-  throw std::invalid_argument("trellis weights are not supported by this build yet");
 }
 
 void dequant_panel(const WeightView& wv, int64_t m, int n0, int nr, float* panel,
@@ -129,7 +168,8 @@ void dequant_panel(const WeightView& wv, int64_t m, int n0, int nr, float* panel
   // Remaining rows (other formats, or a tail of fewer than 8 rows): decode a row, then
   // scatter it into its panel column.
   if (done < PANEL_N) {
-    std::vector<float> rowbuf(K);
+    thread_local std::vector<float> rowbuf;
+    rowbuf.resize(K);
     for (int r = done; r < PANEL_N; ++r) {
       if (r < nr) {
         dequant_row(wv, m, n0 + r, rowbuf.data());

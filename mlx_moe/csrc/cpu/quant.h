@@ -14,6 +14,7 @@
 #include "common.h"
 #include "common/affine.h"
 #include "common/fp4.h"
+#include "common/trellis.h"
 #include "mlx/types/half_types.h"
 
 namespace mlx_moe::cpu {
@@ -54,15 +55,37 @@ struct WeightView {
   mx::Dtype sdtype = mx::float32;
   int groups = 0;  // groups per row
 
+  // trellis only
+  const void* grid = nullptr;
+  mx::Dtype gdtype = mx::float32;
+  bool grid_per_expert = false;
+  const void* su = nullptr;
+  const void* sv = nullptr;
+  mx::Dtype udtype = mx::float32, vdtype = mx::float32;
+
   WeightView() = default;
   WeightView(const std::vector<mx::array>& arrays, const Format& f, const WeightShape& ws)
       : fmt(f), num_matrices(ws.num_matrices()), N(ws.N), K(ws.K) {
     w = arrays[0].data<uint8_t>();
-    row_bytes = int64_t(arrays[0].shape(-1)) * 4;
+    row_bytes = f.mode == Mode::Trellis ? 0 : int64_t(arrays[0].shape(-1)) * 4;
     scales = arrays[1].data<void>();
     sdtype = arrays[1].dtype();
     if (f.mode == Mode::Affine) biases = arrays[2].data<void>();
     groups = K / f.group_size;
+    if (f.mode == Mode::Trellis) {
+      grid = arrays[2].data<void>();
+      gdtype = arrays[2].dtype();
+      grid_per_expert = arrays[2].ndim() > 1;
+      int next = 3;
+      if (f.has_su) {
+        su = arrays[next].data<void>();
+        udtype = arrays[next++].dtype();
+      }
+      if (f.has_sv) {
+        sv = arrays[next].data<void>();
+        vdtype = arrays[next++].dtype();
+      }
+    }
   }
 
   const uint8_t* row(int64_t m, int64_t n) const {

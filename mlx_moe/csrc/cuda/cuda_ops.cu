@@ -1,0 +1,293 @@
+// CUDA eval_gpu of every mlx_moe primitive: kernels (kernels/moe_cuda.cuh) added as nodes of
+// MLX's CUDA command encoder (its CUDA graph). Built only when MLX is its CUDA build.
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
+#include "backends.h"
+#include "bucket.h"
+#include "dequant.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/cuda/device.h"
+#include "mlx/backend/cuda/utils.h"
+#include "moe_cuda.cuh"
+#include "moe_mlp.h"
+#include "route.h"
+
+namespace mlx_moe::gpu {
+
+namespace cu = mx::cu;
+using namespace mlx_moe::cuda;
+
+namespace {
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("mlx_moe CUDA: ") + what + ": " +
+                             cudaGetErrorString(err));
+  }
+}
+
+void allocate(mx::array& a) {
+  a.set_data(mx::allocator::malloc(a.nbytes()));
+}
+
+// A scratch buffer that lives until the encoder's graph has run.
+mx::array scratch(cu::CommandEncoder& enc, size_t n_u32) {
+  mx::array t(mx::allocator::malloc(std::max<size_t>(n_u32, 1) * 4),
+              {int(std::max<size_t>(n_u32, 1))}, mx::uint32);
+  enc.add_temporary(t);
+  return t;
+}
+
+template <typename T>
+T* ptr(const mx::array& a) {
+  return a.size() == 0 ? nullptr : const_cast<T*>(mx::gpu_ptr<T>(a));
+}
+
+// Adds one kernel node. `reads` / `writes` are the arrays whose last writers this node must
+// follow (MLX's encoder links nodes through the buffers named before each node). The
+// argument types are forced to the kernel's parameter types (the encoder passes raw
+// addresses of the arguments).
+template <typename... KArgs, typename... Args>
+void launch(cu::CommandEncoder& enc, const std::vector<const mx::array*>& reads,
+            const std::vector<const mx::array*>& writes, void (*kernel)(KArgs...), dim3 grid,
+            dim3 block, uint32_t smem, Args&&... args) {
+  static_assert(sizeof...(KArgs) == sizeof...(Args));
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  for (auto* a : reads)
+    if (a && a->size()) enc.set_input_array(*a);
+  for (auto* a : writes)
+    if (a && a->size()) enc.set_output_array(*a);
+  if (smem > 48 * 1024) {
+    check(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+          "cudaFuncSetAttribute");
+  }
+  cudaFunction_t f;
+  check(cudaGetFuncBySymbol(&f, reinterpret_cast<const void*>(kernel)), "cudaGetFuncBySymbol");
+  enc.add_kernel_node_ex(reinterpret_cast<CUfunction>(f), grid, block, dim3(), smem,
+                         static_cast<KArgs>(args)...);
+}
+
+int id_kind(mx::Dtype d) {
+  switch (d) {
+    case mx::uint32: return 0;
+    case mx::int32: return 1;
+    case mx::int64: return 2;
+    default: throw std::invalid_argument("mlx_moe CUDA: ids must be uint32, int32 or int64");
+  }
+}
+
+uint32_t scale_kind(mx::Dtype d) {
+  switch (d) {
+    case mx::float32: return 0;
+    case mx::float16: return 1;
+    case mx::bfloat16: return 2;
+    default: return 3;
+  }
+}
+
+WDesc make_desc(const mx::array* arrays, const Format& f, const WeightShape& ws) {
+  WDesc d{};
+  d.w = ptr<uint32_t>(arrays[0]);
+  d.scales = ptr<void>(arrays[1]);
+  d.biases = f.mode == Mode::Affine ? ptr<void>(arrays[2]) : nullptr;
+  d.N = uint32_t(ws.N);
+  d.K = uint32_t(ws.K);
+  d.row_words = uint32_t(arrays[0].shape(-1));
+  d.units = uint32_t(ws.K / 32);
+  d.groups = uint32_t(ws.K / f.group_size);
+  d.gs_units = uint32_t(f.group_size / 32);
+  d.bits = uint32_t(f.bits);
+  d.mode = f.mode == Mode::MxFp4 ? 1u : 0u;
+  d.scale_kind = scale_kind(arrays[1].dtype());
+  d.fp4_quarter = f.fp4_quarter_subnormal ? 1u : 0u;
+  return d;
+}
+
+template <typename F>
+void dispatch_float(mx::Dtype d, F&& f) {
+  switch (d) {
+    case mx::float32: f(float{}); break;
+    case mx::float16: f(__half{}); break;
+    case mx::bfloat16: f(__nv_bfloat16{}); break;
+    default: throw std::invalid_argument("mlx_moe CUDA: unsupported float dtype");
+  }
+}
+
+// Bucketing into counts/offsets/pairs (+ dispatch, active list, tile table, meta).
+void encode_bucket(cu::CommandEncoder& enc, const mx::array& ids, uint32_t P, uint32_t E,
+                   uint32_t tile, const mx::array& counts, const mx::array& offsets,
+                   const mx::array& pairs, const mx::array* dispatch, const mx::array* active,
+                   const mx::array* tiles, const mx::array* meta) {
+  const uint32_t nblocks = (P + BUCKET_CHUNK - 1) / BUCKET_CHUNK;
+  mx::array bc = scratch(enc, size_t(nblocks) * E);
+  const int kind = id_kind(ids.dtype());
+  const void* idp = ptr<void>(ids);
+  launch(enc, {&ids}, {&bc}, bucket_count_kernel, dim3(nblocks), dim3(32), E * 4, idp, kind, P,
+         E, ptr<uint32_t>(bc));
+  launch(enc, {&bc}, {&bc, &counts, &offsets, &pairs, dispatch, active, tiles, meta},
+         bucket_scan_kernel, dim3(1), dim3(256),
+         3 * E * 4, ptr<uint32_t>(bc), nblocks, E, P, tile, ptr<uint32_t>(counts),
+         ptr<uint32_t>(offsets), ptr<uint32_t>(pairs),
+         dispatch ? ptr<uint32_t>(*dispatch) : nullptr, active ? ptr<uint32_t>(*active) : nullptr,
+         tiles ? ptr<uint32_t>(*tiles) : nullptr, meta ? ptr<uint32_t>(*meta) : nullptr);
+  launch(enc, {&ids, &bc, &offsets}, {&pairs}, bucket_scatter_kernel, dim3(nblocks), dim3(32),
+         E * 4, idp, kind, P, E, ptr<uint32_t>(bc), ptr<uint32_t>(offsets), ptr<uint32_t>(pairs));
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------ route
+void route(Route& p, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  const auto& logits = inputs[0];
+  auto& ids = outputs[0];
+  auto& w = outputs[1];
+  allocate(ids);
+  allocate(w);
+  auto& enc = cu::get_command_encoder(p.stream());
+  const uint32_t E = uint32_t(logits.shape(-1));
+  const uint32_t rows = E ? uint32_t(logits.size() / E) : 0;
+  if (rows == 0) return;
+  const uint32_t k = uint32_t(p.k()), norm = p.normalize() ? 1u : 0u;
+  const dim3 grid((rows + 3) / 4), block(128);
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    launch(enc, {&logits}, {&ids, &w}, route_kernel<T>, grid, block, 0, ptr<T>(logits), rows, E,
+           k, norm, ptr<uint32_t>(ids), ptr<float>(w));
+  };
+  if (logits.dtype() == mx::float64) go(double{});
+  else dispatch_float(logits.dtype(), go);
+}
+
+// ------------------------------------------------------------------------------ bucket
+void bucket(Bucket& p, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  const auto& ids = inputs[0];
+  for (auto& o : outputs) allocate(o);
+  auto& enc = cu::get_command_encoder(p.stream());
+  encode_bucket(enc, ids, uint32_t(ids.size()), uint32_t(p.num_experts()), uint32_t(p.tile()),
+                outputs[0], outputs[1], outputs[2], &outputs[3], nullptr, nullptr, nullptr);
+}
+
+// ------------------------------------------------------------------------------ dequantize
+void dequantize(Dequantize& p, const std::vector<mx::array>& inputs,
+                std::vector<mx::array>& outputs) {
+  auto& out = outputs[0];
+  allocate(out);
+  auto& enc = cu::get_command_encoder(p.stream());
+  const WeightShape ws = check_weight(inputs, p.format(), "weight");
+  WDesc d = make_desc(inputs.data(), p.format(), ws);
+  const uint64_t rows = uint64_t(ws.num_matrices()) * ws.N;
+  d.N = uint32_t(rows);  // the kernel indexes rows across matrices
+  const uint64_t total = rows * d.units;
+  if (total == 0) return;
+  const uint32_t fp16s = (p.format().mode == Mode::MxFp4 && out.dtype() == mx::float16) ? 1u : 0u;
+  const dim3 grid(uint32_t((total + 127) / 128)), block(128);
+  dispatch_float(out.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    for (auto& a : inputs) enc.set_input_array(a);
+    launch(enc, {}, {&out}, dequant_kernel<T>, grid, block, 0, d, total, fp16s, ptr<T>(out));
+  });
+}
+
+// ------------------------------------------------------------------------------ moe_mlp
+void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& out = outputs[0];
+  allocate(out);
+  const auto& x = inputs[0];
+  const auto& ids = inputs[1];
+  const auto& rw = inputs[2];
+  const uint32_t T = uint32_t(x.shape(0)), D = uint32_t(x.shape(1)), k = uint32_t(ids.shape(1));
+  if (T == 0) return;
+  auto& enc = cu::get_command_encoder(p.stream());
+
+  MlpDesc md{};
+  int pos = 3;
+  WDesc* descs[3] = {&md.gate, &md.up, &md.down};
+  for (int i = 0; i < 3; ++i) {
+    const Format& f = p.formats()[i];
+    const int n = f.num_arrays();
+    std::vector<mx::array> arrs(inputs.begin() + pos, inputs.begin() + pos + n);
+    *descs[i] = make_desc(inputs.data() + pos, f, check_weight(arrs, f, "weight"));
+    pos += n;
+  }
+  const uint32_t E = uint32_t(inputs[3].shape(0));
+  const uint32_t F = md.gate.N;
+  const uint32_t P = T * k;
+  md.T = T;
+  md.k = k;
+  md.D = D;
+  md.F = F;
+  md.E = E;
+  md.P = P;
+
+  // Every input of the primitive is read by the first node that touches it.
+  for (auto& a : inputs) enc.set_input_array(a);
+
+  // Bucketing (device-side; no host sync). Grids below are sized for the worst case and
+  // read the actual counts (meta) on the device, exiting early (CUDA graphs: no indirect
+  // dispatch).
+  const uint32_t max_active = std::min(E, P);
+  const uint32_t max_tiles = (P + G_TM - 1) / G_TM + max_active;
+  mx::array counts = scratch(enc, E), offsets = scratch(enc, E + 1), pairs = scratch(enc, P);
+  mx::array active = scratch(enc, E), tiles = scratch(enc, size_t(2) * max_tiles),
+            meta = scratch(enc, 4);
+  encode_bucket(enc, ids, P, E, 64, counts, offsets, pairs, nullptr, &active, &tiles, &meta);
+
+  mx::array H = scratch(enc, size_t(P) * F);
+  mx::array Yp = scratch(enc, size_t(P) * D);
+
+  static const uint32_t decode_max_pairs = [] {
+    const char* v = std::getenv("MLX_MOE_CUDA_DECODE_MAX_PAIRS");
+    return v ? uint32_t(std::atoi(v)) : 128u;
+  }();
+  const bool grouped = P > decode_max_pairs;
+  const int ik = id_kind(ids.dtype());
+
+  dispatch_float(x.dtype(), [&](auto tag) {
+    using XT = decltype(tag);
+    const XT* xp = ptr<XT>(x);
+    if (!grouped) {
+      auto smem_for = [&](uint32_t Kd, uint32_t& maxt) {
+        const uint32_t per = (Kd + Kd / 32) * 4;
+        maxt = std::min<uint32_t>({uint32_t(DEC_MAXT), P, std::max<uint32_t>(1, (200 * 1024) / per)});
+        return maxt * per;
+      };
+      uint32_t mt1, mt2;
+      const uint32_t sm1 = smem_for(D, mt1), sm2 = smem_for(F, mt2);
+      const uint32_t rows_per_block = DEC_WARPS * DEC_ROWS;
+      launch(enc, {&x, &pairs, &offsets, &active, &meta}, {&H}, mlp_decode_kernel<true, XT>,
+             dim3(max_active, (F + rows_per_block - 1) / rows_per_block), dim3(DEC_WARPS * 32), sm1,
+             md, xp, static_cast<const float*>(nullptr), ptr<uint32_t>(pairs),
+             ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta), ptr<float>(rw), mt1,
+             ptr<float>(H));
+      launch(enc, {&H, &pairs, &offsets, &active, &meta, &rw}, {&Yp},
+             mlp_decode_kernel<false, float>,
+             dim3(max_active, (D + rows_per_block - 1) / rows_per_block), dim3(DEC_WARPS * 32), sm2,
+             md, static_cast<const float*>(nullptr), ptr<float>(H), ptr<uint32_t>(pairs),
+             ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta), ptr<float>(rw), mt2,
+             ptr<float>(Yp));
+    } else {
+      constexpr bool split = !std::is_same_v<XT, __nv_bfloat16>;
+      launch(enc, {&x, &pairs, &offsets, &tiles, &meta}, {&H}, mlp_grouped_kernel<true, split, XT>,
+             dim3(max_tiles, (F + G_TN - 1) / G_TN), dim3(128), 0, md, xp,
+             static_cast<const float*>(nullptr), ptr<uint32_t>(pairs), ptr<uint32_t>(offsets),
+             ptr<uint32_t>(tiles), ptr<uint32_t>(meta), ptr<float>(rw), ptr<float>(H));
+      launch(enc, {&H, &pairs, &offsets, &tiles, &meta, &rw}, {&Yp},
+             mlp_grouped_kernel<false, true, float>, dim3(max_tiles, (D + G_TN - 1) / G_TN),
+             dim3(128), 0, md, static_cast<const float*>(nullptr), ptr<float>(H),
+             ptr<uint32_t>(pairs), ptr<uint32_t>(offsets), ptr<uint32_t>(tiles),
+             ptr<uint32_t>(meta), ptr<float>(rw), ptr<float>(Yp));
+    }
+    const uint64_t n = uint64_t(T) * D;
+    launch(enc, {&Yp, &ids}, {&out}, combine_kernel<XT>, dim3(uint32_t((n + 255) / 256)),
+           dim3(256), 0, ptr<float>(Yp), ptr<void>(ids), ik, T, k, D, E, ptr<XT>(out));
+  });
+}
+
+}  // namespace mlx_moe::gpu
