@@ -27,17 +27,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ._progress import progress as show_progress
+
 EXPERT_RE = re.compile(r"^(.*\.switch_mlp\.(gate_proj|up_proj|down_proj))\.weight$")
 PROJ_INDEX = {"gate_proj": 0, "up_proj": 1, "down_proj": 2}
-
-
-def _progress(i, n, what, stream=sys.stderr):
-    width = 30
-    done = int(width * i / max(n, 1))
-    stream.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {what[-60:]:<60}")
-    if i == n:
-        stream.write("\n")
-    stream.flush()
 
 
 def _quant_params(config: dict, path: str):
@@ -110,7 +103,7 @@ def convert(model_dir, out_dir, fmt: str = "fp4", bits: str | None = None,
     summary = {}
     for i, path in enumerate(targets):
         if progress:
-            _progress(i, len(targets), path)
+            show_progress(i, len(targets), path)
         w = dense_expert_weight(weights, config, path)
         for suffix in ("weight", "scales", "biases", "global_scale"):
             weights.pop(f"{path}.{suffix}", None)
@@ -136,7 +129,7 @@ def convert(model_dir, out_dir, fmt: str = "fp4", bits: str | None = None,
             summary[path] = f"trellis {b}-bit"
         del w
     if progress:
-        _progress(len(targets), len(targets), "done")
+        show_progress(len(targets), len(targets), "done")
 
     if "group_size" not in quant:  # a float checkpoint: other layers stay float
         quant.update({"group_size": 32, "bits": 4, "mode": "mxfp4"} if fmt == "fp4" else

@@ -28,6 +28,8 @@ from statistics import NormalDist
 
 import numpy as np
 
+from .._progress import progress as show_progress
+
 TILE = 16
 """Edge of a tile: tiles are 16 (k) x 16 (n) elements."""
 TILE_ELEMS = TILE * TILE
@@ -384,16 +386,6 @@ def _fit(x, levels, iters):
 # ---------------------------------------------------------------------------------------
 # quantizer
 # ---------------------------------------------------------------------------------------
-def _progress(i, n, what, stream=None):
-    stream = sys.stderr if stream is None else stream
-    width = 30
-    done = int(width * i / max(n, 1))
-    stream.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {what}")
-    if i == n:
-        stream.write("\n")
-    stream.flush()
-
-
 def _round_scale(s, scale_dtype):
     if scale_dtype == "float32":
         return s.astype(np.float32).astype(np.float64)
@@ -494,7 +486,7 @@ def quantize(w, bits: int, group_size: int = DEFAULT_GROUP_SIZE, signs: bool = F
     raw_s = np.zeros((E, N, G), np.float64)
     for ci, e0 in enumerate(range(0, E, per)):
         if progress:
-            _progress(ci, step_total, f"trellis {bits}-bit: experts {e0}..{min(E, e0 + per) - 1}")
+            show_progress(ci, step_total, f"trellis {bits}-bit: experts {e0}..{min(E, e0 + per) - 1}")
         e1 = min(E, e0 + per)
         xg = groups(e0, e1)
         c = codebooks[e0:e1] if per_expert_grid else codebooks
@@ -508,7 +500,7 @@ def quantize(w, bits: int, group_size: int = DEFAULT_GROUP_SIZE, signs: bool = F
             s = np.maximum(_ls_scales(xg, q), 0.0)
         raw_s[e0:e1] = s
     if progress:
-        _progress(step_total, step_total, f"trellis {bits}-bit: scales fitted")
+        show_progress(step_total, step_total, f"trellis {bits}-bit: scales fitted")
 
     # 3. a power of two moves the scales' magnitude into the grid (exact), then round.
     pos = raw_s[raw_s > 0]
