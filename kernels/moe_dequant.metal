@@ -2,9 +2,7 @@
 // row. The format math is kernels/common/{affine,fp4}.h, shared with the CPU and CUDA.
 #include <metal_stdlib>
 
-#include "common/affine.h"
-#include "common/fp4.h"
-#include "common/moe_args.h"
+#include "moe_decode.h"
 
 using namespace metal;
 
@@ -62,6 +60,39 @@ template <typename T>
   }
 }
 
+// Trellis: one thread per run of 16 codes (16 consecutive k of one output row n).
+template <typename T>
+[[kernel]] void moe_dequant_trellis(
+    device const uint8_t* w [[buffer(0)]],
+    device const uint8_t* scales [[buffer(1)]],
+    device const uint8_t* grid [[buffer(2)]],
+    device const uint8_t* su [[buffer(3)]],
+    device const uint8_t* sv [[buffer(4)]],
+    device T* out [[buffer(5)]],
+    constant MoeDequantArgs& args [[buffer(6)]],
+    uint gid [[thread_position_in_grid]]) {
+  const uint K = args.w.K, N = args.w.N;
+  const uint runs = K / 16;
+  const uint row = gid / runs;  // over all matrices: e * N + n
+  if (row >= args.rows) {
+    return;
+  }
+  const uint e = row / N, n = row % N, k0 = (gid % runs) * 16;
+  const MoeProj p = {w, scales, grid, su, sv};
+  float v[16];
+  moe_decode16_trellis(p, args.w, e, n, k0, v);
+  for (uint i = 0; i < 16; ++i) {
+    out[size_t(row) * K + k0 + i] = T(v[i]);
+  }
+}
+
+#define MOE_INSTANTIATE_DQ_TRELLIS(tname, T)                                                     \
+  template [[host_name("moe_dequant_trellis_" #tname)]] [[kernel]] void moe_dequant_trellis<T>( \
+      device const uint8_t* w [[buffer(0)]], device const uint8_t* scales [[buffer(1)]],        \
+      device const uint8_t* grid [[buffer(2)]], device const uint8_t* su [[buffer(3)]],         \
+      device const uint8_t* sv [[buffer(4)]], device T* out [[buffer(5)]],                      \
+      constant MoeDequantArgs& args [[buffer(6)]], uint gid [[thread_position_in_grid]]);
+
 #define MOE_INSTANTIATE_DQ_AFFINE(tname, T, sname, S)                                      \
   template [[host_name("moe_dequant_affine_" #tname "_" #sname)]] [[kernel]] void          \
   moe_dequant_affine<T, S>(                                                                \
@@ -86,3 +117,6 @@ MOE_INSTANTIATE_DQ_AFFINE_ALL_SCALES(bfloat16, bfloat)
 MOE_INSTANTIATE_DQ_FP4(float32, float)
 MOE_INSTANTIATE_DQ_FP4(float16, half)
 MOE_INSTANTIATE_DQ_FP4(bfloat16, bfloat)
+MOE_INSTANTIATE_DQ_TRELLIS(float32, float)
+MOE_INSTANTIATE_DQ_TRELLIS(float16, half)
+MOE_INSTANTIATE_DQ_TRELLIS(bfloat16, bfloat)

@@ -14,80 +14,9 @@
 // atomics decide an order.
 #include <metal_stdlib>
 
-#include "common/affine.h"
-#include "common/fp4.h"
-#include "common/moe_args.h"
+#include "moe_decode.h"
 
 using namespace metal;
-
-constant constexpr uint MOE_HALF = 32;   // codes per decode step (divides every group size)
-constant constexpr uint MOE_CHUNK = 64;  // codes a lane takes at once: two steps
-
-inline float moe_load_scale(device const uint8_t* p, uint kind, size_t i) {
-  switch (kind) {
-    case 0: return ((device const float*)p)[i];
-    case 1: return float(((device const half*)p)[i]);
-    case 2: return float(((device const bfloat*)p)[i]);
-    default: return moe_e8m0_scale(p[i]);
-  }
-}
-
-// Decodes the 32 codes [k0, k0 + 32) of `row` (row index over all experts) with scale s
-// and bias b (affine) into v.
-inline void moe_decode32(
-    device const uint8_t* w,
-    constant MoeWeightArgs& a,
-    size_t row,
-    uint k0,
-    float s,
-    float b,
-    thread float* v) {
-  device const uint* words = (device const uint*)(w + row * a.row_bytes) + (k0 * a.bits) / 32;
-  if (a.mode == 0) {
-    uint local[9];
-    for (uint i = 0; i < a.bits; ++i) {
-      local[i] = words[i];
-    }
-    local[a.bits] = 0;
-    for (uint j = 0; j < MOE_HALF; ++j) {
-      uint bit = j * a.bits;
-      uint code = moe_affine_code64(local[bit / 32], local[bit / 32 + 1], bit % 32, a.bits);
-      v[j] = moe_affine_value(code, s, b);
-    }
-  } else {
-    const bool quarter = (a.flags & 1u) != 0;
-    for (uint i = 0; i < 4; ++i) {
-      uint word = words[i];
-      for (uint j = 0; j < 8; ++j) {
-        uint code = (word >> (4 * j)) & 0xfu;
-        float e = quarter ? moe_fp4_e2m1_quarter_subnormal(code) : moe_fp4_e2m1(code);
-        v[8 * i + j] = e * s;
-      }
-    }
-  }
-}
-
-// Decodes codes [k0, k0 + n) of `row`, n in {32, 64}, k0 a multiple of 32, reading each
-// scale (and bias) once: a 64-code chunk inside one group shares them.
-inline void moe_decode_chunk(
-    device const uint8_t* w,
-    device const uint8_t* scales,
-    device const uint8_t* biases,
-    constant MoeWeightArgs& a,
-    size_t row,
-    uint k0,
-    uint n,
-    thread float* v) {
-  for (uint h = 0; h < n; h += MOE_HALF) {
-    const uint kk = k0 + h;
-    if (h == 0 || kk % a.group_size == 0) {
-      const size_t g = row * a.groups + kk / a.group_size;
-      v[MOE_CHUNK] = moe_load_scale(scales, a.scale_kind, g);
-      v[MOE_CHUNK + 1] = a.mode == 0 ? moe_load_scale(biases, a.scale_kind, g) : 0.0f;
-    }
-    moe_decode32(w, a, row, kk, v[MOE_CHUNK], v[MOE_CHUNK + 1], v + h);
-  }
-}
 
 inline uint moe_find_expert(device const uint* tile_starts, uint E, uint tile) {
   uint lo = 0, hi = E;  // tile_starts[lo] <= tile < tile_starts[hi]
@@ -120,6 +49,12 @@ template <typename T, int TM>
     device const uint8_t* down_b [[buffer(13)]],
     device float* partial [[buffer(14)]],
     constant MoeMlpArgs& args [[buffer(15)]],
+    device const uint8_t* gate_su [[buffer(18)]],
+    device const uint8_t* gate_sv [[buffer(19)]],
+    device const uint8_t* up_su [[buffer(20)]],
+    device const uint8_t* up_sv [[buffer(21)]],
+    device const uint8_t* down_su [[buffer(22)]],
+    device const uint8_t* down_sv [[buffer(23)]],
     threadgroup T* xs [[threadgroup(0)]],     // [TM][D]
     threadgroup float* hs [[threadgroup(1)]],  // [TM][fs]
     uint2 tg [[threadgroup_position_in_grid]],
@@ -136,6 +71,9 @@ template <typename T, int TM>
   const uint slice = tg.y;
   const uint f0 = slice * args.fs;
   const uint fs = min(args.fs, F - f0);
+  const MoeProj gp = {gate_w, gate_s, gate_b, gate_su, gate_sv};
+  const MoeProj upp = {up_w, up_s, up_b, up_su, up_sv};
+  const MoeProj dp = {down_w, down_s, down_b, down_su, down_sv};
 
   // 1. Activations of the tile's pairs, once per threadgroup.
   for (uint t = 0; t < c; ++t) {
@@ -149,7 +87,6 @@ template <typename T, int TM>
   // 2. Gate and up rows of the slice: simdgroup per row, lanes across K.
   float v[MOE_CHUNK + 2];  // 64 codes, then the current scale and bias
   for (uint f = sg; f < fs; f += nsg) {
-    const size_t row = size_t(e) * F + f0 + f;
     float g_acc[TM], u_acc[TM];
     for (int t = 0; t < TM; ++t) {
       g_acc[t] = 0.0f;
@@ -157,7 +94,7 @@ template <typename T, int TM>
     }
     for (uint k0 = lane * MOE_CHUNK; k0 < D; k0 += 32 * MOE_CHUNK) {
       const uint n = min(MOE_CHUNK, D - k0);  // D is a multiple of 32
-      moe_decode_chunk(gate_w, gate_s, gate_b, args.gate, row, k0, n, v);
+      moe_decode_chunk(gp, args.gate, e, f0 + f, k0, n, v);
       for (int t = 0; t < TM; ++t) {
         if (uint(t) < c) {
           for (uint j = 0; j < n; ++j) {
@@ -165,7 +102,7 @@ template <typename T, int TM>
           }
         }
       }
-      moe_decode_chunk(up_w, up_s, up_b, args.up, row, k0, n, v);
+      moe_decode_chunk(upp, args.up, e, f0 + f, k0, n, v);
       for (int t = 0; t < TM; ++t) {
         if (uint(t) < c) {
           for (uint j = 0; j < n; ++j) {
@@ -186,14 +123,13 @@ template <typename T, int TM>
 
   // 3. Down: output row d takes the slice's fs columns (one group-aligned run of codes).
   for (uint d = tid; d < D; d += nthreads) {
-    const size_t row = size_t(e) * D + d;
     float acc[TM];
     for (int t = 0; t < TM; ++t) {
       acc[t] = 0.0f;
     }
     for (uint j0 = 0; j0 < fs; j0 += MOE_CHUNK) {
       const uint n = min(MOE_CHUNK, fs - j0);  // fs is a multiple of 32
-      moe_decode_chunk(down_w, down_s, down_b, args.down, row, f0 + j0, n, v);
+      moe_decode_chunk(dp, args.down, e, d, f0 + j0, n, v);
       for (int t = 0; t < TM; ++t) {
         if (uint(t) < c) {
           for (uint j = 0; j < n; ++j) {
@@ -242,6 +178,9 @@ template <typename T>
       device const uint8_t* up_b [[buffer(10)]], device const uint8_t* down_w [[buffer(11)]], \
       device const uint8_t* down_s [[buffer(12)]], device const uint8_t* down_b [[buffer(13)]], \
       device float* partial [[buffer(14)]], constant MoeMlpArgs& args [[buffer(15)]],       \
+      device const uint8_t* gate_su [[buffer(18)]], device const uint8_t* gate_sv [[buffer(19)]], \
+      device const uint8_t* up_su [[buffer(20)]], device const uint8_t* up_sv [[buffer(21)]], \
+      device const uint8_t* down_su [[buffer(22)]], device const uint8_t* down_sv [[buffer(23)]], \
       threadgroup T* xs [[threadgroup(0)]], threadgroup float* hs [[threadgroup(1)]],        \
       uint2 tg [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],  \
       uint3 tpt [[threads_per_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],    \
@@ -276,19 +215,15 @@ constant constexpr uint GEMM_BN = 32;
 constant constexpr uint GEMM_BK = 32;
 
 // Decodes rows [n0, n0 + 32) x codes [k0, k0 + 32) of one expert's projection into
-// wt[k][n] (K-major). Threads 0..31 of `lane_base` each decode one row.
+// wt[k][n] (K-major). Thread t < 32 decodes row n0 + t.
 inline void moe_gemm_load_w(
-    device const uint8_t* w, device const uint8_t* s, device const uint8_t* b,
-    constant MoeWeightArgs& a, uint e, uint n0, uint k0, uint t, threadgroup float* wt) {
+    thread const MoeProj& p, constant MoeWeightArgs& a, uint e, uint n0, uint k0, uint t,
+    threadgroup float* wt) {
   if (t < GEMM_BN) {
     const uint n = n0 + t;
-    float v[MOE_HALF];
+    float v[MOE_CHUNK + 2];
     if (n < a.N) {
-      const size_t row = size_t(e) * a.N + n;
-      const size_t g = row * a.groups + k0 / a.group_size;
-      const float sc = moe_load_scale(s, a.scale_kind, g);
-      const float bi = a.mode == 0 ? moe_load_scale(b, a.scale_kind, g) : 0.0f;
-      moe_decode32(w, a, row, k0, sc, bi, v);
+      moe_decode_chunk(p, a, e, n, k0, MOE_HALF, v);
     } else {
       for (uint j = 0; j < MOE_HALF; ++j) {
         v[j] = 0.0f;
@@ -314,6 +249,10 @@ template <typename T>
     device const uint8_t* up_b [[buffer(10)]],
     device float* H [[buffer(14)]],
     constant MoeMlpArgs& args [[buffer(15)]],
+    device const uint8_t* gate_su [[buffer(18)]],
+    device const uint8_t* gate_sv [[buffer(19)]],
+    device const uint8_t* up_su [[buffer(20)]],
+    device const uint8_t* up_sv [[buffer(21)]],
     uint2 tg [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]]) {
@@ -327,6 +266,8 @@ template <typename T>
   const uint rows = min(GEMM_BM, offsets[e + 1] - r0);
   const uint n0 = tg.y * GEMM_BN;
   const uint sm = (sg / 2) * 16, sn = (sg % 2) * 16;  // this simdgroup's 16 x 16 block
+  const MoeProj gp = {gate_w, gate_s, gate_b, gate_su, gate_sv};
+  const MoeProj upp = {up_w, up_s, up_b, up_su, up_sv};
   simdgroup_float8x8 cg[2][2], cu[2][2];
   for (uint i = 0; i < 2; ++i) {
     for (uint j = 0; j < 2; ++j) {
@@ -339,8 +280,8 @@ template <typename T>
       const uint r = i / GEMM_BK, kk = i % GEMM_BK;
       xs[i] = r < rows ? float(x[size_t(pairs[r0 + r] / args.k) * args.D + k0 + kk]) : 0.0f;
     }
-    moe_gemm_load_w(gate_w, gate_s, gate_b, args.gate, e, n0, k0, tid, wg);
-    moe_gemm_load_w(up_w, up_s, up_b, args.up, e, n0, k0, tid >= 64 ? tid - 64 : GEMM_BN, wu);
+    moe_gemm_load_w(gp, args.gate, e, n0, k0, tid, wg);
+    moe_gemm_load_w(upp, args.up, e, n0, k0, tid >= 64 ? tid - 64 : GEMM_BN, wu);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (uint kk = 0; kk < GEMM_BK; kk += 8) {
       simdgroup_float8x8 a[2], bg[2], bu[2];
@@ -385,6 +326,8 @@ template <typename T>
     device float* partial [[buffer(14)]],
     constant MoeMlpArgs& args [[buffer(15)]],
     device const float* H [[buffer(16)]],
+    device const uint8_t* down_su [[buffer(22)]],
+    device const uint8_t* down_sv [[buffer(23)]],
     uint2 tg [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]]) {
@@ -396,6 +339,7 @@ template <typename T>
   const uint rows = min(GEMM_BM, offsets[e + 1] - r0);
   const uint n0 = tg.y * GEMM_BN;
   const uint sm = (sg / 2) * 16, sn = (sg % 2) * 16;
+  const MoeProj dp = {down_w, down_s, down_b, down_su, down_sv};
   simdgroup_float8x8 c[2][2];
   for (uint i = 0; i < 2; ++i) {
     for (uint j = 0; j < 2; ++j) {
@@ -407,7 +351,7 @@ template <typename T>
       const uint r = i / GEMM_BK, kk = i % GEMM_BK;
       hs[i] = r < rows ? H[size_t(r0 + r) * args.F + k0 + kk] : 0.0f;
     }
-    moe_gemm_load_w(down_w, down_s, down_b, args.down, e, n0, k0, tid, wd);
+    moe_gemm_load_w(dp, args.down, e, n0, k0, tid, wd);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (uint kk = 0; kk < GEMM_BK; kk += 8) {
       simdgroup_float8x8 a[2], b[2];
@@ -460,6 +404,8 @@ template <typename T>
       device const uint8_t* gate_b [[buffer(7)]], device const uint8_t* up_w [[buffer(8)]],  \
       device const uint8_t* up_s [[buffer(9)]], device const uint8_t* up_b [[buffer(10)]],   \
       device float* H [[buffer(14)]], constant MoeMlpArgs& args [[buffer(15)]],             \
+      device const uint8_t* gate_su [[buffer(18)]], device const uint8_t* gate_sv [[buffer(19)]], \
+      device const uint8_t* up_su [[buffer(20)]], device const uint8_t* up_sv [[buffer(21)]], \
       uint2 tg [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],  \
       uint sg [[simdgroup_index_in_threadgroup]]);
 

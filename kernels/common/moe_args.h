@@ -29,8 +29,11 @@ struct MoeWeightArgs {
   uint32_t row_bytes;   // bytes of one packed row
   uint32_t groups;      // scales per row
   uint32_t mode;        // 0 affine, 1 mxfp4, 2 trellis
-  uint32_t flags;       // bit 0: FP4 quarter-subnormal decoder (opt-in)
+  uint32_t flags;       // bit 0: FP4 quarter-subnormal decoder (opt-in); trellis: bit 1
+                        // su present, bit 2 sv present, bit 3 one grid per expert
   uint32_t scale_kind;  // 0 float32, 1 float16, 2 bfloat16, 3 E8M0 (uint8)
+  uint32_t grid_kind;   // trellis grid: 0 float32, 1 float16
+  uint32_t sign_kind;   // trellis: su kind in bits 0..1, sv kind in bits 2..3 (as scale_kind)
 };
 
 struct MoeMlpArgs {

@@ -91,19 +91,23 @@ uint32_t scale_kind(mx::Dtype t) {
 
 MoeWeightArgs weight_args(const std::vector<mx::array>& arrays, const Format& f) {
   WeightShape ws = check_weight(arrays, f, "weight");
-  if (f.mode == Mode::Trellis) {
-    throw std::invalid_argument("mlx_moe (Metal): trellis weights are not supported on the GPU yet");
-  }
   MoeWeightArgs a{};
   a.N = uint32_t(ws.N);
   a.K = uint32_t(ws.K);
   a.bits = uint32_t(f.bits);
   a.group_size = uint32_t(f.group_size);
-  a.row_bytes = uint32_t(arrays[0].shape(-1) * 4);
+  a.row_bytes = f.mode == Mode::Trellis ? 0u : uint32_t(arrays[0].shape(-1) * 4);
   a.groups = uint32_t(ws.K / f.group_size);
   a.mode = uint32_t(f.mode);
   a.flags = f.fp4_quarter_subnormal ? 1u : 0u;
   a.scale_kind = scale_kind(arrays[1].dtype());
+  if (f.mode == Mode::Trellis) {
+    a.grid_kind = arrays[2].dtype() == mx::float16 ? 1u : 0u;
+    a.flags |= (f.has_su ? 2u : 0u) | (f.has_sv ? 4u : 0u) | (arrays[2].ndim() > 1 ? 8u : 0u);
+    int next = 3;
+    if (f.has_su) a.sign_kind |= scale_kind(arrays[next++].dtype());
+    if (f.has_sv) a.sign_kind |= scale_kind(arrays[next++].dtype()) << 2;
+  }
   return a;
 }
 
@@ -221,12 +225,28 @@ void dequantize(Dequantize& p, const std::vector<mx::array>& inputs,
     enc.set_input_array(inputs[2], 2);
     enc.set_output_array(out, 3);
     enc.set_bytes(args, 4);
-  } else {
+  } else if (p.format().mode == Mode::MxFp4) {
     enc.set_compute_pipeline_state(kernel(d, "moe_dequant_mxfp4_" + tname(out.dtype())));
     enc.set_input_array(inputs[0], 0);
     enc.set_input_array(inputs[1], 1);
     enc.set_output_array(out, 2);
     enc.set_bytes(args, 3);
+  } else {
+    // one thread per run of 16 codes: K / 16 per row
+    const uint32_t runs = args.rows * (args.w.K / 16);
+    int next = 3;
+    const auto& su = p.format().has_su ? inputs[next++] : inputs[1];
+    const auto& sv = p.format().has_sv ? inputs[next++] : inputs[1];
+    enc.set_compute_pipeline_state(kernel(d, "moe_dequant_trellis_" + tname(out.dtype())));
+    enc.set_input_array(inputs[0], 0);
+    enc.set_input_array(inputs[1], 1);
+    enc.set_input_array(inputs[2], 2);
+    enc.set_input_array(su, 3);
+    enc.set_input_array(sv, 4);
+    enc.set_output_array(out, 5);
+    enc.set_bytes(args, 6);
+    enc.dispatch_threadgroups(MTL::Size((runs + 255) / 256, 1, 1), MTL::Size(256, 1, 1));
+    return;
   }
   enc.dispatch_threadgroups(MTL::Size((threads + 255) / 256, 1, 1), MTL::Size(256, 1, 1));
 }
@@ -300,10 +320,17 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs, std::vector<mx::ar
       enc.set_input_array(offsets, 3);
       enc.set_input_array(tile_starts, 4);
       for (int i = 0; i < 3; ++i) {
+        const Format& f = p.formats()[i];
         enc.set_input_array(proj[i][0], 5 + 3 * i);
         enc.set_input_array(proj[i][1], 6 + 3 * i);
-        // mxfp4 has no biases: bind the scales again (never read).
+        // biases (affine) or grid (trellis); mxfp4 has neither: the scales again, never read.
         enc.set_input_array(proj[i].size() > 2 ? proj[i][2] : proj[i][1], 7 + 3 * i);
+        // trellis su / sv, or the scales again (never read).
+        int next = 3;
+        const auto& su = (f.mode == Mode::Trellis && f.has_su) ? proj[i][next++] : proj[i][1];
+        const auto& sv = (f.mode == Mode::Trellis && f.has_sv) ? proj[i][next++] : proj[i][1];
+        enc.set_input_array(su, 18 + 2 * i);
+        enc.set_input_array(sv, 19 + 2 * i);
       }
       enc.set_bytes(a, 15);
     };
