@@ -12,7 +12,13 @@ from typing import Optional
 
 import mlx.core as mx
 
-from . import _ext
+try:
+    from . import _ext
+except ImportError as e:  # a source checkout on sys.path without the built extension
+    raise ImportError(
+        f"mlx_moe's compiled extension is missing next to {__file__}: install the package "
+        "(pip install .) and import it from outside the source tree, or build it in place "
+        f"(see docs/DESIGN.md). Original error: {e}") from e
 
 MODES = ("affine", "mxfp4", "trellis")
 FP4_DECODERS = ("e2m1", "e2m1_quarter_subnormal")

@@ -44,12 +44,18 @@ def write_tiny_model(path: Path, quantize: bool):
     return weights
 
 
+def run_cli(tmp_path, *args):
+    """Run ``python -m mlx_moe.convert`` as a user would, from a directory outside the source
+    tree (from the repository root, ``-m`` would import the unbuilt source package)."""
+    return subprocess.run([sys.executable, "-m", "mlx_moe.convert", *map(str, args)],
+                          capture_output=True, text=True, cwd=tmp_path)
+
+
 @pytest.mark.parametrize("quantized", [True, False])
 def test_convert_fp4(tmp_path, quantized):
     src, dst = tmp_path / "src", tmp_path / "dst"
     original = write_tiny_model(src, quantized)
-    r = subprocess.run([sys.executable, "-m", "mlx_moe.convert", str(src), str(dst), "--format", "fp4"],
-                       capture_output=True, text=True)
+    r = run_cli(tmp_path, src, dst, "--format", "fp4")
     assert r.returncode == 0, r.stderr
     assert "converted 6 expert projections" in r.stdout
     assert (dst / "tokenizer.json").read_text() == "{}"
@@ -92,16 +98,14 @@ def test_convert_bad_arguments(tmp_path):
         convert.convert(src, tmp_path / "out", "trellis", bits=None, progress=False)
     with pytest.raises(ValueError, match="must differ"):
         convert.convert(src, src, "fp4", progress=False)
-    r = subprocess.run([sys.executable, "-m", "mlx_moe.convert", str(src), str(tmp_path / "o"),
-                        "--format", "fp4", "--bits", "3"], capture_output=True, text=True)
+    r = run_cli(tmp_path, src, tmp_path / "o", "--format", "fp4", "--bits", "3")
     assert r.returncode == 2 and "--bits does not apply" in r.stderr
 
 
 def test_convert_trellis_and_load(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     original = write_tiny_model(src, True)
-    r = subprocess.run([sys.executable, "-m", "mlx_moe.convert", str(src), str(dst), "--format",
-                        "trellis", "--bits", "6,2,3", "--group-size", "32"], capture_output=True, text=True)
+    r = run_cli(tmp_path, src, dst, "--format", "trellis", "--bits", "6,2,3", "--group-size", "32")
     assert r.returncode == 0, r.stderr
     config = json.loads((dst / "config.json").read_text())
     mods = config["mlx_moe"]["modules"]
