@@ -137,6 +137,9 @@ def test_bucket(rng, T, E, k, tile):
 
 
 def test_bucket_out_of_range_ids():
+    if mx.default_device() == mx.gpu:
+        pytest.skip("GPU streams do not raise: the kernels drop out-of-range ids and count "
+                    "them in dispatch[3] (test_cuda.py)")
     with pytest.raises(ValueError, match="ids: expert id 9"):
         mlx_moe.bucket(mx.array([[1, 9]]), 8)
     with pytest.raises(ValueError, match="out of range"):
@@ -214,7 +217,8 @@ def test_dequantize_mxfp4_bit_exact(rng, dtype):
     s = mx.array(rng.integers(0, 256, size=s.shape).astype(np.uint8))  # every scale, 0 and 255 too
     poison_cache([4 * 24 * 256 * 4])
     ours = mlx_moe.dequantize(w, s, mode="mxfp4", dtype=dtype)
-    ref = mx.dequantize(w, s, mode="mxfp4", group_size=32, bits=4, dtype=dtype)
+    # MLX's CPU dequantize is the reference (its CUDA kernel differs at the edge scales 0/255).
+    ref = mx.dequantize(w, s, mode="mxfp4", group_size=32, bits=4, dtype=dtype, stream=mx.cpu)
     bits_t = mx.uint16 if dtype != mx.float32 else mx.uint32
     a, b = np.array(ours.view(bits_t)), np.array(ref.view(bits_t))
     nan_a, nan_b = np.isnan(to_np(ours)), np.isnan(to_np(ref))
@@ -489,8 +493,9 @@ def test_bad_inputs_moe_mlp(rng):
     with pytest.raises(ValueError, match="only 8 experts"):
         big = mx.array(np.tile(np.arange(8), (4, 2)).astype(np.uint32)[:, :9])
         mlx_moe.moe_mlp(x, big, mx.ones((4, 9)), experts)
-    with pytest.raises(ValueError, match="ids: expert id 8"):
-        mlx_moe.moe_mlp(x, mx.array([[0, 8]] * 4, dtype=mx.uint32), w, experts)
+    if mx.default_device() == mx.cpu:  # GPU streams drop out-of-range ids (test_cuda.py)
+        with pytest.raises(ValueError, match="ids: expert id 8"):
+            mlx_moe.moe_mlp(x, mx.array([[0, 8]] * 4, dtype=mx.uint32), w, experts)
     with pytest.raises(TypeError, match="experts must be an mlx_moe.Experts"):
         mlx_moe.moe_mlp(x, ids, w, [experts.gate, experts.up, experts.down])
     wrong = mlx_moe.Experts(experts.gate, experts.up, experts.gate)

@@ -11,6 +11,7 @@
 #define MOE_METAL 1
 #elif defined(__CUDACC__)
 #include <cstdint>
+#include <cstring>
 #define MOE_FN __host__ __device__ __forceinline__
 #define MOE_CONSTANT constexpr
 #define MOE_CUDA 1
@@ -26,7 +27,7 @@
 MOE_FN float moe_bits_to_float(uint32_t u) {
 #if defined(MOE_METAL)
   return as_type<float>(u);
-#elif defined(MOE_CUDA)
+#elif defined(MOE_CUDA) && defined(__CUDA_ARCH__)
   return __uint_as_float(u);
 #else
   float f;

@@ -260,15 +260,15 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs, std::vector<mx::ar
       };
       uint32_t mt1, mt2;
       const uint32_t sm1 = smem_for(D, mt1), sm2 = smem_for(F, mt2);
-      const uint32_t rows_per_block = DEC_WARPS * DEC_ROWS;
+      const uint32_t rows_gu = DEC_WARPS * dec_rows<true>(), rows_d = DEC_WARPS * dec_rows<false>();
       launch(enc, {&x, &pairs, &offsets, &active, &meta}, {&H}, mlp_decode_kernel<true, XT>,
-             dim3(max_active, (F + rows_per_block - 1) / rows_per_block), dim3(DEC_WARPS * 32), sm1,
+             dim3(max_active, (F + rows_gu - 1) / rows_gu), dim3(DEC_WARPS * 32), sm1,
              md, xp, static_cast<const float*>(nullptr), ptr<uint32_t>(pairs),
              ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta), ptr<float>(rw), mt1,
              ptr<float>(H));
       launch(enc, {&H, &pairs, &offsets, &active, &meta, &rw}, {&Yp},
              mlp_decode_kernel<false, float>,
-             dim3(max_active, (D + rows_per_block - 1) / rows_per_block), dim3(DEC_WARPS * 32), sm2,
+             dim3(max_active, (D + rows_d - 1) / rows_d), dim3(DEC_WARPS * 32), sm2,
              md, static_cast<const float*>(nullptr), ptr<float>(H), ptr<uint32_t>(pairs),
              ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta), ptr<float>(rw), mt2,
              ptr<float>(Yp));

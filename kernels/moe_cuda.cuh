@@ -1,0 +1,840 @@
+// CUDA kernels of mlx_moe (router, bucketing, dequantize, fused expert MLP). Format math
+// comes from kernels/common/ (the one definition shared with the CPU and Metal backends).
+// Host dispatch: mlx_moe/csrc/cuda/cuda_ops.cu. Design notes: docs/DESIGN.md, "CUDA backend".
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "common/affine.h"
+#include "common/defines.h"
+#include "common/fp4.h"
+
+namespace mlx_moe::cuda {
+
+// ------------------------------------------------------------------------------ helpers
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(double v) { return float(v); }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Expert id of flat position i, widened; -1 when it is negative.
+__device__ __forceinline__ int64_t load_id(const void* ids, int id_kind, int64_t i) {
+  switch (id_kind) {
+    case 0: return int64_t(static_cast<const uint32_t*>(ids)[i]);
+    case 1: return int64_t(static_cast<const int32_t*>(ids)[i]);
+    default: return static_cast<const int64_t*>(ids)[i];
+  }
+}
+
+// Scale / bias dtype codes (MoeWeightArgs::scale_kind): 0 f32, 1 f16, 2 bf16, 3 E8M0.
+__device__ __forceinline__ float load_scale(const void* p, uint32_t kind, int64_t i) {
+  switch (kind) {
+    case 0: return static_cast<const float*>(p)[i];
+    case 1: return __half2float(static_cast<const __half*>(p)[i]);
+    case 2: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return moe_e8m0_scale(static_cast<const uint8_t*>(p)[i]);
+  }
+}
+
+// Exact float of a small unsigned code (q < 2^23): one OR, one add.
+__device__ __forceinline__ float code_to_float(uint32_t q) {
+  return __uint_as_float(0x4B000000u | q) - 8388608.f;
+}
+
+// One projection as the kernels see it. Units of 32 codes: every group size is a multiple
+// of 32, so a unit has one scale (and bias), and a unit of `bits`-bit codes is exactly
+// `bits` packed words (32 * bits bits).
+struct WDesc {
+  const uint32_t* w;
+  const void* scales;
+  const void* biases;  // null for mxfp4
+  uint32_t N, K;
+  uint32_t row_words;  // K * bits / 32
+  uint32_t units;      // K / 32
+  uint32_t groups;     // K / group_size
+  uint32_t gs_units;   // group_size / 32
+  uint32_t bits;
+  uint32_t mode;        // 0 affine, 1 mxfp4
+  uint32_t scale_kind;  // see load_scale
+  uint32_t fp4_quarter;
+};
+
+// Codes of unit u of row n of matrix m, decoded to floats that are exact small values
+// (affine: the integer code; mxfp4: the E2M1 value), plus the unit's scale and bias:
+// value_j = s * q[j] + b.
+template <int BITS>
+__device__ __forceinline__ void unpack_unit(const uint32_t* words, float* q) {
+  uint32_t w[BITS];
+#pragma unroll
+  for (int i = 0; i < BITS; ++i) w[i] = words[i];
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    const uint32_t bit = uint32_t(j * BITS);
+    const uint32_t idx = bit >> 5;
+    const uint32_t hi = w[(idx + 1 < uint32_t(BITS)) ? idx + 1 : idx];
+    q[j] = code_to_float(moe_affine_code64(w[idx], hi, bit & 31u, uint32_t(BITS)));
+  }
+}
+
+__device__ __forceinline__ void decode_unit(const WDesc& d, int64_t m, uint32_t n, uint32_t u,
+                                            float* q, float& s, float& b) {
+  const int64_t row = m * int64_t(d.N) + n;
+  const uint32_t* words = d.w + row * d.row_words + int64_t(u) * d.bits;
+  const int64_t g = row * d.groups + u / d.gs_units;
+  s = load_scale(d.scales, d.scale_kind, g);
+  if (d.mode == 1u) {
+    b = 0.f;
+    const uint4 v = *reinterpret_cast<const uint4*>(words);
+    const uint32_t ww[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const uint32_t c = (ww[j >> 3] >> ((j & 7) * 4)) & 0xfu;
+      q[j] = d.fp4_quarter ? moe_fp4_e2m1_quarter_subnormal(c) : moe_fp4_e2m1(c);
+    }
+    return;
+  }
+  b = load_scale(d.biases, d.scale_kind, g);
+  switch (d.bits) {
+    case 2: unpack_unit<2>(words, q); break;
+    case 3: unpack_unit<3>(words, q); break;
+    case 4: {
+      const uint4 v = *reinterpret_cast<const uint4*>(words);
+      const uint32_t ww[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int j = 0; j < 32; ++j) q[j] = code_to_float((ww[j >> 3] >> ((j & 7) * 4)) & 0xfu);
+      break;
+    }
+    case 5: unpack_unit<5>(words, q); break;
+    case 6: unpack_unit<6>(words, q); break;
+    default: unpack_unit<8>(words, q); break;
+  }
+}
+
+// Two-phase form of decode_unit, so that a lane can issue the loads of several units
+// before it decodes any: load_unit fetches the packed words (16-byte loads for 4-bit and
+// mxfp4, two for 8-bit), scale and bias; unpack_raw turns them into exact values.
+__device__ __forceinline__ void load_unit(const WDesc& d, int64_t m, uint32_t n, uint32_t u,
+                                          uint32_t* raw, float& s, float& b) {
+  const int64_t row = m * int64_t(d.N) + n;
+  const uint32_t* words = d.w + row * d.row_words + int64_t(u) * d.bits;
+  const int64_t g = row * d.groups + u / d.gs_units;
+  s = load_scale(d.scales, d.scale_kind, g);
+  b = d.mode == 1u ? 0.f : load_scale(d.biases, d.scale_kind, g);
+  if (d.bits == 4u) {
+    const uint4 v = *reinterpret_cast<const uint4*>(words);
+    raw[0] = v.x; raw[1] = v.y; raw[2] = v.z; raw[3] = v.w;
+  } else if (d.bits == 8u) {
+    const uint4 v = *reinterpret_cast<const uint4*>(words);
+    const uint4 w2 = *reinterpret_cast<const uint4*>(words + 4);
+    raw[0] = v.x; raw[1] = v.y; raw[2] = v.z; raw[3] = v.w;
+    raw[4] = w2.x; raw[5] = w2.y; raw[6] = w2.z; raw[7] = w2.w;
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (i < int(d.bits)) raw[i] = words[i];
+  }
+}
+
+template <int BITS>
+__device__ __forceinline__ void unpack_raw_bits(const uint32_t* w, float* q) {
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    const uint32_t bit = uint32_t(j * BITS);
+    const uint32_t idx = bit >> 5;
+    const uint32_t hi = w[(idx + 1 < uint32_t(BITS)) ? idx + 1 : idx];
+    q[j] = code_to_float(moe_affine_code64(w[idx], hi, bit & 31u, uint32_t(BITS)));
+  }
+}
+
+__device__ __forceinline__ void unpack_raw(const WDesc& d, const uint32_t* w, float* q) {
+  if (d.mode == 1u) {
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const uint32_t c = (w[j >> 3] >> ((j & 7) * 4)) & 0xfu;
+      q[j] = d.fp4_quarter ? moe_fp4_e2m1_quarter_subnormal(c) : moe_fp4_e2m1(c);
+    }
+    return;
+  }
+  switch (d.bits) {
+    case 2: unpack_raw_bits<2>(w, q); break;
+    case 3: unpack_raw_bits<3>(w, q); break;
+    case 4: unpack_raw_bits<4>(w, q); break;
+    case 5: unpack_raw_bits<5>(w, q); break;
+    case 6: unpack_raw_bits<6>(w, q); break;
+    default: unpack_raw_bits<8>(w, q); break;
+  }
+}
+
+// 32 consecutive activations (16-byte aligned: rows and units are multiples of 32) as fp32.
+template <typename T>
+__device__ __forceinline__ void load32(const T* src, float* v) {
+  if constexpr (sizeof(T) == 4) {
+    const float4* p = reinterpret_cast<const float4*>(src);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const float4 f = p[q];
+      v[4 * q] = f.x; v[4 * q + 1] = f.y; v[4 * q + 2] = f.z; v[4 * q + 3] = f.w;
+    }
+  } else {
+    const uint4* p = reinterpret_cast<const uint4*>(src);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint4 w = p[q];
+      const uint32_t ww[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        T lo, hi;
+        const uint16_t a = uint16_t(ww[h] & 0xffffu), b = uint16_t(ww[h] >> 16);
+        memcpy(&lo, &a, 2);
+        memcpy(&hi, &b, 2);
+        v[8 * q + 2 * h] = to_f(lo);
+        v[8 * q + 2 * h + 1] = to_f(hi);
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
+
+// ------------------------------------------------------------------------------ router
+// One warp per row. Top-k by k rounds of a warp arg-max under the strict order
+// (p descending, id ascending), each round restricted to entries after the previous pick:
+// the same sequence as the CPU's insertion with strict '>' (ties to the smaller id).
+template <typename T>
+__global__ void route_kernel(const T* __restrict__ logits, uint32_t rows, uint32_t E, uint32_t k,
+                             uint32_t normalize, uint32_t* __restrict__ ids,
+                             float* __restrict__ wout) {
+  const uint32_t lane = threadIdx.x & 31u;
+  const uint32_t row = blockIdx.x * (blockDim.x / 32u) + threadIdx.x / 32u;
+  if (row >= rows) return;
+  const T* l = logits + int64_t(row) * E;
+  uint32_t* id = ids + int64_t(row) * k;
+  float* w = wout + int64_t(row) * k;
+  float m = -INFINITY;
+  bool nan = false;
+  for (uint32_t i = lane; i < E; i += 32u) {
+    const float v = to_f(l[i]);
+    nan |= isnan(v);
+    m = fmaxf(m, v);
+  }
+  nan = __any_sync(0xffffffffu, nan);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (nan || m == -INFINITY) {
+    const float v = nan ? __uint_as_float(0x7fc00000u) : 0.f;
+    for (uint32_t j = lane; j < k; j += 32u) {
+      id[j] = j;
+      w[j] = v;
+    }
+    return;
+  }
+  const bool inf = (m == INFINITY);
+  // Unnormalised probabilities, cached in registers (rows of up to 256 experts).
+  constexpr int CACHE = 8;
+  const bool cached = E <= 32u * CACHE;
+  float pc[CACHE];
+  auto raw_prob = [&](uint32_t i) -> float {
+    const float v = to_f(l[i]);
+    return inf ? (v == m ? 1.f : 0.f) : expf(v - m);
+  };
+  float s = 0.f;
+  if (cached) {
+#pragma unroll
+    for (int c = 0; c < CACHE; ++c) {
+      const uint32_t i = lane + 32u * c;
+      pc[c] = i < E ? raw_prob(i) : 0.f;
+      s += pc[c];
+    }
+  } else {
+    for (uint32_t i = lane; i < E; i += 32u) s += raw_prob(i);
+  }
+  s = warp_sum(s);
+  if (cached) {
+#pragma unroll
+    for (int c = 0; c < CACHE; ++c) pc[c] = pc[c] / s;
+  }
+  float prev_v = INFINITY;
+  uint32_t prev_i = 0xffffffffu;
+  bool first = true;
+  float total = 0.f;
+  for (uint32_t j = 0; j < k; ++j) {
+    float bv = -1.f;
+    uint32_t bi = 0xffffffffu;
+    auto consider = [&](uint32_t i, float v) {
+      const bool after = first || v < prev_v || (v == prev_v && i > prev_i);
+      if (after && (v > bv || (v == bv && i < bi))) {
+        bv = v;
+        bi = i;
+      }
+    };
+    if (cached) {
+#pragma unroll
+      for (int c = 0; c < CACHE; ++c) {
+        const uint32_t i = lane + 32u * c;
+        if (i < E) consider(i, pc[c]);
+      }
+    } else {
+      for (uint32_t i = lane; i < E; i += 32u) consider(i, raw_prob(i) / s);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const uint32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (ov > bv || (ov == bv && oi < bi)) {
+        bv = ov;
+        bi = oi;
+      }
+    }
+    prev_v = bv;
+    prev_i = bi;
+    first = false;
+    if (lane == 0) {
+      id[j] = bi;
+      w[j] = bv;
+    }
+    total += bv;
+  }
+  if (normalize && total > 0.f) {
+    // Same summation order as the CPU (slots in order), same lane wrote the values.
+    if (lane == 0) {
+      float t = 0.f;
+      for (uint32_t j = 0; j < k; ++j) t += w[j];
+      if (t > 0.f) {
+        for (uint32_t j = 0; j < k; ++j) w[j] = w[j] / t;
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ bucketing
+// Stable counting sort of P expert ids in three kernels (no atomics decide any order):
+//  1. count:   block b (one warp) counts its chunk of BUCKET_CHUNK pairs per expert.
+//  2. scan:    per expert, exclusive prefix over blocks; offsets; tiles; active list.
+//  3. scatter: block b places its pairs at offsets[e] + base[b][e] + rank, where the rank
+//              inside a step of 32 comes from __match_any_sync (lanes in ascending order).
+// Out-of-range ids are skipped and counted as dropped.
+constexpr uint32_t BUCKET_CHUNK = 256;
+
+__global__ void bucket_count_kernel(const void* __restrict__ ids, int id_kind, uint32_t P,
+                                    uint32_t E, uint32_t* __restrict__ block_counts) {
+  extern __shared__ uint32_t hist[];
+  const uint32_t lane = threadIdx.x;
+  for (uint32_t e = lane; e < E; e += 32u) hist[e] = 0u;
+  __syncwarp();
+  const uint32_t p0 = blockIdx.x * BUCKET_CHUNK;
+  for (uint32_t s = 0; s < BUCKET_CHUNK; s += 32u) {
+    const uint32_t i = p0 + s + lane;
+    int64_t e = -1;
+    if (i < P) e = load_id(ids, id_kind, i);
+    const bool ok = e >= 0 && e < int64_t(E);
+    const uint32_t key = ok ? uint32_t(e) : 0xffffffffu;
+    const uint32_t mask = __match_any_sync(0xffffffffu, key);
+    if (ok && (__ffs(mask) - 1) == int(lane)) hist[key] += __popc(mask);
+    __syncwarp();
+  }
+  for (uint32_t e = lane; e < E; e += 32u) block_counts[int64_t(blockIdx.x) * E + e] = hist[e];
+}
+
+// One block. block_counts becomes per-(block, expert) bases. Writes counts/offsets and,
+// when asked: dispatch (public op), the list of non-empty experts and the GEMM tile table.
+__global__ void bucket_scan_kernel(uint32_t* __restrict__ block_counts, uint32_t nblocks,
+                                   uint32_t E, uint32_t P, uint32_t tile,
+                                   uint32_t* __restrict__ counts, uint32_t* __restrict__ offsets,
+                                   uint32_t* __restrict__ pairs, uint32_t* __restrict__ dispatch,
+                                   uint32_t* __restrict__ active, uint32_t* __restrict__ tiles,
+                                   uint32_t* __restrict__ meta) {
+  extern __shared__ uint32_t sm[];  // [E] counts, [E] tile prefix, [E] active prefix
+  uint32_t* cnt = sm;
+  uint32_t* tpre = sm + E;
+  uint32_t* apre = sm + 2 * E;
+  for (uint32_t e = threadIdx.x; e < E; e += blockDim.x) {
+    uint32_t run = 0;
+    for (uint32_t b = 0; b < nblocks; ++b) {
+      const uint32_t c = block_counts[int64_t(b) * E + e];
+      block_counts[int64_t(b) * E + e] = run;
+      run += c;
+    }
+    cnt[e] = run;
+    counts[e] = run;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    uint32_t off = 0, nt = 0, na = 0;
+    uint64_t ptiles = 0;
+    for (uint32_t e = 0; e < E; ++e) {
+      const uint32_t c = cnt[e];
+      offsets[e] = off;
+      tpre[e] = nt;
+      apre[e] = na;
+      off += c;
+      nt += (c + 63u) >> 6;
+      na += c ? 1u : 0u;
+      if (dispatch) ptiles += c / tile + (c % tile ? 1u : 0u);
+    }
+    offsets[E] = off;
+    if (dispatch) {
+      dispatch[0] = uint32_t(ptiles > 1 ? ptiles : 1);
+      dispatch[1] = 1u;
+      dispatch[2] = 1u;
+      dispatch[3] = P - off;
+    }
+    if (meta) {
+      meta[0] = na;
+      meta[1] = nt;
+      meta[2] = P - off;
+    }
+    cnt[0] = off;  // reuse: total kept
+  }
+  __syncthreads();
+  const uint32_t total = cnt[0];
+  __syncthreads();
+  // Pair slots past the kept ones (dropped ids) are marked.
+  for (uint32_t i = total + threadIdx.x; i < P; i += blockDim.x) pairs[i] = 0xffffffffu;
+  if (active || tiles) {
+    for (uint32_t e = threadIdx.x; e < E; e += blockDim.x) {
+      const uint32_t c = offsets[e + 1] - offsets[e];
+      if (c == 0) continue;
+      if (active) active[apre[e]] = e;
+      if (tiles) {
+        for (uint32_t m0 = 0, t = tpre[e]; m0 < c; m0 += 64u, ++t) {
+          tiles[2 * t] = e;
+          tiles[2 * t + 1] = offsets[e] + m0;
+        }
+      }
+    }
+  }
+}
+
+__global__ void bucket_scatter_kernel(const void* __restrict__ ids, int id_kind, uint32_t P,
+                                      uint32_t E, const uint32_t* __restrict__ block_base,
+                                      const uint32_t* __restrict__ offsets,
+                                      uint32_t* __restrict__ pairs) {
+  extern __shared__ uint32_t cur[];
+  const uint32_t lane = threadIdx.x;
+  for (uint32_t e = lane; e < E; e += 32u)
+    cur[e] = offsets[e] + block_base[int64_t(blockIdx.x) * E + e];
+  __syncwarp();
+  const uint32_t p0 = blockIdx.x * BUCKET_CHUNK;
+  for (uint32_t s = 0; s < BUCKET_CHUNK; s += 32u) {
+    const uint32_t i = p0 + s + lane;
+    int64_t e = -1;
+    if (i < P) e = load_id(ids, id_kind, i);
+    const bool ok = e >= 0 && e < int64_t(E);
+    const uint32_t key = ok ? uint32_t(e) : 0xffffffffu;
+    const uint32_t mask = __match_any_sync(0xffffffffu, key);
+    const uint32_t rank = __popc(mask & ((1u << lane) - 1u));
+    uint32_t base = 0;
+    if (ok) base = cur[key];
+    __syncwarp();
+    if (ok) {
+      pairs[base + rank] = i;
+      if ((__ffs(mask) - 1) == int(lane)) cur[key] = base + __popc(mask);
+    }
+    __syncwarp();
+  }
+}
+
+// ------------------------------------------------------------------------------ dequantize
+// One thread per unit of 32 values of one row.
+template <typename OutT>
+__global__ void dequant_kernel(WDesc d, uint64_t total_units, uint32_t fp16_scales,
+                               OutT* __restrict__ out) {
+  const uint64_t t = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= total_units) return;
+  const uint64_t row = t / d.units;
+  const uint32_t u = uint32_t(t % d.units);
+  float q[32], s, b;
+  decode_unit(d, 0, uint32_t(row), u, q, s, b);  // row indexes across matrices (N stride)
+  if (fp16_scales) s = __half2float(__float2half_rn(s));
+  OutT* o = out + row * d.K + uint64_t(u) * 32u;
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    const float v = d.mode == 1u ? q[j] * s : fmaf(s, q[j], b);
+    o[j] = from_f<OutT>(v);
+  }
+}
+
+// ------------------------------------------------------------------------------ fused MLP
+struct MlpDesc {
+  uint32_t T, k, D, F, E, P;
+  WDesc gate, up, down;
+};
+
+// -- decode variant: block = (non-empty expert j, slice of 16 output rows); 8 warps, two
+// rows each. Each lane owns units lane, lane+32, ... of a row: the packed words are read
+// once per block (16-byte loads for 4-bit and mxfp4), decoded in registers, and applied to
+// up to MAXT of the expert's tokens, whose activations are staged as fp32 in shared memory
+// (swizzled by 16-byte chunk so that the 32 lanes' float4 reads hit distinct banks) with
+// their per-unit sums (the bias term: s * sum(q x) + b * sum(x)).
+constexpr int DEC_WARPS = 8;
+constexpr int DEC_MAXT = 8;
+// Rows per warp: gate/up reads 2 rows of each of 2 weights, down 4 rows of one: either way
+// a lane has 4 units in flight before it decodes.
+template <bool GATEUP>
+constexpr int dec_rows() { return GATEUP ? 2 : 4; }
+
+__device__ __forceinline__ int swz(uint32_t u, uint32_t c) {  // float offset of chunk c of unit u
+  return int(u * 32u + ((c + u) & 7u) * 4u);
+}
+
+template <bool GATEUP, typename XT>
+__global__ void __launch_bounds__(DEC_WARPS * 32, 2)
+    mlp_decode_kernel(MlpDesc md, const XT* __restrict__ x, const float* __restrict__ H_in,
+                      const uint32_t* __restrict__ pairs, const uint32_t* __restrict__ offsets,
+                      const uint32_t* __restrict__ active, const uint32_t* __restrict__ meta,
+                      const float* __restrict__ rw, uint32_t maxt, float* __restrict__ out) {
+  extern __shared__ float smem[];
+  const uint32_t j = blockIdx.x;
+  if (j >= meta[0]) return;  // grid sized for min(E, P) experts; the rest exit at once
+  const uint32_t e = active[j];
+  const WDesc& w0 = GATEUP ? md.gate : md.down;
+  const uint32_t N = w0.N;
+  const uint32_t Kd = w0.K;  // input width (D for gate/up, F for down)
+  const uint32_t units = Kd / 32u;
+  float* xs = smem;                                  // [maxt][Kd] swizzled
+  float* xsum = smem + size_t(maxt) * Kd;            // [maxt][units]
+  const uint32_t warp = threadIdx.x / 32u, lane = threadIdx.x & 31u;
+  const uint32_t first = offsets[e], last = offsets[e + 1];
+  constexpr int DEC_ROWS = dec_rows<GATEUP>();
+  const uint32_t n0 = blockIdx.y * (DEC_WARPS * DEC_ROWS) + warp * DEC_ROWS;
+  for (uint32_t c0 = first; c0 < last; c0 += maxt) {
+    const uint32_t nt = min(maxt, last - c0);
+    __syncthreads();
+    for (uint32_t task = threadIdx.x; task < nt * units; task += blockDim.x) {
+      const uint32_t t = task / units, u = task % units;
+      const uint32_t i = c0 + t;
+      float v[32];
+      if (GATEUP) {
+        load32(x + int64_t(pairs[i] / md.k) * Kd + u * 32u, v);
+      } else {
+        load32(H_in + int64_t(i) * Kd + u * 32u, v);
+      }
+      float sum = 0.f;
+#pragma unroll
+      for (int q = 0; q < 32; ++q) sum += v[q];
+      float* dst = xs + size_t(t) * Kd;
+#pragma unroll
+      for (int c = 0; c < 8; ++c)
+        *reinterpret_cast<float4*>(dst + swz(u, c)) =
+            make_float4(v[4 * c], v[4 * c + 1], v[4 * c + 2], v[4 * c + 3]);
+      xsum[t * units + u] = sum;
+    }
+    __syncthreads();
+    constexpr int NP = GATEUP ? 2 : 1;
+    float acc[NP][DEC_ROWS][DEC_MAXT];
+#pragma unroll
+    for (int p = 0; p < NP; ++p)
+#pragma unroll
+      for (int r = 0; r < DEC_ROWS; ++r)
+#pragma unroll
+        for (int t = 0; t < DEC_MAXT; ++t) acc[p][r][t] = 0.f;
+    for (uint32_t u = lane; u < units; u += 32u) {
+      uint32_t raw[NP][DEC_ROWS][8];
+      float sc[NP][DEC_ROWS], bi[NP][DEC_ROWS];
+#pragma unroll
+      for (int p = 0; p < NP; ++p) {
+        const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
+#pragma unroll
+        for (int r = 0; r < DEC_ROWS; ++r) {
+          if (n0 + r < N) load_unit(wd, e, n0 + r, u, raw[p][r], sc[p][r], bi[p][r]);
+        }
+      }
+#pragma unroll
+      for (int p = 0; p < NP; ++p) {
+        const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
+#pragma unroll
+        for (int r = 0; r < DEC_ROWS; ++r) {
+          if (n0 + r >= N) continue;
+          float q[32];
+          unpack_raw(wd, raw[p][r], q);
+          const float s = sc[p][r], b = bi[p][r];
+#pragma unroll
+          for (int t = 0; t < DEC_MAXT; ++t) {
+            if (t >= int(nt)) break;
+            const float* xt = xs + size_t(t) * Kd;
+            float dot = 0.f;
+#pragma unroll
+            for (int c = 0; c < 8; ++c) {
+              const float4 xv = *reinterpret_cast<const float4*>(xt + swz(u, c));
+              dot = fmaf(q[4 * c], xv.x, dot);
+              dot = fmaf(q[4 * c + 1], xv.y, dot);
+              dot = fmaf(q[4 * c + 2], xv.z, dot);
+              dot = fmaf(q[4 * c + 3], xv.w, dot);
+            }
+            acc[p][r][t] += s * dot + b * xsum[t * units + u];
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < DEC_MAXT; ++t) {
+      if (t >= int(nt)) break;
+#pragma unroll
+      for (int p = 0; p < NP; ++p)
+#pragma unroll
+        for (int r = 0; r < DEC_ROWS; ++r) acc[p][r][t] = warp_sum(acc[p][r][t]);
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < DEC_ROWS; ++r) {
+        const uint32_t n = n0 + r;
+        if (n >= N) continue;
+#pragma unroll
+        for (int t = 0; t < DEC_MAXT; ++t) {
+          if (t >= int(nt)) break;
+          const uint32_t i = c0 + t;
+          if (GATEUP) {
+            out[int64_t(i) * N + n] = silu(acc[0][r][t]) * acc[NP - 1][r][t];
+          } else {
+            const uint32_t pair = pairs[i];
+            out[int64_t(pair) * N + n] = rw[pair] * acc[0][r][t];
+          }
+        }
+      }
+    }
+  }
+}
+
+// -- grouped variant (many tokens): tensor cores, mma.sync m16n8k16 bf16 -> fp32.
+// Tile = 64 bucketed pairs of one expert x 64 output rows; 4 warps of 32x32. The weights
+// enter the MMA as their exact codes (integers, or E2M1 values: exact in bf16) and each unit
+// of 32 codes is scaled afterwards in fp32: acc += s[n] * (A q)[m, n] + b[n] * sum_k A[m, k].
+// Activations that are not bf16 are split A = hi + lo (two bf16), so the product keeps 16
+// mantissa bits; bf16 activations are exact with one MMA.
+constexpr int G_TM = 64, G_TN = 64, G_KC = 64, G_LD = G_KC + 8;
+
+__device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo_k, float hi_k) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo_k, hi_k);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+template <bool GATEUP, bool SPLIT, typename XT>
+__global__ void __launch_bounds__(128, GATEUP ? 3 : 4)
+    mlp_grouped_kernel(MlpDesc md, const XT* __restrict__ x, const float* __restrict__ H_in,
+                       const uint32_t* __restrict__ pairs, const uint32_t* __restrict__ offsets,
+                       const uint32_t* __restrict__ tiles, const uint32_t* __restrict__ meta,
+                       const float* __restrict__ rw, float* __restrict__ out) {
+  constexpr int NP = GATEUP ? 2 : 1;
+  constexpr int NS = SPLIT ? 2 : 1;
+  __shared__ __align__(16) __nv_bfloat16 As[NS][G_TM][G_LD];
+  __shared__ __align__(16) __nv_bfloat16 Bs[NP][G_TN][G_LD];
+  __shared__ float Ssc[NP][G_TN][2], Sbi[NP][G_TN][2], Asum[G_TM][2];
+  const uint32_t tile = blockIdx.x;
+  if (tile >= meta[1]) return;  // grid sized for the worst case; the rest exit at once
+  const uint32_t e = tiles[2 * tile], row0 = tiles[2 * tile + 1];
+  const uint32_t rows = min(uint32_t(G_TM), offsets[e + 1] - row0);
+  const WDesc& w0 = GATEUP ? md.gate : md.down;
+  const uint32_t N = w0.N, Kd = w0.K, units = Kd / 32u;
+  const uint32_t nb = blockIdx.y * G_TN;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = (warp & 1) * 32, wn = (warp >> 1) * 32;
+  const int gid = lane >> 2, t4 = lane & 3;
+
+  // Loader roles: thread -> (row r, unit h) for A and (row n, unit h) for B.
+  const int lr = tid >> 1, lh = tid & 1;
+  const bool a_ok = uint32_t(lr) < rows;
+  int64_t a_row = 0;
+  if (a_ok) {
+    const uint32_t i = row0 + lr;
+    a_row = GATEUP ? int64_t(pairs[i] / md.k) : int64_t(i);
+  }
+  const bool b_ok = nb + lr < N;
+
+  float acc[NP][2][4][4];
+#pragma unroll
+  for (int p = 0; p < NP; ++p)
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+      for (int b = 0; b < 4; ++b)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[p][a][b][c] = 0.f;
+
+  for (uint32_t k0 = 0; k0 < Kd; k0 += G_KC) {
+    const uint32_t u = k0 / 32u + lh;
+    const bool u_ok = u < units;
+    // ---- A: 32 activations -> bf16 hi (+ lo), and their exact sum.
+    {
+      float v[32];
+      if (a_ok && u_ok) {
+        if (GATEUP) {
+          load32(x + a_row * Kd + u * 32u, v);
+        } else {
+          load32(H_in + a_row * Kd + u * 32u, v);
+        }
+      } else {
+#pragma unroll
+        for (int q = 0; q < 32; ++q) v[q] = 0.f;
+      }
+      float sum = 0.f;
+#pragma unroll
+      for (int q = 0; q < 32; q += 2) {
+        sum += v[q] + v[q + 1];
+        const __nv_bfloat162 hi = __floats2bfloat162_rn(v[q], v[q + 1]);
+        *reinterpret_cast<__nv_bfloat162*>(&As[0][lr][lh * 32 + q]) = hi;
+        if (SPLIT) {
+          const float2 hf = __bfloat1622float2(hi);
+          *reinterpret_cast<__nv_bfloat162*>(&As[NS - 1][lr][lh * 32 + q]) =
+              __floats2bfloat162_rn(v[q] - hf.x, v[q + 1] - hf.y);
+        }
+      }
+      Asum[lr][lh] = sum;
+    }
+    // ---- B: 32 codes of row nb + lr, exact in bf16, with the unit's scale and bias.
+#pragma unroll
+    for (int p = 0; p < NP; ++p) {
+      const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
+      float q[32], s = 0.f, b = 0.f;
+      if (b_ok && u_ok) {
+        decode_unit(wd, e, nb + lr, u, q, s, b);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 32; ++j) q[j] = 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < 32; j += 2)
+        *reinterpret_cast<uint32_t*>(&Bs[p][lr][lh * 32 + j]) = pack_bf16(q[j], q[j + 1]);
+      Ssc[p][lr][lh] = s;
+      Sbi[p][lr][lh] = b;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int p = 0; p < NP; ++p) {
+        float tmp[2][4][4];
+#pragma unroll
+        for (int a = 0; a < 2; ++a)
+#pragma unroll
+          for (int b = 0; b < 4; ++b)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) tmp[a][b][c] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < 2; ++ks) {
+          const int kk = h * 32 + ks * 16 + t4 * 2;
+          uint32_t af[NS][2][4];
+#pragma unroll
+          for (int sp = 0; sp < NS; ++sp)
+#pragma unroll
+            for (int a = 0; a < 2; ++a) {
+              const int r = wm + a * 16 + gid;
+              af[sp][a][0] = *reinterpret_cast<const uint32_t*>(&As[sp][r][kk]);
+              af[sp][a][1] = *reinterpret_cast<const uint32_t*>(&As[sp][r + 8][kk]);
+              af[sp][a][2] = *reinterpret_cast<const uint32_t*>(&As[sp][r][kk + 8]);
+              af[sp][a][3] = *reinterpret_cast<const uint32_t*>(&As[sp][r + 8][kk + 8]);
+            }
+#pragma unroll
+          for (int b = 0; b < 4; ++b) {
+            const int n = wn + b * 8 + gid;
+            uint32_t bf[2];
+            bf[0] = *reinterpret_cast<const uint32_t*>(&Bs[p][n][kk]);
+            bf[1] = *reinterpret_cast<const uint32_t*>(&Bs[p][n][kk + 8]);
+#pragma unroll
+            for (int a = 0; a < 2; ++a)
+#pragma unroll
+              for (int sp = 0; sp < NS; ++sp) mma_bf16(tmp[a][b], af[sp][a], bf);
+          }
+        }
+#pragma unroll
+        for (int a = 0; a < 2; ++a) {
+          const float as0 = Asum[wm + a * 16 + gid][h], as1 = Asum[wm + a * 16 + gid + 8][h];
+#pragma unroll
+          for (int b = 0; b < 4; ++b) {
+            const int n = wn + b * 8 + t4 * 2;
+            const float s0 = Ssc[p][n][h], s1 = Ssc[p][n + 1][h];
+            const float b0 = Sbi[p][n][h], b1 = Sbi[p][n + 1][h];
+            acc[p][a][b][0] += s0 * tmp[a][b][0] + b0 * as0;
+            acc[p][a][b][1] += s1 * tmp[a][b][1] + b1 * as0;
+            acc[p][a][b][2] += s0 * tmp[a][b][2] + b0 * as1;
+            acc[p][a][b][3] += s1 * tmp[a][b][3] + b1 * as1;
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  // ---- epilogue
+#pragma unroll
+  for (int a = 0; a < 2; ++a)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const uint32_t r = wm + a * 16 + gid + hr * 8;
+      if (r >= rows) continue;
+      const uint32_t i = row0 + r;
+      float scale = 1.f;
+      int64_t orow;
+      if (GATEUP) {
+        orow = i;
+      } else {
+        const uint32_t pair = pairs[i];
+        scale = rw[pair];
+        orow = pair;
+      }
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const uint32_t n = nb + wn + b * 8 + t4 * 2 + c;
+          if (n >= N) continue;
+          float v;
+          if (GATEUP) {
+            v = silu(acc[0][a][b][hr * 2 + c]) * acc[NP - 1][a][b][hr * 2 + c];
+          } else {
+            v = scale * acc[0][a][b][hr * 2 + c];
+          }
+          out[orow * N + n] = v;
+        }
+      }
+    }
+}
+
+// y[t] = sum over slots j in order of Yp[t*k + j] (slots whose id was out of range skipped).
+template <typename OutT>
+__global__ void combine_kernel(const float* __restrict__ Yp, const void* __restrict__ ids,
+                               int id_kind, uint32_t T, uint32_t k, uint32_t D, uint32_t E,
+                               OutT* __restrict__ y) {
+  const uint64_t idx = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= uint64_t(T) * D) return;
+  const uint64_t t = idx / D, d = idx % D;
+  float s = 0.f;
+  bool any = false;
+  for (uint32_t j = 0; j < k; ++j) {
+    const int64_t e = load_id(ids, id_kind, t * k + j);
+    if (e < 0 || e >= int64_t(E)) continue;
+    const float v = Yp[(t * k + j) * D + d];
+    s = any ? s + v : v;
+    any = true;
+  }
+  y[idx] = from_f<OutT>(s);
+}
+
+}  // namespace mlx_moe::cuda
