@@ -7,9 +7,10 @@
 // occupies bits [i*bits, (i+1)*bits) of the row's bytes, least significant bit first.
 // For bits in {2, 4, 8} no element straddles a 32-bit word; for {3, 5, 6} one may
 // straddle a byte boundary, never more than two bytes (3 + 7 < 16).
-// Value: scale[g] * q + bias[g], g = i / group_size, computed in fp32.
+// Value: scale[g] * q + bias[g], g = i / group_size, in fp32 with one rounding (fused
+// multiply-add): bit-identical on every backend.
 MOE_FN float moe_affine_value(uint32_t q, float scale, float bias) {
-  return scale * float(q) + bias;
+  return moe_fma(scale, float(q), bias);
 }
 
 // Code of element i read from a 16-bit window whose first byte holds bit (i*bits) / 8.

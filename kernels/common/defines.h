@@ -35,3 +35,16 @@ MOE_FN float moe_bits_to_float(uint32_t u) {
   return f;
 #endif
 }
+
+// a * b + c with one rounding (IEEE fused multiply-add) on every backend, so that formats
+// whose value is a multiply-add (affine) decode to the same bits everywhere, whatever a
+// compiler's contraction settings are.
+MOE_FN float moe_fma(float a, float b, float c) {
+#if defined(MOE_METAL)
+  return metal::fma(a, b, c);
+#elif defined(MOE_CUDA) && defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return __builtin_fmaf(a, b, c);
+#endif
+}

@@ -7,6 +7,7 @@
 
 #include "bucket.h"
 #include "dequant.h"
+#include "metal_record.h"
 #include "moe_mlp.h"
 #include "route.h"
 
@@ -67,4 +68,44 @@ NB_MODULE(_ext, m) {
         return shape;
       },
       "arrays"_a, "format"_a);
+
+  m.def(
+      "metal_record",
+      [](const mx::array& out) {
+        auto r = metal_record::record(out);
+        nb::list arrays, commands;
+        for (auto& a : r.arrays) {
+          arrays.append(nb::make_tuple(a.kind, a.index,
+                                       std::vector<int>(a.shape.begin(), a.shape.end()),
+                                       dtype_str(a.dtype)));
+        }
+        for (auto& c : r.commands) {
+          nb::list bufs;
+          for (auto& b : c.buffers) {
+            nb::object payload = b.handle < 0 ? nb::object(nb::bytes(b.bytes.data(), b.bytes.size()))
+                                              : nb::object(nb::none());
+            bufs.append(nb::make_tuple(b.slot, b.handle, b.offset, b.output, payload));
+          }
+          nb::dict tg;
+          for (auto& [i, n] : c.tg_memory) tg[nb::int_(i)] = nb::int_(n);
+          nb::dict d;
+          d["kernel"] = c.kernel;
+          d["buffers"] = bufs;
+          d["threadgroup_memory"] = tg;
+          d["groups"] = nb::make_tuple(c.groups[0], c.groups[1], c.groups[2]);
+          d["threads"] = nb::make_tuple(c.threads[0], c.threads[1], c.threads[2]);
+          d["indirect"] = c.indirect < 0 ? nb::object(nb::none())
+                                         : nb::object(nb::make_tuple(c.indirect, c.indirect_offset));
+          commands.append(d);
+        }
+        nb::dict res;
+        res["arrays"] = arrays;
+        res["commands"] = commands;
+        res["inputs"] = r.inputs;
+        res["outputs"] = r.outputs;
+        return res;
+      },
+      "out"_a,
+      "The commands the Metal eval_gpu of out's primitive would encode (metal/encode.h), for "
+      "the Metal harness (mlx_moe.testing.metal.replay).");
 }
