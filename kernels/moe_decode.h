@@ -22,6 +22,15 @@ inline float moe_load_scale(device const uint8_t* p, uint kind, size_t i) {
   }
 }
 
+// The (mode, bits) a projection's decoder runs with. Kernels specialised by function
+// constants (moe_mlp.metal; the host always sets them) see compile-time values here, so the
+// unpacking loops are unrolled for the bit width and the format switch folds away; kernels
+// without them pass the argument struct's values.
+struct MoeFmt {
+  uint mode;
+  uint bits;
+};
+
 // One projection's buffers: w, scales, and biases (affine) or grid (trellis), su, sv.
 struct MoeProj {
   device const uint8_t* w;
@@ -34,18 +43,18 @@ struct MoeProj {
 // Decodes the 32 codes [k0, k0 + 32) of row n of expert e (affine / mxfp4) with scale s and
 // bias b into v.
 inline void moe_decode32_rowmajor(
-    thread const MoeProj& p, constant MoeWeightArgs& a, size_t row, uint k0, float s, float b,
-    thread float* v) {
-  device const uint* words = (device const uint*)(p.w + row * a.row_bytes) + (k0 * a.bits) / 32;
-  if (a.mode == 0) {
+    thread const MoeProj& p, constant MoeWeightArgs& a, MoeFmt f, size_t row, uint k0, float s,
+    float b, thread float* v) {
+  device const uint* words = (device const uint*)(p.w + row * a.row_bytes) + (k0 * f.bits) / 32;
+  if (f.mode == 0) {
     uint local[9];
-    for (uint i = 0; i < a.bits; ++i) {
+    for (uint i = 0; i < f.bits; ++i) {
       local[i] = words[i];
     }
-    local[a.bits] = 0;
+    local[f.bits] = 0;
     for (uint j = 0; j < MOE_HALF; ++j) {
-      uint bit = j * a.bits;
-      uint code = moe_affine_code64(local[bit / 32], local[bit / 32 + 1], bit % 32, a.bits);
+      uint bit = j * f.bits;
+      uint code = moe_affine_code64(local[bit / 32], local[bit / 32 + 1], bit % 32, f.bits);
       v[j] = moe_affine_value(code, s, b);
     }
   } else {
@@ -64,9 +73,9 @@ inline void moe_decode32_rowmajor(
 // Trellis: the 16 k of column n inside tile (k / 16, n / 16) are one run of 2*bits bytes
 // (docs/FORMATS.md, "Trellis k-bit"); the scale changes every group_size (>= 16) codes.
 inline void moe_decode16_trellis(
-    thread const MoeProj& p, constant MoeWeightArgs& a, uint e, uint n, uint k0,
+    thread const MoeProj& p, constant MoeWeightArgs& a, MoeFmt f, uint e, uint n, uint k0,
     thread float* v) {
-  const uint K = a.K, N = a.N, bits = a.bits;
+  const uint K = a.K, N = a.N, bits = f.bits;
   device const uint8_t* run = p.w + moe_trellis_tile_offset(e, k0 >> 4, n >> 4, K, N, bits) +
                               (n & 15u) * moe_trellis_run_bytes(bits);
   const float s = moe_load_scale(p.s, a.scale_kind,
@@ -84,11 +93,11 @@ inline void moe_decode16_trellis(
 // Decodes codes [k0, k0 + cnt) of row n of expert e, cnt in {32, 64}, k0 a multiple of 32,
 // reading each affine/fp4 scale (and bias) once: a 64-code chunk inside one group shares them.
 inline void moe_decode_chunk(
-    thread const MoeProj& p, constant MoeWeightArgs& a, uint e, uint n, uint k0, uint cnt,
-    thread float* v) {
-  if (a.mode == 2) {
+    thread const MoeProj& p, constant MoeWeightArgs& a, MoeFmt f, uint e, uint n, uint k0,
+    uint cnt, thread float* v) {
+  if (f.mode == 2) {
     for (uint h = 0; h < cnt; h += 16) {
-      moe_decode16_trellis(p, a, e, n, k0 + h, v + h);
+      moe_decode16_trellis(p, a, f, e, n, k0 + h, v + h);
     }
     return;
   }
@@ -98,8 +107,8 @@ inline void moe_decode_chunk(
     if (h == 0 || kk % a.group_size == 0) {
       const size_t g = row * a.groups + kk / a.group_size;
       v[MOE_CHUNK] = moe_load_scale(p.s, a.scale_kind, g);
-      v[MOE_CHUNK + 1] = a.mode == 0 ? moe_load_scale(p.b, a.scale_kind, g) : 0.0f;
+      v[MOE_CHUNK + 1] = f.mode == 0 ? moe_load_scale(p.b, a.scale_kind, g) : 0.0f;
     }
-    moe_decode32_rowmajor(p, a, row, kk, v[MOE_CHUNK], v[MOE_CHUNK + 1], v + h);
+    moe_decode32_rowmajor(p, a, f, row, kk, v[MOE_CHUNK], v[MOE_CHUNK + 1], v + h);
   }
 }

@@ -80,7 +80,7 @@ template <typename T>
   const uint e = row / N, n = row % N, k0 = (gid % runs) * 16;
   const MoeProj p = {w, scales, grid, su, sv};
   float v[16];
-  moe_decode16_trellis(p, args.w, e, n, k0, v);
+  moe_decode16_trellis(p, args.w, MoeFmt{args.w.mode, args.w.bits}, e, n, k0, v);
   for (uint i = 0; i < 16; ++i) {
     out[size_t(row) * K + k0 + i] = T(v[i]);
   }

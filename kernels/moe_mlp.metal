@@ -18,6 +18,27 @@
 
 using namespace metal;
 
+// Format specialisation: the host (mlx_moe/csrc/metal/encode.h) creates each pipeline with
+// the (mode, bits) of the gate, up and down projections as function constants, so one
+// kernel body compiles into a decoder specialised for each format combination (bits may
+// differ per projection) without enumerating instantiations.
+constant uint MOE_FC_GATE_MODE [[function_constant(0)]];
+constant uint MOE_FC_GATE_BITS [[function_constant(1)]];
+constant uint MOE_FC_UP_MODE [[function_constant(2)]];
+constant uint MOE_FC_UP_BITS [[function_constant(3)]];
+constant uint MOE_FC_DOWN_MODE [[function_constant(4)]];
+constant uint MOE_FC_DOWN_BITS [[function_constant(5)]];
+constant bool MOE_FC_SET = is_function_constant_defined(MOE_FC_GATE_MODE) &&
+                           is_function_constant_defined(MOE_FC_GATE_BITS) &&
+                           is_function_constant_defined(MOE_FC_UP_MODE) &&
+                           is_function_constant_defined(MOE_FC_UP_BITS) &&
+                           is_function_constant_defined(MOE_FC_DOWN_MODE) &&
+                           is_function_constant_defined(MOE_FC_DOWN_BITS);
+
+inline MoeFmt moe_fmt(constant MoeWeightArgs& a, uint mode, uint bits) {
+  return MOE_FC_SET ? MoeFmt{mode, bits} : MoeFmt{a.mode, a.bits};
+}
+
 inline uint moe_find_expert(device const uint* tile_starts, uint E, uint tile) {
   uint lo = 0, hi = E;  // tile_starts[lo] <= tile < tile_starts[hi]
   while (hi - lo > 1) {
@@ -74,6 +95,9 @@ template <typename T, int TM>
   const MoeProj gp = {gate_w, gate_s, gate_b, gate_su, gate_sv};
   const MoeProj upp = {up_w, up_s, up_b, up_su, up_sv};
   const MoeProj dp = {down_w, down_s, down_b, down_su, down_sv};
+  const MoeFmt gf = moe_fmt(args.gate, MOE_FC_GATE_MODE, MOE_FC_GATE_BITS);
+  const MoeFmt uf = moe_fmt(args.up, MOE_FC_UP_MODE, MOE_FC_UP_BITS);
+  const MoeFmt df = moe_fmt(args.down, MOE_FC_DOWN_MODE, MOE_FC_DOWN_BITS);
 
   // 1. Activations of the tile's pairs, once per threadgroup.
   for (uint t = 0; t < c; ++t) {
@@ -94,7 +118,7 @@ template <typename T, int TM>
     }
     for (uint k0 = lane * MOE_CHUNK; k0 < D; k0 += 32 * MOE_CHUNK) {
       const uint n = min(MOE_CHUNK, D - k0);  // D is a multiple of 32
-      moe_decode_chunk(gp, args.gate, e, f0 + f, k0, n, v);
+      moe_decode_chunk(gp, args.gate, gf, e, f0 + f, k0, n, v);
       for (int t = 0; t < TM; ++t) {
         if (uint(t) < c) {
           for (uint j = 0; j < n; ++j) {
@@ -102,7 +126,7 @@ template <typename T, int TM>
           }
         }
       }
-      moe_decode_chunk(upp, args.up, e, f0 + f, k0, n, v);
+      moe_decode_chunk(upp, args.up, uf, e, f0 + f, k0, n, v);
       for (int t = 0; t < TM; ++t) {
         if (uint(t) < c) {
           for (uint j = 0; j < n; ++j) {
@@ -129,7 +153,7 @@ template <typename T, int TM>
     }
     for (uint j0 = 0; j0 < fs; j0 += MOE_CHUNK) {
       const uint n = min(MOE_CHUNK, fs - j0);  // fs is a multiple of 32
-      moe_decode_chunk(dp, args.down, e, d, f0 + j0, n, v);
+      moe_decode_chunk(dp, args.down, df, e, d, f0 + j0, n, v);
       for (int t = 0; t < TM; ++t) {
         if (uint(t) < c) {
           for (uint j = 0; j < n; ++j) {
@@ -217,13 +241,13 @@ constant constexpr uint GEMM_BK = 32;
 // Decodes rows [n0, n0 + 32) x codes [k0, k0 + 32) of one expert's projection into
 // wt[k][n] (K-major). Thread t < 32 decodes row n0 + t.
 inline void moe_gemm_load_w(
-    thread const MoeProj& p, constant MoeWeightArgs& a, uint e, uint n0, uint k0, uint t,
-    threadgroup float* wt) {
+    thread const MoeProj& p, constant MoeWeightArgs& a, MoeFmt f, uint e, uint n0, uint k0,
+    uint t, threadgroup float* wt) {
   if (t < GEMM_BN) {
     const uint n = n0 + t;
     float v[MOE_CHUNK + 2];
     if (n < a.N) {
-      moe_decode_chunk(p, a, e, n, k0, MOE_HALF, v);
+      moe_decode_chunk(p, a, f, e, n, k0, MOE_HALF, v);
     } else {
       for (uint j = 0; j < MOE_HALF; ++j) {
         v[j] = 0.0f;
@@ -280,8 +304,10 @@ template <typename T>
       const uint r = i / GEMM_BK, kk = i % GEMM_BK;
       xs[i] = r < rows ? float(x[size_t(pairs[r0 + r] / args.k) * args.D + k0 + kk]) : 0.0f;
     }
-    moe_gemm_load_w(gp, args.gate, e, n0, k0, tid, wg);
-    moe_gemm_load_w(upp, args.up, e, n0, k0, tid >= 64 ? tid - 64 : GEMM_BN, wu);
+    moe_gemm_load_w(gp, args.gate, moe_fmt(args.gate, MOE_FC_GATE_MODE, MOE_FC_GATE_BITS), e, n0,
+                    k0, tid, wg);
+    moe_gemm_load_w(upp, args.up, moe_fmt(args.up, MOE_FC_UP_MODE, MOE_FC_UP_BITS), e, n0, k0,
+                    tid >= 64 ? tid - 64 : GEMM_BN, wu);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (uint kk = 0; kk < GEMM_BK; kk += 8) {
       simdgroup_float8x8 a[2], bg[2], bu[2];
@@ -351,7 +377,8 @@ template <typename T>
       const uint r = i / GEMM_BK, kk = i % GEMM_BK;
       hs[i] = r < rows ? H[size_t(r0 + r) * args.F + k0 + kk] : 0.0f;
     }
-    moe_gemm_load_w(dp, args.down, e, n0, k0, tid, wd);
+    moe_gemm_load_w(dp, args.down, moe_fmt(args.down, MOE_FC_DOWN_MODE, MOE_FC_DOWN_BITS), e, n0,
+                    k0, tid, wd);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (uint kk = 0; kk < GEMM_BK; kk += 8) {
       simdgroup_float8x8 a[2], b[2];

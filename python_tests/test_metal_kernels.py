@@ -305,6 +305,26 @@ def test_moe_mlp_mixed_formats(rng):
     run_mlp(x, ids, w, experts, dense, mx.float32)
 
 
+@pytest.mark.parametrize("T", [2, 66])
+def test_decoders_are_specialised_per_projection_format(rng, T):
+    """The host creates the MLP pipelines with each projection's (mode, bits) as function
+    constants; the specialised kernels give the same bits as the generic ones."""
+    from mlx_moe import _ext
+    E, D, F, k = 8, 128, 64, 2
+    bits = (6, 2, 3)
+    projs = [random_trellis(rng, E, n, kk, b) for (n, kk), b in zip(((F, D), (F, D), (D, F)), bits)]
+    projs[1] = mlx_moe.QuantizedWeight(*random_mxfp4(rng, (E, F, D)), mode="mxfp4", bits=4, group_size=32)
+    x = mx.array(rng.standard_normal((T, D)).astype(np.float32))
+    ids, w = random_routing(rng, T, E, k)
+    y = mlx_moe.moe_mlp(x, ids, w, mlx_moe.Experts(*projs))
+    rec = _ext.metal_record(y)
+    mlp = [c for c in rec["commands"] if c["kernel"].startswith(("moe_mlp_fused", "moe_gemm_gateup", "moe_gemm_down"))]
+    assert mlp and all(c["function_constants"] == [2, 6, 1, 4, 2, 3] for c in mlp)
+    a = mh.replay(y).output(0)
+    b = mh.replay(y, specialise=False).output(0)
+    np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
 @pytest.mark.parametrize("T", [4, 90])
 def test_moe_mlp_bitwise_reproducible_under_any_schedule(rng, T):
     """Threadgroups and threads in reverse order give the same bits: the combine over slots

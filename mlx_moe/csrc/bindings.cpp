@@ -90,6 +90,7 @@ NB_MODULE(_ext, m) {
           for (auto& [i, n] : c.tg_memory) tg[nb::int_(i)] = nb::int_(n);
           nb::dict d;
           d["kernel"] = c.kernel;
+          d["function_constants"] = c.constants;
           d["buffers"] = bufs;
           d["threadgroup_memory"] = tg;
           d["groups"] = nb::make_tuple(c.groups[0], c.groups[1], c.groups[2]);

@@ -26,9 +26,10 @@ struct Recorder {
     handles[a.id()] = int(r.arrays.size());
     r.arrays.push_back({kind, index, a.shape(), a.dtype()});
   }
-  void kernel(const std::string& name) {
+  void kernel(const std::string& name, const std::vector<uint32_t>& constants = {}) {
     cur = Command{};
     cur.kernel = name;
+    cur.constants = constants;
     tg.clear();
   }
   void bind(const mx::array& a, int slot, int64_t offset, bool output) {

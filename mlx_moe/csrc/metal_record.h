@@ -20,6 +20,7 @@ struct Binding {
 
 struct Command {
   std::string kernel;
+  std::vector<uint32_t> constants;  // uint function constants 0, 1, ...
   std::vector<Binding> buffers;
   std::map<int, uint64_t> tg_memory;
   uint32_t groups[3] = {1, 1, 1};

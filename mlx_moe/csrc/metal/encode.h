@@ -1,5 +1,6 @@
 // The Metal host logic of every primitive, written once against an encoder interface:
-//   enc.kernel(name)                          pipeline by host name (kernels/*.metal)
+//   enc.kernel(name[, constants])             pipeline by host name (kernels/*.metal), with
+//                                             uint function constants 0, 1, ... if given
 //   enc.input(a, slot[, offset]) / enc.output(a, slot[, offset])
 //   enc.bytes(value, slot)                    setBytes of a struct from common/moe_args.h
 //   enc.tg_memory(bytes, index)               setThreadgroupMemoryLength
@@ -252,6 +253,9 @@ void encode_moe_mlp(Enc& enc, MoeMLP& p, const std::vector<mx::array>& inputs,
   const uint32_t chunk_t = uint32_t(std::max<size_t>(1, (size_t(256) << 20) / per_token));
 
   const std::string xt = tname(x.dtype());
+  // The decoders specialise on each projection's (mode, bits): function constants 0..5.
+  const std::vector<uint32_t> fmt_constants = {args.gate.mode, args.gate.bits, args.up.mode,
+                                               args.up.bits,   args.down.mode, args.down.bits};
   for (uint32_t t0 = 0; t0 < T; t0 += chunk_t) {
     const uint32_t tc = std::min(chunk_t, T - t0);
     const uint32_t P = tc * k;
@@ -289,7 +293,7 @@ void encode_moe_mlp(Enc& enc, MoeMLP& p, const std::vector<mx::array>& inputs,
       enc.bytes(a, 15);
     };
     if (!gemm) {
-      enc.kernel("moe_mlp_fused_" + xt + "_tm" + std::to_string(tm));
+      enc.kernel("moe_mlp_fused_" + xt + "_tm" + std::to_string(tm), fmt_constants);
       enc.input(x, 0, int64_t(t0) * D * xsize);
       bind_common();
       enc.output(partial, 14);
@@ -299,7 +303,7 @@ void encode_moe_mlp(Enc& enc, MoeMLP& p, const std::vector<mx::array>& inputs,
     } else {
       auto H = enc.temp({int(P), int(F)}, mx::float32);
       auto dispatch_down = enc.temp({4}, mx::uint32);
-      enc.kernel("moe_gemm_gateup_" + xt);
+      enc.kernel("moe_gemm_gateup_" + xt, fmt_constants);
       enc.input(x, 0, int64_t(t0) * D * xsize);
       bind_common();
       enc.output(H, 14);
@@ -311,7 +315,7 @@ void encode_moe_mlp(Enc& enc, MoeMLP& p, const std::vector<mx::array>& inputs,
       enc.bytes(a, 2);
       enc.dispatch({1, 1, 1}, {32, 1, 1});
 
-      enc.kernel("moe_gemm_down");
+      enc.kernel("moe_gemm_down", fmt_constants);
       bind_common();
       enc.output(partial, 14);
       enc.input(H, 16);

@@ -55,9 +55,20 @@ struct MlxEncoder {
   mx::metal::Device& d;
   mx::metal::CommandEncoder& enc;
 
-  void kernel(const std::string& name) {
+  void kernel(const std::string& name, const std::vector<uint32_t>& constants = {}) {
     auto* lib = d.get_library("mlx_moe", binary_dir());
-    enc.set_compute_pipeline_state(d.get_kernel(name, lib));
+    if (constants.empty()) {
+      enc.set_compute_pipeline_state(d.get_kernel(name, lib));
+      return;
+    }
+    // One pipeline per specialisation, cached by MLX under its hash name.
+    std::string hash = name + "_fc";
+    mx::metal::MTLFCList list;
+    for (size_t i = 0; i < constants.size(); ++i) {
+      hash += "_" + std::to_string(constants[i]);
+      list.emplace_back(&constants[i], MTL::DataTypeUInt, NS::UInteger(i));
+    }
+    enc.set_compute_pipeline_state(d.get_kernel(name, lib, hash, list));
   }
   void input(const mx::array& a, int slot, int64_t offset = 0) { enc.set_input_array(a, slot, offset); }
   void output(mx::array& a, int slot, int64_t offset = 0) { enc.set_output_array(a, slot, offset); }

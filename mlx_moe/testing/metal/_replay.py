@@ -45,6 +45,24 @@ def project_kernels() -> dict:
     return _kernels
 
 
+_files: dict = {}
+
+
+def project_kernel(name: str, function_constants=()):
+    """The harness Kernel `name`, from the kernels/*.metal file that defines it, specialised
+    with uint function constants 0, 1, ... (as the host creates the pipeline)."""
+    if not function_constants:
+        return project_kernels()[name]
+    if not _files:
+        d = kernels_dir()
+        for f in sorted(d.glob("*.metal")):
+            for n in _compile(f, include_dirs=[d]).kernels:
+                _files[n] = f
+    f = _files[name]
+    lib = _compile(f, include_dirs=[f.parent], function_constants=dict(enumerate(function_constants)))
+    return lib.kernel(name)
+
+
 def _to_numpy(a) -> np.ndarray:
     import mlx.core as mx
     if a.dtype == mx.bfloat16:
@@ -72,10 +90,12 @@ class Replay:
         return sum(r.total(field_) for _, r in self.results)
 
 
-def replay(out, *, reverse: bool = False, poison: int = 0xAB, **run_kw) -> Replay:
+def replay(out, *, reverse: bool = False, poison: int = 0xAB, specialise: bool = True,
+           **run_kw) -> Replay:
     """Run, in the harness, the Metal commands that evaluating `out` (an unevaluated output of
     mlx_moe.route / bucket / dequantize / moe_mlp) would encode. Outputs and scratch buffers
-    start poisoned (every byte `poison`)."""
+    start poisoned (every byte `poison`). specialise=False ignores the function constants the
+    host sets (runs the generic kernels)."""
     from mlx_moe import _ext
 
     rec = _ext.metal_record(out)
@@ -101,6 +121,7 @@ def replay(out, *, reverse: bool = False, poison: int = 0xAB, **run_kw) -> Repla
         name = c["kernel"]
         if name not in kernels:
             raise KeyError(f"the host code dispatches {name!r}, which no kernels/*.metal defines")
+        kernel = project_kernel(name, c["function_constants"] if specialise else ())
         bufs = {}
         for slot, handle, offset, _is_out, payload in c["buffers"]:
             if handle < 0:
@@ -111,9 +132,9 @@ def replay(out, *, reverse: bool = False, poison: int = 0xAB, **run_kw) -> Repla
         tg = dict(c["threadgroup_memory"])
         if c["indirect"] is not None:
             h, off = c["indirect"]
-            res = run_indirect(kernels[name], storage[h], c["threads"], bufs, tg, offset=off,
+            res = run_indirect(kernel, storage[h], c["threads"], bufs, tg, offset=off,
                                reverse=reverse, **run_kw)
         else:
-            res = run(kernels[name], c["groups"], c["threads"], bufs, tg, reverse=reverse, **run_kw)
+            res = run(kernel, c["groups"], c["threads"], bufs, tg, reverse=reverse, **run_kw)
         results.append((name, res))
     return Replay(out_arrays, out_dtypes, results, temps)

@@ -47,7 +47,7 @@ SharedPtr<T> RetainPtr(T*);
 }  // namespace NS
 
 namespace MTL {
-enum DataType : NS::UInteger {};
+enum DataType : NS::UInteger { DataTypeUInt = 33, DataTypeBool = 53 };
 enum BarrierScope : NS::UInteger { BarrierScopeBuffers = 1 };
 struct Size {
   Size(NS::UInteger w, NS::UInteger h, NS::UInteger d);
