@@ -37,7 +37,7 @@ from reference import (  # noqa: E402
     random_routing,
 )
 from test_ops import assert_close_to, check_route, make_experts  # noqa: E402
-from test_trellis_ops import random_trellis  # noqa: E402
+from test_trellis_ops import random_trellis, trellis_experts  # noqa: E402
 
 from mlx_moe.formats import trellis  # noqa: E402
 
@@ -282,10 +282,7 @@ def test_moe_mlp_mxfp4(rng, T):
 @pytest.mark.parametrize("T", [1, 70])
 def test_moe_mlp_trellis_mixed_bits(rng, bits, T):
     E, D, F, k = 8, 128, 64, 2
-    projs = [random_trellis(rng, E, n, kk, b, su=True, sv=(i != 1))
-             for i, ((n, kk), b) in enumerate(zip(((F, D), (F, D), (D, F)), bits))]
-    experts = mlx_moe.Experts(*projs)
-    dense = [lambda e, q=q: trellis.dequantize_reference(q)[e] for q in projs]
+    experts, dense = trellis_experts(rng, E, D, F, bits)
     x = mx.array(rng.standard_normal((T, D)).astype(np.float32))
     ids, w = random_routing(rng, T, E, k)
     run_mlp(x, ids, w, experts, dense, mx.float32)

@@ -59,14 +59,19 @@ def test_trellis_quantizer_output_roundtrips_through_dequantize(rng):
     assert np.mean((ours - w) ** 2) < 0.06 * np.var(w)
 
 
+def trellis_experts(rng, E, D, F, bits):
+    """Gate, up, down in the trellis format with their own bit widths (su everywhere, no sv on
+    up), and float64 references of each expert's dense matrices."""
+    projs = [random_trellis(rng, E, n, kk, b, su=True, sv=(i != 1))
+             for i, ((n, kk), b) in enumerate(zip(((F, D), (F, D), (D, F)), bits))]
+    return mlx_moe.Experts(*projs), [lambda e, q=q: trellis.dequantize_reference(q)[e] for q in projs]
+
+
 @pytest.mark.parametrize("bits", [(6, 2, 3), (4, 4, 4), (8, 5, 7)])
 @pytest.mark.parametrize("T", [1, 3, 37])
 def test_moe_mlp_trellis_mixed_bits(rng, bits, T):
     E, D, F, k = 8, 128, 64, 2
-    projs = [random_trellis(rng, E, n, kk, b, su=True, sv=(i != 1))
-             for i, ((n, kk), b) in enumerate(zip(((F, D), (F, D), (D, F)), bits))]
-    experts = mlx_moe.Experts(*projs)
-    dense = [lambda e, q=q: trellis.dequantize_reference(q)[e] for q in projs]
+    experts, dense = trellis_experts(rng, E, D, F, bits)
     x = mx.array(rng.standard_normal((T, D)).astype(np.float32))
     ids, w = random_routing(rng, T, E, k)
     y = mlx_moe.moe_mlp(x, ids, w, experts)

@@ -215,16 +215,8 @@ inline float rsqrt(float x) { return 1.0f / __builtin_sqrtf(x); }
 inline float tanh(float x) { return __builtin_tanhf(x); }
 inline float divide(float a, float b) { return a / b; }
 }  // namespace precise
-namespace fast {
 // The harness computes fast:: math exactly (Apple's fast:: precision is not modelled).
-inline float exp(float x) { return __builtin_expf(x); }
-inline float exp2(float x) { return __builtin_exp2f(x); }
-inline float log(float x) { return __builtin_logf(x); }
-inline float sqrt(float x) { return __builtin_sqrtf(x); }
-inline float rsqrt(float x) { return 1.0f / __builtin_sqrtf(x); }
-inline float tanh(float x) { return __builtin_tanhf(x); }
-inline float divide(float a, float b) { return a / b; }
-}  // namespace fast
+namespace fast = precise;
 
 // ---- synchronisation -----------------------------------------------------------------------
 enum class mem_flags : uint {
