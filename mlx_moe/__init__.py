@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 
 def patch(model, **kwargs):
     """Replace every supported MoE block of an mlx-lm model with the fused path."""
-    from .patch import patch as _patch
+    from .lm_patch import patch as _patch
 
     return _patch(model, **kwargs)
 
@@ -43,6 +43,6 @@ def load(path, **kwargs):
 
 def unpatch(model):
     """Undo :func:`patch`."""
-    from .patch import unpatch as _unpatch
+    from .lm_patch import unpatch as _unpatch
 
     return _unpatch(model)

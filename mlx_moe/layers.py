@@ -92,7 +92,7 @@ def load(path, *, patch: bool = True, verbose: bool = False):
     except Exception:  # a directory without tokenizer files
         tokenizer = None
     if patch:
-        from .patch import patch as _patch
+        from .lm_patch import patch as _patch
 
         report = _patch(model, verbose=verbose)
         if verbose:

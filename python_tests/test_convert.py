@@ -128,3 +128,22 @@ def test_convert_trellis_and_load(tmp_path):
     assert np.mean((dec - dense) ** 2) < 0.01 * np.var(dense)  # 6-bit
     logits = model(mx.array([[1, 2, 3]]))
     assert bool(mx.all(mx.isfinite(logits)))
+
+
+def test_trellis_checkpoint_runs_fused_after_load(tmp_path):
+    """mlx_moe.load(patch=True) puts the trellis experts on the fused path; its logits agree
+    with the same model's unpatched path (dequantize + gather_mm, float32): same weights,
+    different summation order only (1e-4 of the logits' scale)."""
+    import mlx_moe
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_tiny_model(src, True)
+    r = run_cli(tmp_path, src, dst, "--format", "trellis", "--bits", "4,3,5", "--group-size", "32")
+    assert r.returncode == 0, r.stderr
+    tokens = mx.array([[5, 17, 3, 64, 2, 90]])
+    plain, _ = mlx_moe.load(dst, patch=False)
+    ref = np.array(plain(tokens), np.float64)
+    fused, _ = mlx_moe.load(dst, patch=True)
+    assert type(fused.model.layers[0].mlp).__name__.startswith("Fused")
+    got = np.array(fused(tokens), np.float64)
+    assert np.all(np.abs(got - ref) <= 1e-4 * np.abs(ref).max()), np.abs(got - ref).max()
