@@ -1,13 +1,18 @@
 """Put the MoE blocks of an mlx-lm model on mlx_moe's fused path, on their existing weights.
 
-`patch(model)` finds every MoE block (a module with a `switch_mlp` that is mlx-lm's
-`SwitchGLU`) and, for the architectures it knows, replaces the block's routed-expert path:
+`patch(model)` finds every MoE block (a module with a `switch_mlp`, or any child that is
+mlx-lm's `SwitchGLU`) and, for the architectures it knows, replaces its routed-expert path:
 
-* softmax top-k routers (qwen3_moe, qwen2_moe, olmoe, mixtral): the router becomes
-  `mlx_moe.route` (fp32 softmax + top-k + the architecture's renormalisation) and the experts
-  `mlx_moe.moe_mlp`; qwen2_moe's shared expert and its sigmoid gate stay mlx-lm's code;
-* other routers (deepseek_v3, glm4_moe: sigmoid scores, group-limited top-k, scaling): the
-  block's own router stays, its output goes to `mlx_moe.moe_mlp`; shared experts stay.
+* softmax top-k routers (qwen3_moe, qwen2_moe, qwen3_next, olmoe, mellum, mixtral,
+  granitemoe, hunyuan, ernie4_5_moe with a softmax gate): the router becomes `mlx_moe.route`
+  (fp32 softmax + top-k + the architecture's renormalisation) and the experts
+  `mlx_moe.moe_mlp`; shared experts (qwen2_moe/qwen3_next with their sigmoid gate, hunyuan,
+  ernie4_5_moe) stay mlx-lm's code;
+* other routers (deepseek_v3, deepseek_v32, glm4_moe, glm4_moe_lite: sigmoid scores,
+  correction bias, group-limited top-k, scaling; deepseek, deepseek_v2: their softmax
+  greedy / group-limited routers; minimax, lfm2_moe: sigmoid routers written inline in the
+  block, reproduced op for op): the block's own router stays, its output goes to
+  `mlx_moe.moe_mlp`; shared experts stay.
 
 The weights are the block's own arrays (affine 2-8 bit as mlx-community stores them, mxfp4,
 or trellis from `python -m mlx_moe.convert`): nothing is converted or copied. A block is
@@ -60,51 +65,143 @@ def _flat(x):
     return x.reshape(-1, x.shape[-1])
 
 
-def _softmax_topk_call(normalize):
-    """Router: softmax over the experts, top-k, optional renormalisation (`normalize` is a
-    function of the block)."""
+def _softmax_topk_call(normalize, gate=lambda b: b.gate, top_k=None, shared=None):
+    """Router: a linear gate (`gate(block)`), softmax over the experts, top-k, optional
+    renormalisation (`normalize(block)`); `shared(block, x)` is the block's always-on expert
+    term (mlx-lm's code), added after the routed experts as mlx-lm does."""
+    top_k = top_k or _top_k
 
     def __call__(self, x):
         xf = _flat(x)
-        ids, w = route(self.gate(xf), _top_k(self), normalize=normalize(self))
+        ids, w = route(gate(self)(xf), top_k(self), normalize=normalize(self))
         y = moe_mlp(xf, ids, w, Experts.from_switch_glu(self.switch_mlp)).reshape(x.shape)
-        if getattr(self, "shared_expert", None) is not None:  # qwen2_moe
-            y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return y
+        extra = shared(self, x) if shared is not None else None
+        return y if extra is None else y + extra
 
     return __call__
 
 
-def _own_router_call(self, x):
-    """The block's own router (returns expert ids and weights), then the fused experts."""
-    inds, scores = self.gate(x)
-    shape = x.shape
-    y = moe_mlp(_flat(x), inds.reshape(-1, inds.shape[-1]),
-                scores.reshape(-1, scores.shape[-1]).astype(mx.float32),
-                Experts.from_switch_glu(self.switch_mlp)).reshape(shape)
-    if getattr(self, "shared_experts", None) is not None:
-        y = y + self.shared_experts(x)
-    return y
+def _qwen_shared(block, x):
+    """qwen2_moe / qwen3_next: a shared expert scaled by a sigmoid gate."""
+    return mx.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+
+
+def _shared_experts(block, x):
+    """deepseek family / glm4_moe(_lite) / ernie4_5_moe: shared experts added unscaled (when present)."""
+    se = getattr(block, "shared_experts", None)
+    return None if se is None else se(x)
+
+
+def _hunyuan_shared(block, x):
+    return block.shared_mlp(x) if block.use_shared_mlp else None
+
+
+def _router_call(router, shared=None):
+    """A router that is not softmax top-k, kept as mlx-lm computes it: `router(block, x)`
+    returns (expert ids, weights) from mlx-lm's own code or ops; then the fused experts and
+    the block's shared term."""
+
+    def __call__(self, x):
+        inds, scores = router(self, x)
+        y = moe_mlp(_flat(x), inds.reshape(-1, inds.shape[-1]),
+                    scores.reshape(-1, scores.shape[-1]).astype(mx.float32),
+                    Experts.from_switch_glu(self.switch_mlp)).reshape(x.shape)
+        extra = shared(self, x) if shared is not None else None
+        return y if extra is None else y + extra
+
+    return __call__
+
+
+# The block's own router module (deepseek's MoEGate and its descendants), shared experts.
+_own_router_call = _router_call(lambda b, x: b.gate(x), _shared_experts)
+
+
+def _minimax_router(block, x):
+    """MiniMax's inline router, op for op as mlx-lm's MiniMaxSparseMoeBlock: fp32 sigmoid,
+    correction bias for the choice only, renormalised, cast to the activation dtype."""
+    scores = mx.sigmoid(block.gate(x.astype(mx.float32)))
+    k = block.num_experts_per_tok
+    inds = mx.argpartition(-(scores + block.e_score_correction_bias), kth=k - 1, axis=-1)[..., :k]
+    scores = mx.take_along_axis(scores, inds, axis=-1)
+    scores = scores / (mx.sum(scores, axis=-1, keepdims=True) + 1e-20)
+    return inds, scores.astype(x.dtype)
+
+
+def _lfm2_router(block, x):
+    """LFM2-MoE's inline router, op for op as mlx-lm's Lfm2MoeSparseMoeBlock: sigmoid, the
+    expert bias for the choice only, optional renormalisation, routed scaling factor."""
+    w = mx.sigmoid(block.gate(x))
+    k = block.top_k
+    choice = w.astype(mx.float32) + block.expert_bias if block.use_expert_bias else w
+    inds = mx.argpartition(choice, kth=-k, axis=-1)[..., -k:]
+    scores = mx.take_along_axis(w, inds, axis=-1)
+    if block.norm_topk_prob:
+        scores = scores / (mx.sum(scores, axis=-1, keepdims=True) + 1e-6)
+    scores = scores * block.routed_scaling_factor
+    return inds, scores.astype(x.dtype)
 
 
 def _top_k(block):
     return getattr(block, "top_k", None) or getattr(block, "num_experts_per_tok")
 
 
-# (module of the class, class name) -> (architecture, fused __call__)
+def _ernie_check(block):
+    if type(block.gate_act).__name__ != "Softmax":
+        return (f"router activation {type(block.gate_act).__name__} (moe_gate_act) is not "
+                "softmax; the block keeps mlx-lm's code")
+    return None
+
+
+# (module of the class, class name) -> (architecture, fused __call__[, extra check]).
+# Each entry reproduces the mlx-lm block's __call__ (mlx-lm 0.32.2): same router semantics,
+# same shared-expert term.
 _KNOWN = {
     ("mlx_lm.models.qwen3_moe", "Qwen3MoeSparseMoeBlock"):
         ("qwen3_moe", _softmax_topk_call(lambda b: bool(b.norm_topk_prob))),
     ("mlx_lm.models.qwen2_moe", "Qwen2MoeSparseMoeBlock"):
-        ("qwen2_moe", _softmax_topk_call(lambda b: False)),
+        ("qwen2_moe", _softmax_topk_call(lambda b: False, shared=_qwen_shared)),
+    ("mlx_lm.models.qwen3_next", "Qwen3NextSparseMoeBlock"):
+        ("qwen3_next", _softmax_topk_call(lambda b: bool(b.norm_topk_prob), shared=_qwen_shared)),
     ("mlx_lm.models.olmoe", "OlmoeSparseMoeBlock"):
         ("olmoe", _softmax_topk_call(lambda b: bool(b.norm_topk_prob))),
+    ("mlx_lm.models.mellum", "MellumSparseMoeBlock"):
+        ("mellum", _softmax_topk_call(lambda b: bool(b.norm_topk_prob))),
     # Mixtral: softmax over the k largest logits == the full softmax's top-k, renormalised.
     ("mlx_lm.models.mixtral", "MixtralSparseMoeBlock"):
         ("mixtral", _softmax_topk_call(lambda b: True)),
+    # GraniteMoE: its router (GraniteMoeTopKGating) is Mixtral's: top-k logits, softmax.
+    ("mlx_lm.models.granitemoe", "GraniteMoeMoE"):
+        ("granitemoe", _softmax_topk_call(lambda b: True, gate=lambda b: b.router.layer,
+                                          top_k=lambda b: b.router.top_k)),
+    # Hunyuan: softmax top-k without renormalisation, plus an unscaled shared MLP.
+    ("mlx_lm.models.hunyuan", "MoeBlock"):
+        ("hunyuan", _softmax_topk_call(lambda b: False, shared=_hunyuan_shared)),
+    # ERNIE 4.5: fp32 softmax top-k renormalised (its max(sum, 1e-12) never binds for a
+    # softmax), plus unscaled shared experts; the sigmoid-gated variant is left alone.
+    ("mlx_lm.models.ernie4_5_moe", "Ernie4_5_MoeMLP"):
+        ("ernie4_5_moe", _softmax_topk_call(lambda b: True, top_k=lambda b: b.k,
+                                            shared=_shared_experts), _ernie_check),
     ("mlx_lm.models.deepseek_v3", "DeepseekV3MoE"): ("deepseek_v3", _own_router_call),
     ("mlx_lm.models.glm4_moe", "MoE"): ("glm4_moe", _own_router_call),
+    ("mlx_lm.models.glm4_moe_lite", "Glm4MoeLiteMoE"): ("glm4_moe_lite", _own_router_call),
+    ("mlx_lm.models.deepseek_v32", "DeepseekV32MoE"): ("deepseek_v32", _own_router_call),
+    ("mlx_lm.models.deepseek_v2", "DeepseekV2MoE"): ("deepseek_v2", _own_router_call),
+    ("mlx_lm.models.deepseek", "DeepseekMoE"): ("deepseek", _own_router_call),
+    ("mlx_lm.models.minimax", "MiniMaxSparseMoeBlock"): ("minimax", _router_call(_minimax_router)),
+    ("mlx_lm.models.lfm2_moe", "Lfm2MoeSparseMoeBlock"): ("lfm2_moe", _router_call(_lfm2_router)),
 }
+
+
+def _experts_child(module, switch_layers) -> str | None:
+    """The name under which a module holds its routed experts (a `switch_mlp`, or any direct
+    child that is mlx-lm's SwitchGLU / SwitchMLP: llama4, gpt_oss, dots1, ... call it
+    `experts`), or None for a module that is not a MoE block."""
+    if "switch_mlp" in module:
+        return "switch_mlp"
+    for name, child in module.items():
+        if isinstance(child, (switch_layers.SwitchGLU, switch_layers.SwitchMLP)):
+            return name
+    return None
 
 
 def _why_not(block, switch_layers) -> str | None:
@@ -143,21 +240,29 @@ def patch(model, *, verbose: bool = False) -> PatchReport:
     switch_layers = _require_mlx_lm()
     report = PatchReport()
     for path, module in model.named_modules():
-        if "switch_mlp" not in module:
+        experts = _experts_child(module, switch_layers)
+        if experts is None:
             continue
         cls = type(module)
         if hasattr(cls, _MARK):
             report.already.append(path)
             continue
+        if experts != "switch_mlp":
+            report.skipped.append((path, f"{cls.__module__}.{cls.__name__}: a MoE block mlx_moe "
+                                         f"does not know (experts in .{experts}); the block keeps "
+                                         "mlx-lm's code"))
+            continue
         known = _KNOWN.get((cls.__module__, cls.__name__))
         reason = _why_not(module, switch_layers)
+        if reason is None and known is not None and len(known) > 2:
+            reason = known[2](module)
         if reason is None and known is None:
             reason = (f"{cls.__module__}.{cls.__name__}: a router mlx_moe does not know; the "
                       "block keeps mlx-lm's code")
         if reason is not None:
             report.skipped.append((path, reason))
             continue
-        arch, call = known
+        arch, call = known[:2]
         fused = type(f"Fused{cls.__name__}", (cls,), {"__call__": call, _MARK: cls,
                                                       "__module__": __name__})
         module.__class__ = fused
