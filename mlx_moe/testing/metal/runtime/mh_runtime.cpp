@@ -463,14 +463,10 @@ void switch_to_scheduler() {
 #endif
 }
 
+// The calling thread waits (state BARRIER / SIMD / YIELD) until the scheduler resumes it.
 void block(int state) {
-  Dispatch* d = g_d;
-  d->cur->state = state;
+  g_d->cur->state = state;
   switch_to_scheduler();
-  if (d->abort) {
-    // Resumed only to be abandoned (never happens: aborted fibers are not resumed).
-    switch_to_scheduler();
-  }
 }
 
 }  // namespace
@@ -535,6 +531,12 @@ bool ensure_fibers(Dispatch* d, uint32_t n) {
     return true;
   }
   const uint64_t per = kStack + kPage;
+  if (d->stacks) {  // a larger threadgroup than before: replace the old stacks
+    munmap(d->stacks, d->stacks_size);
+    free(d->fibers);
+    d->stacks = nullptr;
+    d->n_fibers_alloc = 0;
+  }
   d->stacks_size = per * n;
   d->stacks = (char*)mmap(nullptr, d->stacks_size, PROT_READ | PROT_WRITE,
                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
