@@ -10,6 +10,15 @@ measured on this machine in the same run.
     python benchmarks/bench_moe.py                       # Qwen3-30B-A3B layer, affine 4-bit
     python benchmarks/bench_moe.py --format mxfp4 --tokens 1 16 256
     python benchmarks/bench_moe.py --shape glm47flash
+    python benchmarks/bench_moe.py --chain 8     # also: 8 layers with distinct weights in one eval
+    python benchmarks/bench_moe.py --format trellis4   # random trellis tiles (baseline: affine 4-bit)
+
+Per-call timings evaluate one layer at a time (graph launch included; at 1 token the touched
+weights, ~21 MB, can stay in a GPU's L2). With --chain L the same token counts also run
+through L layers with distinct weights, each layer's output feeding the next, in one eval:
+the time per layer then reflects streaming weights from memory, as in a model; its "chained
+GB/s" column is the touched experts' weight bytes over that time, with its share of the
+measured copy bandwidth.
 """
 
 from __future__ import annotations
@@ -37,6 +46,9 @@ FORMATS = {
     "affine4": dict(mode="affine", bits=4, group_size=64),
     "affine8": dict(mode="affine", bits=8, group_size=64),
     "mxfp4": dict(mode="mxfp4", bits=4, group_size=32),
+    # Random trellis tiles (timing only: no quantizer run); the baseline then runs mlx-lm's
+    # path on affine 4-bit weights of the same shape, so there is no error column.
+    "trellis4": dict(mode="trellis", bits=4, group_size=64),
 }
 
 
@@ -69,6 +81,8 @@ def make_layer(shape, fmt, seed=0):
     """Random fp32 weights quantized by mx.quantize, in the layout mlx-lm stores."""
     E, D, F = shape["E"], shape["D"], shape["F"]
     mx.random.seed(seed)
+    if fmt["mode"] == "trellis":
+        return make_trellis_layer(shape, fmt)
     projs = []
     for out_f, in_f in ((F, D), (F, D), (D, F)):
         parts = []
@@ -82,6 +96,22 @@ def make_layer(shape, fmt, seed=0):
         projs.append(mlx_moe.QuantizedWeight(
             arrays[0], arrays[1], arrays[2] if fmt["mode"] == "affine" else None,
             mode=fmt["mode"], bits=fmt["bits"], group_size=fmt["group_size"]))
+    return mlx_moe.Experts(*projs)
+
+
+def make_trellis_layer(shape, fmt):
+    """Random trellis tiles, scales, shared codebook, su and sv (docs/FORMATS.md)."""
+    E, D, F, bits, gs = shape["E"], shape["D"], shape["F"], fmt["bits"], fmt["group_size"]
+    projs = []
+    for N, K in ((F, D), (F, D), (D, F)):
+        w = mx.random.randint(0, 256, (E, K // 16, -(-N // 16), 32 * bits)).astype(mx.uint8)
+        scales = (mx.random.uniform(0.5, 1.5, (E, K // gs, N)) * (0.5 * K ** -0.5)).astype(mx.float16)
+        grid = mx.sort(mx.random.normal((2**bits,)))
+        su = mx.where(mx.random.uniform(shape=(E, K)) < 0.5, -1.0, 1.0).astype(mx.float16)
+        sv = mx.random.uniform(0.5, 1.5, (E, N)).astype(mx.float16)
+        mx.eval(w, scales, grid, su, sv)
+        projs.append(mlx_moe.QuantizedWeight(w, scales, mode="trellis", bits=bits, group_size=gs,
+                                             grid=grid, su=su, sv=sv))
     return mlx_moe.Experts(*projs)
 
 
@@ -170,7 +200,8 @@ def measure_matmul_gflops():
 
 
 def expert_bytes(q: mlx_moe.QuantizedWeight) -> float:
-    total = q.w.nbytes + q.scales.nbytes + (q.biases.nbytes if q.biases is not None else 0)
+    total = q.w.nbytes + q.scales.nbytes
+    total += sum(a.nbytes for a in (q.biases, q.su, q.sv) if a is not None)
     return total / q.w.shape[0]
 
 
@@ -193,6 +224,8 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "PERFORMANCE.md")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--chain", type=int, default=0, metavar="L",
+                    help="also time L layers with distinct weights in one eval (per-layer time)")
     args = ap.parse_args(argv)
 
     shape, fmt = SHAPES[args.shape], FORMATS[args.format]
@@ -207,11 +240,31 @@ def main(argv=None):
     print(f"measured: copy bandwidth {bw:.1f} GB/s, matmul {rate:.0f} GFLOP/s "
           f"(floor = max(touched expert bytes / bandwidth, flops / matmul rate))", flush=True)
 
-    base, ours = baseline_layer(experts, k), ours_layer(experts, k)
+    trellis = fmt["mode"] == "trellis"
+    # mlx-lm has no trellis path: its baseline runs on affine 4-bit weights of the same shape.
+    base_fmt = FORMATS["affine4"] if trellis else fmt
+    base_experts = make_layer(shape, base_fmt) if trellis else experts
+    base, ours = baseline_layer(base_experts, k), ours_layer(experts, k)
+    chain = [experts] + [make_layer(shape, fmt, seed=i) for i in range(1, args.chain)]
+    bchain = ([base_experts] + [make_layer(shape, base_fmt, seed=i) for i in range(1, args.chain)]
+              if trellis else chain)
+    base_chain = [baseline_layer(e, k) for e in bchain] if args.chain else []
+    ours_chain = [ours_layer(e, k) for e in chain] if args.chain else []
+
+    def run_chain(fns, x, logits_list):
+        for fn, lg in zip(fns, logits_list):
+            x = fn(x, lg)
+        return x
+
     rows = []
-    header = "| tokens | baseline ms | mlx_moe ms | speed-up | floor ms | mlx_moe / floor | max abs err / max abs |"
+    cols = ["tokens", "baseline ms", "mlx_moe ms", "speed-up", "floor ms", "mlx_moe / floor",
+            "max abs err / max abs"]
+    if args.chain:
+        cols[6:6] = [f"chained x{args.chain}: baseline ms/layer", "chained mlx_moe ms/layer",
+                     "chained speed-up", "chained mlx_moe / floor", "chained GB/s (% of copy)"]
+    header = "| " + " | ".join(cols) + " |"
     print(header)
-    print("|" + "---:|" * 7)
+    print("|" + "---:|" * len(cols))
     for T in args.tokens:
         rng = np.random.default_rng(T)
         x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(dtype)
@@ -224,13 +277,25 @@ def main(argv=None):
         y_base = base(x, logits)
         err = mx.abs(y_ours.astype(mx.float32) - y_base.astype(mx.float32)).max().item()
         mag = mx.abs(y_base.astype(mx.float32)).max().item()
+        err_s = "n/a (baseline on affine4)" if trellis else f"{err:.2e} / {mag:.2e}"
         t_ours = time_fn(ours, (x, logits))
         t_base = time_fn(base, (x, logits), min_reps=1 if T >= 256 else 3)
         ids, _ = mlx_moe.route(logits, k)
         touched = len(np.unique(np.array(ids)))
         floor = max(touched * per_expert / (bw * 1e9), 2 * 3 * D * F * T * k / (rate * 1e9))
+        chained = ""
+        if args.chain:
+            lgs = [logits] + [mx.array(rng.standard_normal((T, E)).astype(np.float32))
+                              for _ in range(args.chain - 1)]
+            mx.eval(lgs)
+            tc_ours = time_fn(lambda x: run_chain(ours_chain, x, lgs), (x,)) / args.chain
+            tc_base = time_fn(lambda x: run_chain(base_chain, x, lgs), (x,),
+                              min_reps=1 if T >= 256 else 3) / args.chain
+            gbs = touched * per_expert / tc_ours / 1e9  # touched weight bytes per second
+            chained = (f"{tc_base * 1e3:.3f} | {tc_ours * 1e3:.3f} | {tc_base / tc_ours:.1f}x | "
+                       f"{tc_ours / floor:.1f} | {gbs:.0f} ({100 * gbs / bw:.0f}%) | ")
         row = (f"| {T} | {t_base * 1e3:.2f} | {t_ours * 1e3:.2f} | {t_base / t_ours:.1f}x | "
-               f"{floor * 1e3:.3f} | {t_ours / floor:.1f} | {err:.2e} / {mag:.2e} |")
+               f"{floor * 1e3:.3f} | {t_ours / floor:.1f} | {chained}{err_s} |")
         rows.append(row)
         print(row, flush=True)
 
@@ -240,12 +305,13 @@ def main(argv=None):
         text = (f"### {shape['name']} layer, {args.format}, {args.dtype}, {device}\n\n"
                 f"{today}, {machine_name()}, MLX {mx.__version__}; "
                 f"`python benchmarks/bench_moe.py --shape {args.shape} --format {args.format} "
-                f"--dtype {args.dtype}`.\n"
+                f"--dtype {args.dtype}{f' --chain {args.chain}' if args.chain else ''}`.\n"
                 f"Baseline: mlx-lm {mlx_lm_version()} SwitchGLU path as qwen3_moe runs it (mx.gather_qmm x3, "
                 f"SwiGLU, softmax/argpartition routing). Measured here: copy bandwidth {bw:.1f} GB/s, matmul {rate:.0f} GFLOP/s. "
+                f"Floor: touched experts x {per_expert / 1e6:.3f} MB/expert over that bandwidth, or the flops over that rate. "
                 f"Error column: max |ours - baseline| over max |baseline| "
                 f"(the baseline rounds its intermediates to {args.dtype}).\n\n"
-                + header + "\n|" + "---:|" * 7 + "\n" + "\n".join(rows) + "\n")
+                + header + "\n|" + "---:|" * len(cols) + "\n" + "\n".join(rows) + "\n")
         write_section(args.out, key, text)
         print(f"wrote {args.out}")
 

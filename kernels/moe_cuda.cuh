@@ -11,6 +11,7 @@
 #include "common/affine.h"
 #include "common/defines.h"
 #include "common/fp4.h"
+#include "common/trellis.h"
 
 namespace mlx_moe::cuda {
 
@@ -69,9 +70,17 @@ struct WDesc {
   uint32_t groups;     // K / group_size
   uint32_t gs_units;   // group_size / 32
   uint32_t bits;
-  uint32_t mode;        // 0 affine, 1 mxfp4
+  uint32_t mode;        // 0 affine, 1 mxfp4, 2 trellis
   uint32_t scale_kind;  // see load_scale
   uint32_t fp4_quarter;
+  // trellis (mode 2): w holds the 16x16 tiles; biases is unused; value =
+  // ((grid[idx] * scales[e, k / group_size, n]) * su[e, k]) * sv[e, n] (common/trellis.h)
+  const void* grid;
+  const void* su;
+  const void* sv;
+  uint32_t group_size;
+  uint32_t grid_kind, su_kind, sv_kind;  // load_scale kinds
+  uint32_t grid_per_expert, has_su, has_sv;
 };
 
 // Codes of unit u of row n of matrix m, decoded to floats that are exact small values
@@ -91,6 +100,26 @@ __device__ __forceinline__ void unpack_unit(const uint32_t* words, float* q) {
   }
 }
 
+// 32 E2M1 codes (4 words, element 0 in the low nibble) to their exact values. The default
+// decoder works by bit placement: e (2 bits) and m land in a binary32's low exponent bits
+// and top mantissa bit, and that float times 2^126 is exactly moe_fp4_e2m1(c) (e >= 1:
+// 2^(e-1) * (1 + m/2); e == 0: the subnormal m * 2^-127, scaled exactly), sign from bit 3:
+// two integer ops and a multiply instead of common/fp4.h's branches (bitwise the same
+// values; the dequantize tests compare with the CPU). The opt-in quarter decoder keeps
+// the shared definition.
+__device__ __forceinline__ void unpack_fp4(const uint32_t* ww, float* q, uint32_t quarter) {
+  if (!quarter) {
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const uint32_t c = (ww[j >> 3] >> ((j & 7) * 4)) & 0xfu;
+      q[j] = __uint_as_float(((c & 7u) << 22) | ((c & 8u) << 28)) * 0x1p126f;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 32; ++j) q[j] = moe_fp4_e2m1_quarter_subnormal((ww[j >> 3] >> ((j & 7) * 4)) & 0xfu);
+  }
+}
+
 __device__ __forceinline__ void decode_unit(const WDesc& d, int64_t m, uint32_t n, uint32_t u,
                                             float* q, float& s, float& b) {
   const int64_t row = m * int64_t(d.N) + n;
@@ -101,11 +130,7 @@ __device__ __forceinline__ void decode_unit(const WDesc& d, int64_t m, uint32_t 
     b = 0.f;
     const uint4 v = *reinterpret_cast<const uint4*>(words);
     const uint32_t ww[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const uint32_t c = (ww[j >> 3] >> ((j & 7) * 4)) & 0xfu;
-      q[j] = d.fp4_quarter ? moe_fp4_e2m1_quarter_subnormal(c) : moe_fp4_e2m1(c);
-    }
+    unpack_fp4(ww, q, d.fp4_quarter);
     return;
   }
   b = load_scale(d.biases, d.scale_kind, g);
@@ -125,11 +150,48 @@ __device__ __forceinline__ void decode_unit(const WDesc& d, int64_t m, uint32_t 
   }
 }
 
+// Trellis unit u of row n: its 32 codes are the column runs of n in tiles (2u, n/16) and
+// (2u+1, n/16), 2*BITS bytes each, LSB first; concatenated they are one bit stream like an
+// affine unit's (BITS words). A run starts at an even byte (tiles are 4-byte aligned), so it
+// is read as BITS 16-bit loads, and every index is a compile-time constant: raw stays in
+// registers (a byte-indexed copy with a run-time length would put the caller's whole raw
+// array in local memory, for every format).
+template <int BITS>
+__device__ __forceinline__ void load_trellis_runs(const WDesc& d, int64_t m, uint32_t n, uint32_t u,
+                                                  uint32_t* raw) {
+  const uint8_t* base = reinterpret_cast<const uint8_t*>(d.w);
+  uint32_t hw[2 * BITS];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint16_t* run = reinterpret_cast<const uint16_t*>(
+        base + moe_trellis_tile_offset(uint32_t(m), 2u * u + uint32_t(h), n >> 4, d.K, d.N, uint32_t(BITS)) +
+        (n & 15u) * uint32_t(2 * BITS));
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) hw[h * BITS + i] = run[i];
+  }
+#pragma unroll
+  for (int i = 0; i < BITS; ++i) raw[i] = hw[2 * i] | (hw[2 * i + 1] << 16);
+}
+
 // Two-phase form of decode_unit, so that a lane can issue the loads of several units
 // before it decodes any: load_unit fetches the packed words (16-byte loads for 4-bit and
 // mxfp4, two for 8-bit), scale and bias; unpack_raw turns them into exact values.
 __device__ __forceinline__ void load_unit(const WDesc& d, int64_t m, uint32_t n, uint32_t u,
                                           uint32_t* raw, float& s, float& b) {
+  if (d.mode == 2u) {
+    switch (d.bits) {
+      case 2: load_trellis_runs<2>(d, m, n, u, raw); break;
+      case 3: load_trellis_runs<3>(d, m, n, u, raw); break;
+      case 4: load_trellis_runs<4>(d, m, n, u, raw); break;
+      case 5: load_trellis_runs<5>(d, m, n, u, raw); break;
+      case 6: load_trellis_runs<6>(d, m, n, u, raw); break;
+      case 7: load_trellis_runs<7>(d, m, n, u, raw); break;
+      default: load_trellis_runs<8>(d, m, n, u, raw); break;
+    }
+    s = d.has_sv ? load_scale(d.sv, d.sv_kind, int64_t(moe_trellis_sv_index(uint32_t(m), n, d.N))) : 1.f;
+    b = 0.f;
+    return;
+  }
   const int64_t row = m * int64_t(d.N) + n;
   const uint32_t* words = d.w + row * d.row_words + int64_t(u) * d.bits;
   const int64_t g = row * d.groups + u / d.gs_units;
@@ -161,13 +223,50 @@ __device__ __forceinline__ void unpack_raw_bits(const uint32_t* w, float* q) {
   }
 }
 
-__device__ __forceinline__ void unpack_raw(const WDesc& d, const uint32_t* w, float* q) {
-  if (d.mode == 1u) {
+template <int BITS>
+__device__ __forceinline__ void trellis_levels(const WDesc& d, const uint32_t* w, float* q,
+                                               int64_t m, uint32_t n, uint32_t u) {
+  const uint32_t gbase = moe_trellis_grid_index(uint32_t(m), 0u, uint32_t(BITS), d.grid_per_expert);
+  // group_size is a multiple of 16: each 16-run of the unit has one scale.
+  float sc2[2];
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const uint32_t c = (w[j >> 3] >> ((j & 7) * 4)) & 0xfu;
-      q[j] = d.fp4_quarter ? moe_fp4_e2m1_quarter_subnormal(c) : moe_fp4_e2m1(c);
+  for (int h = 0; h < 2; ++h)
+    sc2[h] = load_scale(d.scales, d.scale_kind,
+                        int64_t(moe_trellis_scale_index(uint32_t(m), (u * 32u + 16u * h) / d.group_size,
+                                                        n, d.groups, d.N)));
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    const uint32_t bit = uint32_t(j * BITS);
+    const uint32_t idx = bit >> 5;
+    const uint32_t hi = w[(idx + 1 < uint32_t(BITS)) ? idx + 1 : idx];
+    const uint32_t code = moe_affine_code64(w[idx], hi, bit & 31u, uint32_t(BITS));
+    const uint32_t k = u * 32u + uint32_t(j);
+    const float level = load_scale(d.grid, d.grid_kind, gbase + code);
+    const float sc = sc2[j >> 4];
+    const float su = d.has_su ? load_scale(d.su, d.su_kind, int64_t(moe_trellis_su_index(uint32_t(m), k, d.K)))
+                              : 1.f;
+    q[j] = (level * sc) * su;  // the value without sv, which load_unit returns as the scale
+  }
+}
+
+// Decoded values of a unit loaded by load_unit (m, n, u: where it came from; trellis needs
+// them for its codebook, per-k scales and su).
+__device__ __forceinline__ void unpack_raw(const WDesc& d, const uint32_t* w, float* q,
+                                           int64_t m = 0, uint32_t n = 0, uint32_t u = 0) {
+  if (d.mode == 2u) {
+    switch (d.bits) {
+      case 2: trellis_levels<2>(d, w, q, m, n, u); break;
+      case 3: trellis_levels<3>(d, w, q, m, n, u); break;
+      case 4: trellis_levels<4>(d, w, q, m, n, u); break;
+      case 5: trellis_levels<5>(d, w, q, m, n, u); break;
+      case 6: trellis_levels<6>(d, w, q, m, n, u); break;
+      case 7: trellis_levels<7>(d, w, q, m, n, u); break;
+      default: trellis_levels<8>(d, w, q, m, n, u); break;
     }
+    return;
+  }
+  if (d.mode == 1u) {
+    unpack_fp4(w, q, d.fp4_quarter);
     return;
   }
   switch (d.bits) {
@@ -475,6 +574,32 @@ __global__ void dequant_kernel(WDesc d, uint64_t total_units, uint32_t fp16_scal
   }
 }
 
+// Trellis: one thread per run of 16 codes (16 consecutive k of one output row n of matrix
+// m), the value exactly as common/trellis.h defines it (bitwise equal to the CPU path).
+template <typename OutT>
+__global__ void dequant_trellis_kernel(WDesc d, uint64_t total_runs, OutT* __restrict__ out) {
+  const uint64_t t = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= total_runs) return;
+  const uint32_t TK = moe_trellis_tiles_k(d.K);
+  const uint64_t row = t / TK;  // m * N + n
+  const uint32_t kt = uint32_t(t % TK);
+  const uint32_t m = uint32_t(row / d.N), n = uint32_t(row % d.N);
+  const uint8_t* run = reinterpret_cast<const uint8_t*>(d.w) +
+                       moe_trellis_tile_offset(m, kt, n >> 4, d.K, d.N, d.bits) +
+                       (n & 15u) * moe_trellis_run_bytes(d.bits);
+  const float sv = d.has_sv ? load_scale(d.sv, d.sv_kind, int64_t(moe_trellis_sv_index(m, n, d.N))) : 1.f;
+  const uint32_t gbase = moe_trellis_grid_index(m, 0u, d.bits, d.grid_per_expert);
+  OutT* o = out + row * d.K + uint64_t(kt) * 16u;
+  for (uint32_t i = 0; i < 16u; ++i) {
+    const uint32_t k = kt * 16u + i;
+    const float level = load_scale(d.grid, d.grid_kind, gbase + moe_trellis_index_at(run, i, d.bits));
+    const float sc = load_scale(d.scales, d.scale_kind,
+                                int64_t(moe_trellis_scale_index(m, k / d.group_size, n, d.groups, d.N)));
+    const float su = d.has_su ? load_scale(d.su, d.su_kind, int64_t(moe_trellis_su_index(m, k, d.K))) : 1.f;
+    o[i] = from_f<OutT>(moe_trellis_value(level, sc, su, sv));
+  }
+}
+
 // ------------------------------------------------------------------------------ fused MLP
 struct MlpDesc {
   uint32_t T, k, D, F, E, P;
@@ -567,7 +692,7 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, 2)
         for (int r = 0; r < DEC_ROWS; ++r) {
           if (n0 + r >= N) continue;
           float q[32];
-          unpack_raw(wd, raw[p][r], q);
+          unpack_raw(wd, raw[p][r], q, e, n0 + r, u);
           const float s = sc[p][r], b = bi[p][r];
 #pragma unroll
           for (int t = 0; t < DEC_MAXT; ++t) {

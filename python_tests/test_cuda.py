@@ -2,7 +2,8 @@
 CUDA backend). The full CPU suite also runs on the GPU with MLX_MOE_TEST_DEVICE=gpu.
 
 Agreement expected: route ids identical (weights within fp32 rounding of the softmax sum);
-bucket bitwise; dequantize bitwise; moe_mlp within the fp32-accumulation tolerance of the
+bucket bitwise; dequantize bitwise (trellis too: both evaluate common/trellis.h's fp32
+product in the same order); moe_mlp within the fp32-accumulation tolerance of the
 CPU suite (different summation orders; the large-batch path multiplies on tensor cores
 with exact codes and split activations)."""
 
@@ -12,6 +13,7 @@ import pytest
 import mlx.core as mx
 import mlx_moe
 from reference import random_affine, random_logits, random_mxfp4, random_routing, to_np
+from test_trellis_ops import random_trellis
 
 pytestmark = pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's CUDA backend")
 
@@ -86,6 +88,18 @@ def test_dequantize_mxfp4_gpu_vs_cpu(rng, dtype):
     np.testing.assert_array_equal(cpu[0][~nan], gpu[0][~nan])
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_dequantize_trellis_gpu_vs_cpu(rng, bits, dtype):
+    # Odd bits get a per-expert codebook and bfloat16 scales, even bits a shared codebook,
+    # no su and float16 scales; N = 40 is not a multiple of the 16-wide tiles.
+    qw = random_trellis(rng, 3, 40, 256, bits, group_size=64, su=bits % 2 == 1, sv=bits != 4,
+                        per_expert_grid=bits % 2 == 1,
+                        scale_dtype=mx.bfloat16 if bits % 2 else mx.float16)
+    cpu, gpu = both(lambda st: mlx_moe.dequantize(qw, dtype=dtype, stream=st))
+    np.testing.assert_array_equal(cpu[0], gpu[0])
+
+
 def experts_for(rng, E, D, F, fmt, bits, gs, sdt):
     projs = []
     for shape, b in zip(((E, F, D), (E, F, D), (E, D, F)), bits):
@@ -122,6 +136,45 @@ def test_moe_mlp_gpu_vs_cpu(rng, T, E, D, F, k, fmt, bits, gs, dtype):
     rel = {mx.float32: 4e-5, mx.bfloat16: 2 ** -7}[dtype]
     err = np.abs(yg64 - yc64)
     assert np.all(err <= rel * np.abs(yc64) + 4e-5 * scale + 1e-7), f"max err {err.max():.3g} of {scale:.3g}"
+
+
+@pytest.mark.parametrize(
+    "T,E,D,F,k,bits",
+    [
+        (1, 32, 2048, 768, 8, (4, 3, 2)),    # Qwen3 widths, decode
+        (16, 32, 2048, 768, 8, (2, 4, 3)),   # 128 pairs
+        (64, 16, 256, 128, 4, (6, 2, 3)),    # 256 pairs: trellis stays on the decode kernels
+        (37, 8, 128, 64, 2, (8, 5, 7)),
+    ],
+)
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_moe_mlp_trellis_gpu_vs_cpu(rng, T, E, D, F, k, bits, dtype):
+    # Bits differ per projection; up has no sv; same tolerance as the affine case above (the
+    # GPU decodes the same fp32 weight values as the CPU and differs in summation order only).
+    projs = [random_trellis(rng, E, n, kk, b, group_size=64, su=True, sv=(i != 1))
+             for i, ((n, kk), b) in enumerate(zip(((F, D), (F, D), (D, F)), bits))]
+    experts = mlx_moe.Experts(*projs)
+    x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(dtype)
+    ids, w = mlx_moe.route(random_logits(rng, T, E), k, stream=mx.cpu)
+    (yc,), (yg,) = both(lambda s: mlx_moe.moe_mlp(x, ids, w, experts, stream=s))
+    yc64, yg64 = yc.astype(np.float64), yg.astype(np.float64)
+    scale = np.abs(yc64).max() + 1e-30
+    rel = {mx.float32: 4e-5, mx.bfloat16: 2 ** -7}[dtype]
+    err = np.abs(yg64 - yc64)
+    assert np.all(err <= rel * np.abs(yc64) + 4e-5 * scale + 1e-7), f"max err {err.max():.3g} of {scale:.3g}"
+
+
+def test_moe_mlp_trellis_with_affine_down_gpu_vs_cpu(rng):
+    E, D, F, k, T = 8, 256, 128, 2, 200  # 400 pairs: the affine-only case would be grouped
+    g = random_trellis(rng, E, F, D, 3, group_size=32)
+    u = random_trellis(rng, E, F, D, 5, group_size=32, per_expert_grid=True)
+    dw, ds, db = random_affine(rng, (E, D, F), 4, 32)
+    experts = mlx_moe.Experts(g, u, mlx_moe.QuantizedWeight(dw, ds, db, bits=4, group_size=32))
+    x = mx.array(rng.standard_normal((T, D)).astype(np.float32))
+    ids, w = random_routing(rng, T, E, k)
+    (yc,), (yg,) = both(lambda s: mlx_moe.moe_mlp(x, ids, w, experts, stream=s))
+    scale = np.abs(yc).max()
+    np.testing.assert_allclose(yg, yc, rtol=4e-5, atol=4e-5 * scale)
 
 
 def test_moe_mlp_gpu_deterministic_and_drops_bad_ids(rng):

@@ -104,9 +104,28 @@ WDesc make_desc(const mx::array* arrays, const Format& f, const WeightShape& ws)
   d.groups = uint32_t(ws.K / f.group_size);
   d.gs_units = uint32_t(f.group_size / 32);
   d.bits = uint32_t(f.bits);
-  d.mode = f.mode == Mode::MxFp4 ? 1u : 0u;
+  d.mode = f.mode == Mode::MxFp4 ? 1u : f.mode == Mode::Trellis ? 2u : 0u;
   d.scale_kind = scale_kind(arrays[1].dtype());
   d.fp4_quarter = f.fp4_quarter_subnormal ? 1u : 0u;
+  d.group_size = uint32_t(f.group_size);
+  if (f.mode == Mode::Trellis) {
+    d.w = reinterpret_cast<const uint32_t*>(ptr<uint8_t>(arrays[0]));
+    d.row_words = 0;
+    d.grid = ptr<void>(arrays[2]);
+    d.grid_kind = scale_kind(arrays[2].dtype());
+    d.grid_per_expert = arrays[2].ndim() > 1 ? 1u : 0u;
+    int next = 3;
+    if (f.has_su) {
+      d.su = ptr<void>(arrays[next]);
+      d.su_kind = scale_kind(arrays[next++].dtype());
+      d.has_su = 1;
+    }
+    if (f.has_sv) {
+      d.sv = ptr<void>(arrays[next]);
+      d.sv_kind = scale_kind(arrays[next++].dtype());
+      d.has_sv = 1;
+    }
+  }
   return d;
 }
 
@@ -182,6 +201,17 @@ void dequantize(Dequantize& p, const std::vector<mx::array>& inputs,
   auto& enc = cu::get_command_encoder(p.stream());
   const WeightShape ws = check_weight(inputs, p.format(), "weight");
   WDesc d = make_desc(inputs.data(), p.format(), ws);
+  if (p.format().mode == Mode::Trellis) {
+    const uint64_t runs = uint64_t(ws.num_matrices()) * ws.N * moe_trellis_tiles_k(uint32_t(ws.K));
+    if (runs == 0) return;
+    dispatch_float(out.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      for (auto& a : inputs) enc.set_input_array(a);
+      launch(enc, {}, {&out}, dequant_trellis_kernel<T>, dim3(uint32_t((runs + 127) / 128)),
+             dim3(128), 0, d, runs, ptr<T>(out));
+    });
+    return;
+  }
   const uint64_t rows = uint64_t(ws.num_matrices()) * ws.N;
   d.N = uint32_t(rows);  // the kernel indexes rows across matrices
   const uint64_t total = rows * d.units;
@@ -209,11 +239,20 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs, std::vector<mx::ar
   MlpDesc md{};
   int pos = 3;
   WDesc* descs[3] = {&md.gate, &md.up, &md.down};
+  bool any_trellis = false;
   for (int i = 0; i < 3; ++i) {
     const Format& f = p.formats()[i];
     const int n = f.num_arrays();
     std::vector<mx::array> arrs(inputs.begin() + pos, inputs.begin() + pos + n);
     *descs[i] = make_desc(inputs.data() + pos, f, check_weight(arrs, f, "weight"));
+    if (f.mode == Mode::Trellis) {
+      any_trellis = true;
+      if (descs[i]->K % 32u != 0u) {
+        throw std::invalid_argument(
+            "mlx_moe.moe_mlp (CUDA): trellis projections need an input width that is a "
+            "multiple of 32, got " + std::to_string(descs[i]->K));
+      }
+    }
     pos += n;
   }
   const uint32_t E = uint32_t(inputs[3].shape(0));
@@ -246,7 +285,9 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs, std::vector<mx::ar
     const char* v = std::getenv("MLX_MOE_CUDA_DECODE_MAX_PAIRS");
     return v ? uint32_t(std::atoi(v)) : 128u;
   }();
-  const bool grouped = P > decode_max_pairs;
+  // Trellis weights take the fp32 decode kernels at every size (their codebook values are
+  // not exact in bf16, which the tensor-core kernel's weight operand needs).
+  const bool grouped = P > decode_max_pairs && !any_trellis;
   const int ik = id_kind(ids.dtype());
 
   dispatch_float(x.dtype(), [&](auto tag) {
