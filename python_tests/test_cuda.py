@@ -100,6 +100,17 @@ def test_dequantize_trellis_gpu_vs_cpu(rng, bits, dtype):
     np.testing.assert_array_equal(cpu[0], gpu[0])
 
 
+def assert_mlp_gpu_close_to_cpu(x, ids, w, experts, dtype):
+    """moe_mlp on the GPU against the CPU path: fp32 accumulation in both, different
+    summation orders (4e-5 of the output scale), plus one final rounding for bf16 outputs."""
+    (yc,), (yg,) = both(lambda s: mlx_moe.moe_mlp(x, ids, w, experts, stream=s))
+    yc64, yg64 = yc.astype(np.float64), yg.astype(np.float64)
+    scale = np.abs(yc64).max() + 1e-30
+    rel = {mx.float32: 4e-5, mx.bfloat16: 2 ** -7}[dtype]
+    err = np.abs(yg64 - yc64)
+    assert np.all(err <= rel * np.abs(yc64) + 4e-5 * scale + 1e-7), f"max err {err.max():.3g} of {scale:.3g}"
+
+
 def experts_for(rng, E, D, F, fmt, bits, gs, sdt):
     projs = []
     for shape, b in zip(((E, F, D), (E, F, D), (E, D, F)), bits):
@@ -130,12 +141,7 @@ def test_moe_mlp_gpu_vs_cpu(rng, T, E, D, F, k, fmt, bits, gs, dtype):
     experts = experts_for(rng, E, D, F, fmt, bits, gs, mx.float16)
     x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(dtype)
     ids, w = mlx_moe.route(random_logits(rng, T, E), k, stream=mx.cpu)
-    (yc,), (yg,) = both(lambda s: mlx_moe.moe_mlp(x, ids, w, experts, stream=s))
-    yc64, yg64 = yc.astype(np.float64), yg.astype(np.float64)
-    scale = np.abs(yc64).max() + 1e-30
-    rel = {mx.float32: 4e-5, mx.bfloat16: 2 ** -7}[dtype]
-    err = np.abs(yg64 - yc64)
-    assert np.all(err <= rel * np.abs(yc64) + 4e-5 * scale + 1e-7), f"max err {err.max():.3g} of {scale:.3g}"
+    assert_mlp_gpu_close_to_cpu(x, ids, w, experts, dtype)
 
 
 @pytest.mark.parametrize(
@@ -156,12 +162,7 @@ def test_moe_mlp_trellis_gpu_vs_cpu(rng, T, E, D, F, k, bits, dtype):
     experts = mlx_moe.Experts(*projs)
     x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(dtype)
     ids, w = mlx_moe.route(random_logits(rng, T, E), k, stream=mx.cpu)
-    (yc,), (yg,) = both(lambda s: mlx_moe.moe_mlp(x, ids, w, experts, stream=s))
-    yc64, yg64 = yc.astype(np.float64), yg.astype(np.float64)
-    scale = np.abs(yc64).max() + 1e-30
-    rel = {mx.float32: 4e-5, mx.bfloat16: 2 ** -7}[dtype]
-    err = np.abs(yg64 - yc64)
-    assert np.all(err <= rel * np.abs(yc64) + 4e-5 * scale + 1e-7), f"max err {err.max():.3g} of {scale:.3g}"
+    assert_mlp_gpu_close_to_cpu(x, ids, w, experts, dtype)
 
 
 def test_moe_mlp_trellis_with_affine_down_gpu_vs_cpu(rng):
