@@ -220,14 +220,16 @@ def test_unsupported_blocks_are_left_alone_and_reported():
     assert all("not softmax" in r for _, r in report.skipped)
 
 
-def test_import_without_mlx_lm_and_clear_patch_error():
+def test_import_without_mlx_lm_and_clear_patch_error(tmp_path):
     code = ("import sys; sys.modules['mlx_lm'] = None\n"
             "import mlx_moe\n"
             "try:\n"
             "    mlx_moe.patch(object())\n"
             "except ImportError as e:\n"
             "    print('ERR', e)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # From outside the source tree (from the repository root, the unbuilt source package
+    # would shadow the installed one).
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "ERR mlx_moe.patch needs mlx-lm: pip install" in r.stdout
 
