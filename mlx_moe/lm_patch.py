@@ -67,18 +67,14 @@ def _flat(x):
 
 def _softmax_topk_call(normalize, gate=lambda b: b.gate, top_k=None, shared=None):
     """Router: a linear gate (`gate(block)`), softmax over the experts, top-k, optional
-    renormalisation (`normalize(block)`); `shared(block, x)` is the block's always-on expert
-    term (mlx-lm's code), added after the routed experts as mlx-lm does."""
+    renormalisation (`normalize(block)`), all as `mlx_moe.route`; `shared(block, x)` is the
+    block's always-on expert term (mlx-lm's code), added after the routed experts."""
     top_k = top_k or _top_k
 
-    def __call__(self, x):
-        xf = _flat(x)
-        ids, w = route(gate(self)(xf), top_k(self), normalize=normalize(self))
-        y = moe_mlp(xf, ids, w, Experts.from_switch_glu(self.switch_mlp)).reshape(x.shape)
-        extra = shared(self, x) if shared is not None else None
-        return y if extra is None else y + extra
+    def router(block, x):
+        return route(gate(block)(_flat(x)), top_k(block), normalize=normalize(block))
 
-    return __call__
+    return _router_call(router, shared)
 
 
 def _qwen_shared(block, x):
