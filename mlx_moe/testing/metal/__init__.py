@@ -245,7 +245,8 @@ class Library:
         return f"<metal harness library {self.path.name}: {len(self.kernels)} kernels>"
 
 
-_libraries: dict[str, Library] = {}
+_libraries: dict[str, Library] = {}  # by hash of the compiled source and flags
+_requests: dict[tuple, Library] = {}   # by compile() arguments, within this process
 
 
 def preprocess(path, include_dirs=(), defines=None) -> str:
@@ -268,6 +269,13 @@ def compile(path, include_dirs=(), defines=None, function_constants=None, *, ext
     specialisation a Metal pipeline would be created with."""
     path = Path(path).resolve()
     include_dirs = [str(Path(d).resolve()) for d in include_dirs]
+    # The same request in one process returns the same library without preprocessing again
+    # (replay asks for each specialised pipeline once per dispatch).
+    request = (str(path), tuple(include_dirs), tuple(sorted((defines or {}).items())),
+               tuple(sorted((str(k), v) for k, v in (function_constants or {}).items())),
+               tuple(extra_flags), optimize)
+    if request in _requests:
+        return _requests[request]
     pre = preprocess(path, include_dirs, defines)
     body, kernels = transform(pre, function_constants)
     cxx = compiler()
@@ -281,6 +289,7 @@ def compile(path, include_dirs=(), defines=None, function_constants=None, *, ext
     key = hashlib.sha256((source + shim + shlex.join(cxx + flags)).encode()).hexdigest()[:20]
     with _lock:
         if key in _libraries:
+            _requests[request] = _libraries[key]
             return _libraries[key]
         d = _cache_dir()
         so = d / f"{path.stem}_{key}.so"
@@ -298,6 +307,7 @@ def compile(path, include_dirs=(), defines=None, function_constants=None, *, ext
             obj.unlink(missing_ok=True)
         lib = Library(path, kernels, ctypes.CDLL(str(so)), source)
         _libraries[key] = lib
+        _requests[request] = lib
         return lib
 
 
