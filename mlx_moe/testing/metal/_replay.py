@@ -45,20 +45,13 @@ def project_kernels() -> dict:
     return _kernels
 
 
-_files: dict = {}
-
-
 def project_kernel(name: str, function_constants=()):
     """The harness Kernel `name`, from the kernels/*.metal file that defines it, specialised
     with uint function constants 0, 1, ... (as the host creates the pipeline)."""
+    kernel = project_kernels()[name]
     if not function_constants:
-        return project_kernels()[name]
-    if not _files:
-        d = kernels_dir()
-        for f in sorted(d.glob("*.metal")):
-            for n in _compile(f, include_dirs=[d]).kernels:
-                _files[n] = f
-    f = _files[name]
+        return kernel
+    f = kernel.library.path
     lib = _compile(f, include_dirs=[f.parent], function_constants=dict(enumerate(function_constants)))
     return lib.kernel(name)
 
