@@ -435,6 +435,15 @@ __global__ void route_kernel(const T* __restrict__ logits, uint32_t rows, uint32
 // Out-of-range ids are skipped and counted as dropped.
 constexpr uint32_t BUCKET_CHUNK = 256;
 
+// Expert of pair i as a bucketing key: 0xffffffff for pairs past P and out-of-range ids
+// (dropped), so lanes with equal keys can be matched.
+__device__ __forceinline__ uint32_t bucket_key(const void* ids, int id_kind, uint32_t P,
+                                               uint32_t E, uint32_t i) {
+  if (i >= P) return 0xffffffffu;
+  const int64_t e = load_id(ids, id_kind, i);
+  return (e >= 0 && e < int64_t(E)) ? uint32_t(e) : 0xffffffffu;
+}
+
 __global__ void bucket_count_kernel(const void* __restrict__ ids, int id_kind, uint32_t P,
                                     uint32_t E, uint32_t* __restrict__ block_counts) {
   extern __shared__ uint32_t hist[];
@@ -444,10 +453,8 @@ __global__ void bucket_count_kernel(const void* __restrict__ ids, int id_kind, u
   const uint32_t p0 = blockIdx.x * BUCKET_CHUNK;
   for (uint32_t s = 0; s < BUCKET_CHUNK; s += 32u) {
     const uint32_t i = p0 + s + lane;
-    int64_t e = -1;
-    if (i < P) e = load_id(ids, id_kind, i);
-    const bool ok = e >= 0 && e < int64_t(E);
-    const uint32_t key = ok ? uint32_t(e) : 0xffffffffu;
+    const uint32_t key = bucket_key(ids, id_kind, P, E, i);
+    const bool ok = key != 0xffffffffu;
     const uint32_t mask = __match_any_sync(0xffffffffu, key);
     if (ok && (__ffs(mask) - 1) == int(lane)) hist[key] += __popc(mask);
     __syncwarp();
@@ -537,10 +544,8 @@ __global__ void bucket_scatter_kernel(const void* __restrict__ ids, int id_kind,
   const uint32_t p0 = blockIdx.x * BUCKET_CHUNK;
   for (uint32_t s = 0; s < BUCKET_CHUNK; s += 32u) {
     const uint32_t i = p0 + s + lane;
-    int64_t e = -1;
-    if (i < P) e = load_id(ids, id_kind, i);
-    const bool ok = e >= 0 && e < int64_t(E);
-    const uint32_t key = ok ? uint32_t(e) : 0xffffffffu;
+    const uint32_t key = bucket_key(ids, id_kind, P, E, i);
+    const bool ok = key != 0xffffffffu;
     const uint32_t mask = __match_any_sync(0xffffffffu, key);
     const uint32_t rank = __popc(mask & ((1u << lane) - 1u));
     uint32_t base = 0;
