@@ -8,6 +8,10 @@
 //  3. moe_bucket_scatter: per chunk, pairs written in ascending pair order inside each
 //                         expert: 32 pairs at a time, rank among equal experts from
 //                         simd shuffles, then a per-expert cursor in threadgroup memory.
+//  4. moe_bucket_finish:  slots of dropped pairs set to 0xffffffff (public op), or, for
+//                         moe_mlp (keep_dropped), the dropped pairs are listed after
+//                         offsets[E] as a pseudo-expert E whose tiles the MLP kernel zeroes;
+//                         and the MLP's completion counters zeroed.
 // Many tokens (4096 x 8 pairs) spread over ceil(P / chunk) threadgroups.
 #include <metal_stdlib>
 
@@ -79,12 +83,15 @@ template <typename I>
     }
     tile_starts[args.E] = tiles;
     offsets[args.E] = total;
+    if (args.keep_dropped != 0) {
+      tiles += (dispatch[3] + args.tile - 1) / args.tile;  // the dropped pairs' tiles
+    }
     dispatch[0] = max(tiles, 1u);
     dispatch[1] = args.grid_y;
     dispatch[2] = 1;
   }
   threadgroup_barrier(mem_flags::mem_device);
-  for (uint e = tid; e < args.E; e += nt) {
+  for (uint e = tid; e <= args.E; e += nt) {  // column E: dropped pairs, after offsets[E]
     uint base = offsets[e];
     for (uint b = 0; b < args.nblocks; ++b) {
       block_offsets[b * stride + e] += base;
@@ -101,8 +108,10 @@ template <typename I>
     threadgroup uint* cursor [[threadgroup(0)]],
     uint blk [[threadgroup_position_in_grid]],
     uint lane [[thread_index_in_simdgroup]]) {
-  // One simdgroup per threadgroup.
-  for (uint e = lane; e < args.E; e += 32) {
+  // One simdgroup per threadgroup. With keep_dropped, out-of-range ids are expert E.
+  const uint nkeys = args.keep_dropped != 0 ? args.E + 1 : args.E;
+  const uint dropped_key = args.keep_dropped != 0 ? args.E : 0xffffffffu;
+  for (uint e = lane; e < nkeys; e += 32) {
     cursor[e] = block_offsets[size_t(blk) * (args.E + 1) + e];
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -113,9 +122,7 @@ template <typename I>
     uint e = 0xffffffffu;
     if (p < end) {
       long v = long(ids[p]);
-      if (v >= 0 && v < long(args.E)) {
-        e = uint(v);
-      }
+      e = (v >= 0 && v < long(args.E)) ? uint(v) : dropped_key;
     }
     uint rank = 0, same = 0;
     for (ushort j = 0; j < 32; ++j) {
@@ -137,14 +144,19 @@ template <typename I>
   }
 }
 
-// Pairs past offsets[E] (left by dropped ids) are set to 0xffffffff.
-[[kernel]] void moe_bucket_fill_dropped(
+// Public op: pairs past offsets[E] (left by dropped ids) are set to 0xffffffff. Both: the
+// first nzero words of `counters` are zeroed.
+[[kernel]] void moe_bucket_finish(
     device uint* pairs [[buffer(0)]],
     device const uint* offsets [[buffer(1)]],
     constant MoeBucketArgs& args [[buffer(2)]],
+    device uint* counters [[buffer(3)]],
     uint i [[thread_position_in_grid]]) {
-  if (i < args.P && i >= offsets[args.E]) {
+  if (args.keep_dropped == 0 && i < args.P && i >= offsets[args.E]) {
     pairs[i] = 0xffffffffu;
+  }
+  if (i < args.nzero) {
+    counters[i] = 0u;
   }
 }
 

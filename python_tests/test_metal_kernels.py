@@ -84,8 +84,8 @@ def test_every_host_kernel_name_exists():
         assert any(n.startswith(prefix) for n in names), prefix
     for t in ("float32", "float16", "bfloat16"):
         for tm in (1, 2, 4, 8):
-            assert f"moe_mlp_fused_{t}_tm{tm}" in names
-        assert f"moe_gemm_gateup_{t}" in names and f"moe_mlp_combine_{t}" in names
+            assert f"moe_mlp_{t}_tm{tm}" in names
+        assert f"moe_mlp_{t}_mma" in names and f"moe_mlp_combine_{t}" in names
         assert f"moe_route_{t}" in names and f"moe_dequant_trellis_{t}" in names
     for i in ("uint32", "int32", "int64"):
         assert f"moe_bucket_count_{i}" in names and f"moe_bucket_scatter_{i}" in names
@@ -211,7 +211,12 @@ def test_dequantize_trellis(rng, bits):
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused expert MLP: every variant (token-tile kernel with TM = 8, 4, 2, 1; grouped GEMMs)
+# Fused expert MLP: every variant (one kernel body: simd policy with TM = 8, 4, 2, 1; the
+# simdgroup_matrix policy for grouped batches), with the combine in the MLP dispatch (Metal
+# 3.2) and as its own dispatch (Metal 3.1)
+MLP_DISPATCH = ("moe_mlp_float", "moe_mlp_bfloat")  # kernel names of the fused MLP instances
+
+
 def run_mlp(x, ids, w, experts, dense, dtype, **kw):
     y = mlx_moe.moe_mlp(x, ids, w, experts)
     r = mh.replay(y, **kw)
@@ -225,23 +230,37 @@ def kernels_used(r):
     return [n for n, _ in r.results]
 
 
+@pytest.mark.parametrize("device_fence", [True, False], ids=["metal3.2", "metal3.1"])
 @pytest.mark.parametrize("T,E,D,F,k,dtype,variant", [
-    (1, 16, 256, 96, 4, mx.float32, "fused_float32_tm8"),
-    (5, 8, 128, 160, 2, mx.float32, "fused_float32_tm8"),
-    (3, 8, 2048, 64, 2, mx.bfloat16, "fused_bfloat16_tm4"),
-    (2, 8, 4096, 64, 2, mx.float16, "fused_float16_tm2"),
-    (2, 4, 8192, 32, 2, mx.float32, "fused_float32_tm1"),
-    (40, 32, 192, 96, 8, mx.bfloat16, "fused_bfloat16_tm8"),
-    (64, 8, 128, 96, 2, mx.float32, "gemm_gateup_float32"),
-    (100, 16, 96, 160, 3, mx.bfloat16, "gemm_gateup_bfloat16"),
-    (70, 8, 64, 32, 2, mx.float16, "gemm_gateup_float16"),
+    (1, 16, 256, 96, 4, mx.float32, "float32_tm8"),
+    (5, 8, 128, 160, 2, mx.float32, "float32_tm8"),
+    (3, 8, 2048, 64, 2, mx.bfloat16, "bfloat16_tm4"),
+    (2, 8, 4096, 64, 2, mx.float16, "float16_tm2"),
+    (2, 4, 6144, 32, 2, mx.float32, "float32_tm1"),
+    (2, 4, 8192, 32, 2, mx.float32, "float32_mma"),  # one fp32 row is 32 KiB: K is streamed
+    (40, 32, 192, 96, 8, mx.bfloat16, "bfloat16_tm8"),
+    (64, 8, 128, 96, 2, mx.float32, "float32_mma"),
+    (100, 16, 96, 160, 3, mx.bfloat16, "bfloat16_mma"),
+    (70, 8, 64, 32, 2, mx.float16, "float16_mma"),
 ])
-def test_moe_mlp_variants(rng, T, E, D, F, k, dtype, variant):
+def test_moe_mlp_variants(rng, T, E, D, F, k, dtype, variant, device_fence):
     experts, dense = make_experts(rng, E, D, F, bits=(4, 8, 4), group_size=32)
     x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(dtype)
     ids, w = random_routing(rng, T, E, k)
-    r, got, y = run_mlp(x, ids, w, experts, dense, dtype)
-    assert f"moe_{'mlp_' if variant.startswith('fused') else ''}{variant}" in kernels_used(r)
+    kw = {} if device_fence else {"device_fence": False, "defines": {"__METAL_VERSION__": 310}}
+    r, got, y = run_mlp(x, ids, w, experts, dense, dtype, **kw)
+    used = kernels_used(r)
+    assert f"moe_mlp_{variant}" in used
+    # gate + up + SwiGLU + down + combine: one dispatch after the bucketing (Metal 3.2)
+    mlp = [n for n in used if not n.startswith("moe_bucket")]
+    assert mlp == ([f"moe_mlp_{variant}"] if device_fence
+                   else [f"moe_mlp_{variant}", f"moe_mlp_combine_{variant.split('_')[0]}"])
+    # Apple GPUs give a threadgroup 32 KiB (the harness allows more): dynamic threadgroup
+    # memory plus the kernel's two 32-word completion lists
+    from mlx_moe import _ext
+    for c in _ext.metal_record(y, device_fence)["commands"]:
+        if c["kernel"].startswith(MLP_DISPATCH):
+            assert sum(c["threadgroup_memory"].values()) + 2 * 32 * 4 <= 32768, c["threadgroup_memory"]
 
 
 @pytest.mark.parametrize("shape", [("qwen3", 128, 8), ("glm47flash", 64, 4)])
@@ -315,7 +334,7 @@ def test_decoders_are_specialised_per_projection_format(rng, T):
     ids, w = random_routing(rng, T, E, k)
     y = mlx_moe.moe_mlp(x, ids, w, mlx_moe.Experts(*projs))
     rec = _ext.metal_record(y)
-    mlp = [c for c in rec["commands"] if c["kernel"].startswith(("moe_mlp_fused", "moe_gemm_gateup", "moe_gemm_down"))]
+    mlp = [c for c in rec["commands"] if c["kernel"].startswith(MLP_DISPATCH)]
     assert mlp and all(c["function_constants"] == [2, 6, 1, 4, 2, 3] for c in mlp)
     a = mh.replay(y).output(0)
     b = mh.replay(y, specialise=False).output(0)
@@ -336,6 +355,46 @@ def test_moe_mlp_bitwise_reproducible_under_any_schedule(rng, T):
     np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
+@pytest.mark.parametrize("device_fence", [True, False], ids=["metal3.2", "metal3.1"])
+@pytest.mark.parametrize("T", [5, 70])
+def test_moe_mlp_out_of_range_ids_contribute_nothing(rng, T, device_fence):
+    """A GPU stream cannot raise on data: pairs whose id is outside [0, E) are dropped by the
+    bucketing (counted in its dispatch[3]) and add nothing to y, also for a token whose every
+    slot is out of range (y = 0 there, not the poisoned scratch)."""
+    E, D, F, k = 8, 128, 96, 3
+    experts, dense = make_experts(rng, E, D, F, group_size=32)
+    x = mx.array(rng.standard_normal((T, D)).astype(np.float32))
+    ids, w = random_routing(rng, T, E, k)
+    ids = np.array(ids).astype(np.int32)
+    ids[0, :] = [E, -1, 1000]          # token 0: nothing valid
+    ids[T - 1, 1] = E + 3
+    ids[T // 2, 2] = -7
+    dropped = (ids < 0) | (ids >= E)
+    lazy_ids = mx.array(ids) + 0       # lazy: the eager host-side check does not run
+    y = mlx_moe.moe_mlp(x, lazy_ids, w, experts)
+    kw = {} if device_fence else {"device_fence": False, "defines": {"__METAL_VERSION__": 310}}
+    got = mh.replay(y, **kw).output(0)
+    w_ref = np.where(dropped, 0.0, np.array(w))
+    ref = moe_mlp_ref(x, np.where(dropped, 0, ids), mx.array(w_ref.astype(np.float32)), *dense)
+    assert np.all(got[0] == 0.0)
+    assert_close_to(mx.array(got), ref, mx.float32)
+
+
+@pytest.mark.parametrize("T", [6, 75])
+def test_combine_in_kernel_equals_combine_dispatch_bitwise(rng, T):
+    """The in-kernel combine (Metal 3.2: the last threadgroup to finish a pair / a token sums,
+    in slice / slot order) gives the same bits as the separate combine dispatch (Metal 3.1),
+    in either schedule."""
+    E, D, F, k = 8, 128, 160, 4
+    experts, _ = make_experts(rng, E, D, F, group_size=32)
+    x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(mx.bfloat16)
+    ids, w = random_routing(rng, T, E, k)
+    y = mlx_moe.moe_mlp(x, ids, w, experts)
+    a = mh.replay(y, reverse=True).output(0)
+    b = mh.replay(y, device_fence=False, defines={"__METAL_VERSION__": 310}).output(0)
+    np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
 def test_decode_reads_each_touched_weight_byte_once(rng):
     """Qwen3-30B-A3B layer, 1 token, 4-bit: device bytes read by all the call's dispatches
     (counted once per threadgroup, like a cache line that stays in a threadgroup's L1) within
@@ -352,6 +411,6 @@ def test_decode_reads_each_touched_weight_byte_once(rng):
     total = r.bytes_read("tg_unique_read")
     assert total <= 1.1 * floor, (total, floor)
     # and every byte of the touched experts' weights was read (nothing skipped)
-    fused = dict(r.results)["moe_mlp_fused_bfloat16_tm4"]
+    fused = dict(r.results)["moe_mlp_bfloat16_tm4"]
     weight_slots = range(5, 14)
     assert sum(fused.counters[s].unique_read for s in weight_slots) == touched

@@ -18,6 +18,10 @@ struct MoeBucketArgs {
   uint32_t chunk;    // pairs per bucketing threadgroup
   uint32_t nblocks;  // ceil(P / chunk)
   uint32_t grid_y;   // written to dispatch[1] (1 for the public op)
+  uint32_t keep_dropped;  // 1 (moe_mlp): out-of-range pairs are listed after offsets[E], in
+                          // pair order, and their tiles counted in dispatch[0]; 0 (public
+                          // op): their slots are 0xffffffff
+  uint32_t nzero;         // moe_bucket_finish zeroes this many words of its counters buffer
 };
 
 // One projection's format, as the kernels see it.
@@ -46,6 +50,7 @@ struct MoeMlpArgs {
   uint32_t fs;       // hidden units per slice
   uint32_t nslices;  // ceil(F / fs)
   MoeWeightArgs gate, up, down;
+  uint32_t combine;  // 1: the MLP kernel combines slices and slots itself (Metal >= 3.2)
 };
 
 struct MoeDequantArgs {

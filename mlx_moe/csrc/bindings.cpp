@@ -71,8 +71,8 @@ NB_MODULE(_ext, m) {
 
   m.def(
       "metal_record",
-      [](const mx::array& out) {
-        auto r = metal_record::record(out);
+      [](const mx::array& out, bool device_fence) {
+        auto r = metal_record::record(out, device_fence);
         nb::list arrays, commands;
         for (auto& a : r.arrays) {
           arrays.append(nb::make_tuple(a.kind, a.index,
@@ -106,7 +106,9 @@ NB_MODULE(_ext, m) {
         res["outputs"] = r.outputs;
         return res;
       },
-      "out"_a,
+      "out"_a, "device_fence"_a = true,
       "The commands the Metal eval_gpu of out's primitive would encode (metal/encode.h), for "
-      "the Metal harness (mlx_moe.testing.metal.replay).");
+      "the Metal harness (mlx_moe.testing.metal.replay). device_fence: as for a metallib built "
+      "with Metal >= 3.2 (the MLP kernel combines in its own dispatch); False: as for one built "
+      "for Metal 3.1 (a separate combine dispatch).");
 }

@@ -11,6 +11,7 @@ namespace {
 
 struct Recorder {
   Recording& r;
+  bool fence = true;
   std::map<uintptr_t, int> handles;
   Command cur;
   std::map<int, uint64_t> tg;
@@ -80,19 +81,20 @@ struct Recorder {
     return a;
   }
   void alloc(mx::array&) {}
+  bool device_fence() const { return fence; }
   std::vector<mx::array> keep;
 };
 
 }  // namespace
 
-Recording record(const mx::array& out) {
+Recording record(const mx::array& out, bool device_fence) {
   if (!out.has_primitive()) {
     throw std::invalid_argument("metal_record: the array has no primitive (already evaluated?)");
   }
   Recording r;
   r.inputs = out.inputs();
   r.outputs = out.outputs();
-  Recorder rec{r};
+  Recorder rec{r, device_fence};
   for (size_t i = 0; i < r.inputs.size(); ++i) rec.declare(r.inputs[i], "input", int(i));
   for (size_t i = 0; i < r.outputs.size(); ++i) rec.declare(r.outputs[i], "output", int(i));
   auto& prim = out.primitive();

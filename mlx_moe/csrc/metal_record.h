@@ -43,7 +43,8 @@ struct Recording {
 };
 
 // Records what eval_gpu of `out`'s primitive would encode (out: an unevaluated output of
-// mlx_moe.route / bucket / dequantize / moe_mlp).
-Recording record(const mx::array& out);
+// mlx_moe.route / bucket / dequantize / moe_mlp). device_fence: what the encoder reports for a
+// metallib built with Metal's device-scope fences (MSL >= 3.2; see encode.h).
+Recording record(const mx::array& out, bool device_fence = true);
 
 }  // namespace mlx_moe::metal_record

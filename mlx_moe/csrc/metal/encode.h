@@ -7,6 +7,9 @@
 //   enc.dispatch(groups, threads)             dispatchThreadgroups
 //   enc.dispatch_indirect(args, slot, threads) dispatchThreadgroups(indirectBuffer: ...)
 //   enc.temp(shape, dtype) / enc.alloc(out)   scratch and output memory
+//   enc.device_fence()                        whether the kernels were built with Metal's
+//                                             device-scope fences (MSL >= 3.2): the MLP
+//                                             kernel then combines in its own dispatch
 // metal_ops.cpp instantiates it with MLX's command encoder (macOS); record.cpp with a
 // recorder that lists the commands, which the Metal harness replays on Linux CI against the
 // same kernels (python_tests/test_metal_kernels.py). So the variant choice, buffer binding,
@@ -14,6 +17,7 @@
 // Nothing here includes Metal headers.
 #pragma once
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 
 #include "bucket.h"
@@ -74,16 +78,43 @@ inline MoeWeightArgs weight_args(const std::vector<mx::array>& arrays, const For
 }
 
 constexpr uint32_t BUCKET_CHUNK = 256;
-constexpr uint32_t GEMM_TILE = 32;        // GEMM_BM = GEMM_BN in kernels/moe_mlp.metal
-constexpr uint32_t GEMM_MIN_TOKENS = 64;  // tokens from which the grouped GEMMs run
 constexpr uint32_t ROUTE_MAX_EXPERTS = 8192;
+// moe_mlp variants (kernels/moe_mlp.metal): MoeSimdMath<T, tm> with `SIMD_FS` hidden units
+// per slice, 256 threads; MoeMmaMath (32 pairs, 64 hidden units, 128 threads).
+constexpr uint32_t SIMD_FS = 64;
+constexpr uint32_t SIMD_THREADS = 256;
+constexpr uint32_t MMA_TM = 32, MMA_FS = 64, MMA_THREADS = 128;
+constexpr uint32_t MMA_STAGE_BYTES = (MMA_TM * 32 + 2 * 32 * MMA_FS) * 4;
+constexpr uint32_t TG_MEMORY_BYTES = 32768;  // threadgroup memory of Apple GPUs
+constexpr uint32_t TG_LISTS_BYTES = 2 * 32 * 4;  // moe_mlp's kernel-scope completion lists
+// The grouped (simdgroup_matrix) instance from this many pairs per expert (T * k / E): where
+// its modelled time, max(bytes / bandwidth, executed flops / peak), drops below the simd
+// instance's on every chip of docs/PERFORMANCE.md, "Metal variant choice" (bytes from the
+// harness's counters; benchmarks/metal_roofline.py). Not yet an Apple-GPU timing; the
+// environment variable MLX_MOE_METAL_VARIANT=simd|mma forces one, to time both on a Mac.
+constexpr double MMA_MIN_PAIRS_PER_EXPERT = 12.0;
 
-// The three bucketing kernels on `ids` (P flat pairs). Outputs must be allocated.
+inline bool use_mma(uint32_t T, uint32_t k, uint32_t E) {
+  if (const char* v = std::getenv("MLX_MOE_METAL_VARIANT")) {
+    const std::string s(v);
+    if (s == "mma") return true;
+    if (s == "simd") return false;
+    if (!s.empty() && s != "auto") {
+      throw std::invalid_argument("MLX_MOE_METAL_VARIANT must be simd, mma or auto, got '" + s + "'");
+    }
+  }
+  return double(T) * k >= MMA_MIN_PAIRS_PER_EXPERT * E;
+}
+
+// The bucketing kernels on `ids` (P flat pairs). Outputs must be allocated. With
+// `counters` (moe_mlp): dropped pairs are kept after offsets[E] (keep_dropped) and the first
+// `nzero` counters are zeroed.
 template <class Enc>
 void encode_bucket(Enc& enc, const mx::array& ids, int64_t ids_offset_bytes, uint32_t P,
                    uint32_t E, uint32_t tile, uint32_t grid_y, mx::array& counts,
                    mx::array& offsets, mx::array& pairs, mx::array& dispatch,
-                   mx::array& tile_starts) {
+                   mx::array& tile_starts, const mx::array* counters = nullptr,
+                   uint32_t nzero = 0) {
   const std::string it = tname(ids.dtype());
   MoeBucketArgs args{};
   args.P = P;
@@ -92,6 +123,8 @@ void encode_bucket(Enc& enc, const mx::array& ids, int64_t ids_offset_bytes, uin
   args.chunk = BUCKET_CHUNK;
   args.nblocks = (P + BUCKET_CHUNK - 1) / BUCKET_CHUNK;
   args.grid_y = grid_y;
+  args.keep_dropped = counters ? 1u : 0u;
+  args.nzero = counters ? nzero : 0u;
   auto block = enc.temp({int(std::max<uint32_t>(1, args.nblocks) * (E + 1))}, mx::uint32);
 
   if (args.nblocks > 0) {
@@ -118,14 +151,20 @@ void encode_bucket(Enc& enc, const mx::array& ids, int64_t ids_offset_bytes, uin
     enc.input(block, 1);
     enc.output(pairs, 2);
     enc.bytes(args, 3);
-    enc.tg_memory((E * 4 + 15) / 16 * 16, 0);
+    enc.tg_memory(((E + 1) * 4 + 15) / 16 * 16, 0);
     enc.dispatch({args.nblocks, 1, 1}, {32, 1, 1});
 
-    enc.kernel("moe_bucket_fill_dropped");
+    enc.kernel("moe_bucket_finish");
     enc.output(pairs, 0);
     enc.input(offsets, 1);
     enc.bytes(args, 2);
-    enc.dispatch({(P + 255) / 256, 1, 1}, {256, 1, 1});
+    if (counters) {
+      enc.output(const_cast<mx::array&>(*counters), 3);
+    } else {
+      enc.output(block, 3);  // never written (nzero = 0)
+    }
+    const uint32_t n = std::max(P, args.nzero);
+    enc.dispatch({(n + 255) / 256, 1, 1}, {256, 1, 1});
   }
 }
 
@@ -232,30 +271,37 @@ void encode_moe_mlp(Enc& enc, MoeMLP& p, const std::vector<mx::array>& inputs,
   const uint32_t E = uint32_t(proj[0][0].shape(0));
   const uint32_t F = args.gate.N;
   const size_t xsize = mx::size_of(x.dtype());
+  // Variant: the grouped (simdgroup_matrix) instance when there are enough pairs per
+  // expert (use_mma); else the simd instance with the largest token tile whose activation
+  // rows fit in 16 KiB of threadgroup memory.
   uint32_t tm = 8;
   while (tm > 1 && tm * D * xsize > 16384) tm /= 2;
+  // The simd instance stages whole activation rows: when even one row does not fit in the
+  // 32 KiB of threadgroup memory Apple GPUs give (with h and the completion lists), the
+  // matrix instance (which streams K) runs at any token count.
+  const bool rows_fit = tm * D * xsize + tm * SIMD_FS * 4 + TG_LISTS_BYTES <= TG_MEMORY_BYTES;
+  const bool mma = !rows_fit || use_mma(T, k, E);
+  if (mma) tm = MMA_TM;
   args.T = T;
   args.k = k;
   args.D = D;
   args.F = F;
   args.E = E;
   args.tm = tm;
-  args.fs = 64;
+  args.fs = mma ? MMA_FS : SIMD_FS;
   args.nslices = (F + args.fs - 1) / args.fs;
-
-  // Few tokens: the token-tile x F-slice kernel (every weight byte once per tile). Many
-  // tokens: the grouped GEMMs (gate/up -> H, down -> per-pair rows). The threshold is a
-  // first guess until measured on Apple GPUs (docs/MACOS.md).
-  const bool gemm = T >= GEMM_MIN_TOKENS;
-  if (gemm) args.nslices = 1;
-  // Token chunks bound the temporaries (partials, H) to ~256 MiB.
-  const size_t per_token = gemm ? size_t(k) * (D + F) * 4 : size_t(k) * args.nslices * D * 4;
+  const bool combine = enc.device_fence();
+  args.combine = combine ? 1u : 0u;
+  // Token chunks bound the partials (fp32, one row per pair and slice) to ~256 MiB.
+  const size_t per_token = size_t(k) * args.nslices * D * 4;
   const uint32_t chunk_t = uint32_t(std::max<size_t>(1, (size_t(256) << 20) / per_token));
 
   const std::string xt = tname(x.dtype());
+  const std::string name = "moe_mlp_" + xt + (mma ? std::string("_mma") : "_tm" + std::to_string(tm));
   // The decoders specialise on each projection's (mode, bits): function constants 0..5.
   const std::vector<uint32_t> fmt_constants = {args.gate.mode, args.gate.bits, args.up.mode,
                                                args.up.bits,   args.down.mode, args.down.bits};
+  const size_t ysize = mx::size_of(y.dtype());
   for (uint32_t t0 = 0; t0 < T; t0 += chunk_t) {
     const uint32_t tc = std::min(chunk_t, T - t0);
     const uint32_t P = tc * k;
@@ -267,67 +313,52 @@ void encode_moe_mlp(Enc& enc, MoeMLP& p, const std::vector<mx::array>& inputs,
     auto dispatch = enc.temp({4}, mx::uint32);
     auto tile_starts = enc.temp({int(E) + 1}, mx::uint32);
     auto partial = enc.temp({int(P * a.nslices), int(D)}, mx::float32);
-    const uint32_t tile = gemm ? GEMM_TILE : tm;
-    const uint32_t grid_y = gemm ? (F + GEMM_TILE - 1) / GEMM_TILE : a.nslices;
-    encode_bucket(enc, ids, int64_t(t0) * k * mx::size_of(ids.dtype()), P, E, tile, grid_y,
-                  counts, offsets, pairs, dispatch, tile_starts);
+    // completion counters: one per pair (slices in), one per token (slots in)
+    auto counters = enc.temp({int(combine ? P + tc : 1)}, mx::uint32);
+    encode_bucket(enc, ids, int64_t(t0) * k * mx::size_of(ids.dtype()), P, E, tm, a.nslices,
+                  counts, offsets, pairs, dispatch, tile_starts, &counters,
+                  combine ? P + tc : 0u);
 
-    auto bind_common = [&]() {
-      enc.input(rw, 1, int64_t(t0) * k * 4);
-      enc.input(pairs, 2);
-      enc.input(offsets, 3);
-      enc.input(tile_starts, 4);
-      for (int i = 0; i < 3; ++i) {
-        const Format& f = p.formats()[i];
-        enc.input(proj[i][0], 5 + 3 * i);
-        enc.input(proj[i][1], 6 + 3 * i);
-        // biases (affine) or grid (trellis); mxfp4 has neither: the scales again, never read.
-        enc.input(proj[i].size() > 2 ? proj[i][2] : proj[i][1], 7 + 3 * i);
-        // trellis su / sv, or the scales again (never read).
-        int next = 3;
-        const auto& su = (f.mode == Mode::Trellis && f.has_su) ? proj[i][next++] : proj[i][1];
-        const auto& sv = (f.mode == Mode::Trellis && f.has_sv) ? proj[i][next++] : proj[i][1];
-        enc.input(su, 18 + 2 * i);
-        enc.input(sv, 19 + 2 * i);
-      }
-      enc.bytes(a, 15);
-    };
-    if (!gemm) {
-      enc.kernel("moe_mlp_fused_" + xt + "_tm" + std::to_string(tm), fmt_constants);
-      enc.input(x, 0, int64_t(t0) * D * xsize);
-      bind_common();
-      enc.output(partial, 14);
+    enc.kernel(name, fmt_constants);
+    enc.input(x, 0, int64_t(t0) * D * xsize);
+    enc.input(rw, 1, int64_t(t0) * k * 4);
+    enc.input(pairs, 2);
+    enc.input(offsets, 3);
+    enc.input(tile_starts, 4);
+    for (int i = 0; i < 3; ++i) {
+      const Format& f = p.formats()[i];
+      enc.input(proj[i][0], 5 + 3 * i);
+      enc.input(proj[i][1], 6 + 3 * i);
+      // biases (affine) or grid (trellis); mxfp4 has neither: the scales again, never read.
+      enc.input(proj[i].size() > 2 ? proj[i][2] : proj[i][1], 7 + 3 * i);
+      // trellis su / sv, or the scales again (never read).
+      int next = 3;
+      const auto& su = (f.mode == Mode::Trellis && f.has_su) ? proj[i][next++] : proj[i][1];
+      const auto& sv = (f.mode == Mode::Trellis && f.has_sv) ? proj[i][next++] : proj[i][1];
+      enc.input(su, 18 + 2 * i);
+      enc.input(sv, 19 + 2 * i);
+    }
+    enc.output(partial, 14);
+    enc.bytes(a, 15);
+    enc.output(counters, 17);
+    enc.output(y, 24, int64_t(t0) * D * ysize);
+    if (mma) {
+      enc.tg_memory(MMA_STAGE_BYTES, 0);
+      enc.tg_memory(MMA_TM * MMA_FS * 4, 1);
+    } else {
       enc.tg_memory((tm * D * xsize + 15) / 16 * 16, 0);
       enc.tg_memory(tm * a.fs * 4, 1);
-      enc.dispatch_indirect(dispatch, 16, {256, 1, 1});
-    } else {
-      auto H = enc.temp({int(P), int(F)}, mx::float32);
-      auto dispatch_down = enc.temp({4}, mx::uint32);
-      enc.kernel("moe_gemm_gateup_" + xt, fmt_constants);
-      enc.input(x, 0, int64_t(t0) * D * xsize);
-      bind_common();
-      enc.output(H, 14);
-      enc.dispatch_indirect(dispatch, 16, {128, 1, 1});
-
-      enc.kernel("moe_gemm_dispatch_down");
-      enc.input(dispatch, 0);
-      enc.output(dispatch_down, 1);
-      enc.bytes(a, 2);
-      enc.dispatch({1, 1, 1}, {32, 1, 1});
-
-      enc.kernel("moe_gemm_down", fmt_constants);
-      bind_common();
-      enc.output(partial, 14);
-      enc.input(H, 16);
-      enc.dispatch_indirect(dispatch_down, 17, {128, 1, 1});
     }
+    enc.dispatch_indirect(dispatch, 16, {mma ? MMA_THREADS : SIMD_THREADS, 1, 1});
 
-    enc.kernel("moe_mlp_combine_" + xt);
-    enc.input(partial, 0);
-    enc.output(y, 1, int64_t(t0) * D * mx::size_of(y.dtype()));
-    enc.bytes(a, 2);
-    const uint32_t n = tc * D;
-    enc.dispatch({(n + 255) / 256, 1, 1}, {256, 1, 1});
+    if (!combine) {  // no device-scope fences (Metal < 3.2): the combine is a dispatch
+      enc.kernel("moe_mlp_combine_" + xt);
+      enc.input(partial, 0);
+      enc.output(y, 1, int64_t(t0) * D * ysize);
+      enc.bytes(a, 2);
+      const uint32_t n = tc * D;
+      enc.dispatch({(n + 255) / 256, 1, 1}, {256, 1, 1});
+    }
   }
 }
 

@@ -14,6 +14,10 @@
 #include "mlx/backend/metal/device.h"
 #include "mlx/backend/metal/utils.h"
 
+#ifndef MLX_MOE_METAL_DEVICE_FENCE
+#error "CMake defines MLX_MOE_METAL_DEVICE_FENCE from the Metal compiler's language version"
+#endif
+
 namespace mlx_moe::gpu {
 
 namespace {
@@ -90,6 +94,9 @@ struct MlxEncoder {
     return a;
   }
   void alloc(mx::array& out) { out.set_data(mx::allocator::malloc(std::max<size_t>(out.nbytes(), 4))); }
+  // CMake compiles the metallib and this file with the same SDK and sets this from the
+  // Metal compiler's __METAL_VERSION__ (>= 320: atomic_thread_fence, coherent(device)).
+  bool device_fence() const { return MLX_MOE_METAL_DEVICE_FENCE != 0; }
 };
 
 MlxEncoder encoder(mx::Primitive& p) {

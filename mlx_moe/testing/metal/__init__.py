@@ -37,7 +37,7 @@ __all__ = [
 _HERE = Path(__file__).resolve().parent
 _RUNTIME = _HERE / "runtime"
 _STAGE1 = _HERE / "stage1"
-METAL_VERSION = 310  # __METAL_VERSION__ the sources see (MSL 3.1)
+METAL_VERSION = 320  # __METAL_VERSION__ the sources see (MSL 3.2; defines= may lower it)
 MAX_BUFFERS = 32
 
 

@@ -45,14 +45,16 @@ def project_kernels() -> dict:
     return _kernels
 
 
-def project_kernel(name: str, function_constants=()):
+def project_kernel(name: str, function_constants=(), defines=None):
     """The harness Kernel `name`, from the kernels/*.metal file that defines it, specialised
-    with uint function constants 0, 1, ... (as the host creates the pipeline)."""
+    with uint function constants 0, 1, ... (as the host creates the pipeline), compiled with
+    extra -D `defines` if given."""
     kernel = project_kernels()[name]
-    if not function_constants:
+    if not function_constants and not defines:
         return kernel
     f = kernel.library.path
-    lib = _compile(f, include_dirs=[f.parent], function_constants=dict(enumerate(function_constants)))
+    lib = _compile(f, include_dirs=[f.parent], defines=defines,
+                   function_constants=dict(enumerate(function_constants)))
     return lib.kernel(name)
 
 
@@ -84,14 +86,15 @@ class Replay:
 
 
 def replay(out, *, reverse: bool = False, poison: int = 0xAB, specialise: bool = True,
-           **run_kw) -> Replay:
+           device_fence: bool = True, defines: dict | None = None, **run_kw) -> Replay:
     """Run, in the harness, the Metal commands that evaluating `out` (an unevaluated output of
     mlx_moe.route / bucket / dequantize / moe_mlp) would encode. Outputs and scratch buffers
     start poisoned (every byte `poison`). specialise=False ignores the function constants the
-    host sets (runs the generic kernels)."""
+    host sets (runs the generic kernels). device_fence=False records the host code as built
+    against a Metal 3.1 SDK (defines={"__METAL_VERSION__": 310} compiles the kernels so)."""
     from mlx_moe import _ext
 
-    rec = _ext.metal_record(out)
+    rec = _ext.metal_record(out, device_fence)
     inputs = [_to_numpy(a) for a in rec["inputs"]]
     storage = []
     out_arrays, out_dtypes = [], []
@@ -114,7 +117,7 @@ def replay(out, *, reverse: bool = False, poison: int = 0xAB, specialise: bool =
         name = c["kernel"]
         if name not in kernels:
             raise KeyError(f"the host code dispatches {name!r}, which no kernels/*.metal defines")
-        kernel = project_kernel(name, c["function_constants"] if specialise else ())
+        kernel = project_kernel(name, c["function_constants"] if specialise else (), defines)
         bufs = {}
         for slot, handle, offset, _is_out, payload in c["buffers"]:
             if handle < 0:

@@ -240,6 +240,17 @@ enum memory_order {
   memory_order_acq_rel = 4,
   memory_order_seq_cst = 5,
 };
+enum thread_scope {
+  thread_scope_thread = 0,
+  thread_scope_threadgroup = 1,
+  thread_scope_device = 2,
+  thread_scope_simdgroup = 4,
+};
+// MSL 3.2. Threadgroups run one after another and the threads of one as fibers on one OS
+// thread: every store is visible to every later load, so fences order nothing further here.
+MH_NOSAN inline void atomic_thread_fence(mem_flags, memory_order, thread_scope = thread_scope_device) {}
+// MSL 3.2 `coherent(device)` buffers: coherent here already.
+#define coherent(scope)
 template <class T>
 struct atomic {
   T __v;
