@@ -275,8 +275,9 @@ def test_moe_mlp_expert_counts_of_real_models(rng, shape, T):
     run_mlp(x, ids, w, experts, dense, mx.float32)
 
 
-def test_moe_mlp_4096_tokens(rng):
-    T, E, D, F, k = 4096, 8, 64, 32, 2
+@pytest.mark.parametrize("E,k", [(8, 2), (128, 8), (64, 4)], ids=["E8k2", "qwen3", "glm47flash"])
+def test_moe_mlp_4096_tokens(rng, E, k):
+    T, D, F = 4096, 64, 32
     experts, dense = make_experts(rng, E, D, F, group_size=32)
     x = mx.array(rng.standard_normal((T, D)).astype(np.float32))
     ids, w = random_routing(rng, T, E, k)
