@@ -88,16 +88,16 @@ def model_variant(variant, T, counts, *, d=D, f=F, k=K, xb=XB, expert=None):
     P = T * k
     e = len(counts)
     tm = simd_tm(d, xb) if variant == "simd" else 32
-    fs = 64
+    fs = 64 if variant == "simd" else 128  # hidden units per slice (encode.h)
     ns = math.ceil(f / fs)
     tiles = int(sum(math.ceil(c / tm) for c in counts))
     touched = int((counts > 0).sum())
     bucket = 2 * P * 4 + P * 4 + 64 * e + 4 * (P + T)      # ids twice, pairs, tables, counters
     partial = P * ns * d * 4                       # each (pair, slice) row written once
-    # in-kernel combine: the slice rows read by the pair sums (their results overwrite slice
-    # 0's rows: no new bytes), slice 0's rows read again by the token sums (another
-    # threadgroup, mostly), y written
-    tg_combine = partial + P * d * 4 + T * d * xb
+    # in-kernel combine: the slice rows read by the pair sums when there are several slices
+    # (their results overwrite slice 0's rows: no new bytes), slice 0's rows read again by
+    # the token sums (another threadgroup, mostly), y written
+    tg_combine = (partial if ns > 1 else 0) + P * d * 4 + T * d * xb
     small = tiles * ns * (tm * 12 + 64)            # pairs, route weights, tile lookup
     tg_bytes = bucket + tiles * expert + P * d * xb * ns + partial + tg_combine + small
     compulsory = bucket + touched * expert + T * d * xb + partial + partial + T * d * xb + P * 12
@@ -291,7 +291,7 @@ def main():
             "*compulsory* (each distinct byte once: caches share everything) and "
             "*per-threadgroup* (each threadgroup fetches what it reads: nothing shared; the "
             "upper bound), from the Metal harness's counters where marked, else from the byte "
-            "model of the same kernels (within 3% of the counters, table below). The "
+            "model of the same kernels (within 2% of the counters, table below). The "
             "time columns use the compulsory bytes. SwitchGLU: a lower bound (touched "
             "experts' weights once, once per pair below 64 indices, bf16 intermediates).\n\n"
             + table + "\n")

@@ -194,12 +194,14 @@ struct MoeSimdMath {
 };
 
 // ---------------------------------------------------------------------------------------
-// Grouped batches: 32 pairs, 128 threads (4 simdgroups), simdgroup_matrix 8x8 fragments.
-// stage: xs [32 pairs][32 k] | wg [32 k][64 f] | wu [32 k][64 f] floats (20 KiB);
-// hs: h [32][fs = 64].
+// Grouped batches: 32 pairs, 128 threads (4 simdgroups, each a 16 x 16 block of a 32 x 32
+// output), simdgroup_matrix 8x8 fragments, K in steps of 32 codes decoded into threadgroup
+// memory. hs: h [32][fs = 128] (16 KiB, fp32); stage (12 KiB): gate/up passes of 32 hidden
+// units use xs [32 pairs][32 k] | wg [32 k][32 f] | wu [32 k][32 f]; down steps of 32 output
+// columns use wd [32 k][32 n] | os [32][32].
 constant constexpr uint MMA_TM = 32;
-constant constexpr uint MMA_FS = 64;  // hidden units per slice (MoeMlpArgs::fs on this path)
-constant constexpr uint MMA_BN = 32;  // output columns per down step
+constant constexpr uint MMA_FS = 128;  // hidden units per slice (MoeMlpArgs::fs on this path)
+constant constexpr uint MMA_B = 32;    // the 32 x 32 blocks
 
 // Codes [k0, k0 + 32) of row n of expert e, written K-major: dst[j * stride] (zeros when
 // the row does not exist).
@@ -226,105 +228,108 @@ struct MoeMmaMath {
   static void gate_up(thread const MoeMlpCtx<T>& c, constant MoeMlpArgs& args,
                       threadgroup float* stage, threadgroup float* hs) {
     threadgroup float* xs = stage;
-    threadgroup float* wg = stage + MMA_TM * MOE_HALF;
-    threadgroup float* wu = wg + MOE_HALF * MMA_FS;
-    const uint cn = 16 * c.sg;  // this simdgroup's 16 hidden units of the slice
-    simdgroup_float8x8 ag[4][2], au[4][2];
-    for (uint i = 0; i < 4; ++i) {
-      for (uint j = 0; j < 2; ++j) {
-        ag[i][j] = simdgroup_float8x8(0.0f);
-        au[i][j] = simdgroup_float8x8(0.0f);
-      }
-    }
-    // Thread t < 64 decodes gate row f0 + t, thread 64 + t up row f0 + t.
-    const bool is_up = c.tid >= MMA_FS;
-    const uint fn = c.tid % MMA_FS;
-    for (uint k0 = 0; k0 < args.D; k0 += MOE_HALF) {
-      for (uint i = c.tid; i < MMA_TM * MOE_HALF; i += c.nthreads) {
-        const uint r = i / MOE_HALF, kk = i % MOE_HALF;
-        xs[i] = r < c.c ? float(c.x[size_t(c.pairs[c.r0 + r] / args.k) * args.D + k0 + kk])
-                        : 0.0f;
-      }
-      if (c.tid < 2 * MMA_FS) {
-        moe_decode_kmajor(is_up ? c.upp : c.gp, is_up ? args.up : args.gate,
-                          is_up ? c.uf : c.gf, c.e, c.f0 + fn, fn < c.fs, k0,
-                          (is_up ? wu : wg) + fn, MMA_FS);
-      }
-      threadgroup_barrier(mem_flags::mem_threadgroup);
-      for (uint kk = 0; kk < MOE_HALF; kk += 8) {
-        simdgroup_float8x8 a[4], bg[2], bu[2];
-        for (uint i = 0; i < 4; ++i) {
-          simdgroup_load(a[i], xs + 8 * i * MOE_HALF + kk, MOE_HALF);
-        }
+    threadgroup float* wg = stage + MMA_B * MMA_B;
+    threadgroup float* wu = wg + MMA_B * MMA_B;
+    const uint sm = (c.sg / 2) * 16, sn = (c.sg % 2) * 16;  // this simdgroup's block
+    // Thread t < 32 decodes gate row f0 + nb + t, thread 64 + t up row f0 + nb + t.
+    const bool decoder = c.tid % 64 < MMA_B;
+    const bool is_up = c.tid >= 64;
+    const uint fn = c.tid % MMA_B;
+    for (uint nb = 0; nb < c.fs; nb += MMA_B) {
+      simdgroup_float8x8 ag[2][2], au[2][2];
+      for (uint i = 0; i < 2; ++i) {
         for (uint j = 0; j < 2; ++j) {
-          simdgroup_load(bg[j], wg + kk * MMA_FS + cn + 8 * j, MMA_FS);
-          simdgroup_load(bu[j], wu + kk * MMA_FS + cn + 8 * j, MMA_FS);
+          ag[i][j] = simdgroup_float8x8(0.0f);
+          au[i][j] = simdgroup_float8x8(0.0f);
         }
-        for (uint i = 0; i < 4; ++i) {
-          for (uint j = 0; j < 2; ++j) {
-            simdgroup_multiply_accumulate(ag[i][j], a[i], bg[j], ag[i][j]);
-            simdgroup_multiply_accumulate(au[i][j], a[i], bu[j], au[i][j]);
+      }
+      for (uint k0 = 0; k0 < args.D; k0 += MOE_HALF) {
+        for (uint i = c.tid; i < MMA_TM * MOE_HALF; i += c.nthreads) {
+          const uint r = i / MOE_HALF, kk = i % MOE_HALF;
+          xs[i] = r < c.c ? float(c.x[size_t(c.pairs[c.r0 + r] / args.k) * args.D + k0 + kk])
+                          : 0.0f;
+        }
+        if (decoder) {
+          moe_decode_kmajor(is_up ? c.upp : c.gp, is_up ? args.up : args.gate,
+                            is_up ? c.uf : c.gf, c.e, c.f0 + nb + fn, nb + fn < c.fs, k0,
+                            (is_up ? wu : wg) + fn, MMA_B);
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint kk = 0; kk < MOE_HALF; kk += 8) {
+          simdgroup_float8x8 a[2], bg[2], bu[2];
+          for (uint i = 0; i < 2; ++i) {
+            simdgroup_load(a[i], xs + (sm + 8 * i) * MOE_HALF + kk, MOE_HALF);
+            simdgroup_load(bg[i], wg + kk * MMA_B + sn + 8 * i, MMA_B);
+            simdgroup_load(bu[i], wu + kk * MMA_B + sn + 8 * i, MMA_B);
+          }
+          for (uint i = 0; i < 2; ++i) {
+            for (uint j = 0; j < 2; ++j) {
+              simdgroup_multiply_accumulate(ag[i][j], a[i], bg[j], ag[i][j]);
+              simdgroup_multiply_accumulate(au[i][j], a[i], bu[j], au[i][j]);
+            }
           }
         }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+      }
+      // gate and up blocks [32][32] through wg / wu, then h = silu(gate) * up into hs.
+      for (uint i = 0; i < 2; ++i) {
+        for (uint j = 0; j < 2; ++j) {
+          simdgroup_store(ag[i][j], wg + (sm + 8 * i) * MMA_B + sn + 8 * j, MMA_B);
+          simdgroup_store(au[i][j], wu + (sm + 8 * i) * MMA_B + sn + 8 * j, MMA_B);
+        }
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      for (uint i = c.tid; i < MMA_TM * MMA_B; i += c.nthreads) {
+        const uint r = i / MMA_B, n = i % MMA_B;
+        hs[r * MMA_FS + nb + n] = moe_silu_mul(wg[i], wu[i]);
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    // gate and up results [32][64] through wg / wu, then h = silu(gate) * up into hs.
-    for (uint i = 0; i < 4; ++i) {
-      for (uint j = 0; j < 2; ++j) {
-        simdgroup_store(ag[i][j], wg + 8 * i * MMA_FS + cn + 8 * j, MMA_FS);
-        simdgroup_store(au[i][j], wu + 8 * i * MMA_FS + cn + 8 * j, MMA_FS);
-      }
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (uint i = c.tid; i < MMA_TM * MMA_FS; i += c.nthreads) {
-      hs[i] = moe_silu_mul(wg[i], wu[i]);
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
   }
 
   static void down(thread const MoeMlpCtx<T>& c, constant MoeMlpArgs& args,
                    threadgroup float* stage, threadgroup float* hs,
                    MOE_COHERENT device float* partial) {
-    threadgroup float* wd = stage;                     // [64 k][32 n]
-    threadgroup float* os = stage + MMA_FS * MMA_BN;  // [32][32]
+    threadgroup float* wd = stage;                 // [32 k][32 n]
+    threadgroup float* os = stage + MMA_B * MMA_B;  // [32][32]
     const uint sm = (c.sg / 2) * 16, sn = (c.sg % 2) * 16;
-    const uint half_k = c.tid / MMA_BN, dn = c.tid % MMA_BN;  // decoders: tid < 64
-    for (uint n0 = 0; n0 < args.D; n0 += MMA_BN) {
-      if (c.tid < 2 * MMA_BN) {
-        moe_decode_kmajor(c.dp, args.down, c.df, c.e, n0 + dn,
-                          half_k * MOE_HALF < c.fs && n0 + dn < args.D,
-                          c.f0 + half_k * MOE_HALF, wd + half_k * MOE_HALF * MMA_BN + dn, MMA_BN);
-      }
-      threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint n0 = 0; n0 < args.D; n0 += MMA_B) {
       simdgroup_float8x8 acc[2][2];
       for (uint i = 0; i < 2; ++i) {
         for (uint j = 0; j < 2; ++j) {
           acc[i][j] = simdgroup_float8x8(0.0f);
         }
       }
-      for (uint kk = 0; kk < c.fs; kk += 8) {
-        simdgroup_float8x8 a[2], b[2];
-        for (uint i = 0; i < 2; ++i) {
-          simdgroup_load(a[i], hs + (sm + 8 * i) * MMA_FS + kk, MMA_FS);
-          simdgroup_load(b[i], wd + kk * MMA_BN + sn + 8 * i, MMA_BN);
+      for (uint j0 = 0; j0 < c.fs; j0 += MMA_B) {
+        if (c.tid < MMA_B) {
+          moe_decode_kmajor(c.dp, args.down, c.df, c.e, n0 + c.tid, n0 + c.tid < args.D,
+                            c.f0 + j0, wd + c.tid, MMA_B);
         }
-        for (uint i = 0; i < 2; ++i) {
-          for (uint j = 0; j < 2; ++j) {
-            simdgroup_multiply_accumulate(acc[i][j], a[i], b[j], acc[i][j]);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        for (uint kk = 0; kk < MMA_B; kk += 8) {
+          simdgroup_float8x8 a[2], b[2];
+          for (uint i = 0; i < 2; ++i) {
+            simdgroup_load(a[i], hs + (sm + 8 * i) * MMA_FS + j0 + kk, MMA_FS);
+            simdgroup_load(b[i], wd + kk * MMA_B + sn + 8 * i, MMA_B);
+          }
+          for (uint i = 0; i < 2; ++i) {
+            for (uint j = 0; j < 2; ++j) {
+              simdgroup_multiply_accumulate(acc[i][j], a[i], b[j], acc[i][j]);
+            }
           }
         }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
       }
       for (uint i = 0; i < 2; ++i) {
         for (uint j = 0; j < 2; ++j) {
-          simdgroup_store(acc[i][j], os + (sm + 8 * i) * MMA_BN + sn + 8 * j, MMA_BN);
+          simdgroup_store(acc[i][j], os + (sm + 8 * i) * MMA_B + sn + 8 * j, MMA_B);
         }
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
-      // (the next step's decoders write wd, which every simdgroup finished reading above;
-      // os is rewritten only after the next step's first barrier)
-      for (uint i = c.tid; i < MMA_TM * MMA_BN; i += c.nthreads) {
-        const uint r = i / MMA_BN, n = i % MMA_BN;
+      // (the next step's decoders write wd, which every simdgroup finished reading before
+      // the barrier above; os is rewritten only after the next step's barriers)
+      for (uint i = c.tid; i < MMA_TM * MMA_B; i += c.nthreads) {
+        const uint r = i / MMA_B, n = i % MMA_B;
         if (r < c.c && n0 + n < args.D) {
           const uint pair = c.pairs[c.r0 + r];
           partial[(size_t(pair) * args.nslices + c.slice) * args.D + n0 + n] =

@@ -80,11 +80,11 @@ inline MoeWeightArgs weight_args(const std::vector<mx::array>& arrays, const For
 constexpr uint32_t BUCKET_CHUNK = 256;
 constexpr uint32_t ROUTE_MAX_EXPERTS = 8192;
 // moe_mlp variants (kernels/moe_mlp.metal): MoeSimdMath<T, tm> with `SIMD_FS` hidden units
-// per slice, 256 threads; MoeMmaMath (32 pairs, 64 hidden units, 128 threads).
+// per slice, 256 threads; MoeMmaMath (32 pairs, 128 hidden units, 128 threads).
 constexpr uint32_t SIMD_FS = 64;
 constexpr uint32_t SIMD_THREADS = 256;
-constexpr uint32_t MMA_TM = 32, MMA_FS = 64, MMA_THREADS = 128;
-constexpr uint32_t MMA_STAGE_BYTES = (MMA_TM * 32 + 2 * 32 * MMA_FS) * 4;
+constexpr uint32_t MMA_TM = 32, MMA_FS = 128, MMA_THREADS = 128;
+constexpr uint32_t MMA_STAGE_BYTES = 3 * 32 * 32 * 4;  // xs | wg | wu, then wd | os
 constexpr uint32_t TG_MEMORY_BYTES = 32768;  // threadgroup memory of Apple GPUs
 constexpr uint32_t TG_LISTS_BYTES = 2 * 32 * 4;  // moe_mlp's kernel-scope completion lists
 // The grouped (simdgroup_matrix) instance from this many pairs per expert (T * k / E): where
