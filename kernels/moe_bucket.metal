@@ -27,8 +27,8 @@ template <typename I>
     threadgroup atomic_uint* hist [[threadgroup(0)]],  // E + 1 counters
     uint blk [[threadgroup_position_in_grid]],
     uint lane [[thread_index_in_threadgroup]],
-    uint3 tpt [[threads_per_threadgroup]]) {
-  const uint nt = tpt.x;
+    uint tpt [[threads_per_threadgroup]]) {
+  const uint nt = tpt;
   for (uint e = lane; e <= args.E; e += nt) {
     atomic_store_explicit(&hist[e], 0u, memory_order_relaxed);
   }
@@ -55,8 +55,8 @@ template <typename I>
     constant MoeBucketArgs& args [[buffer(4)]],
     device uint* tile_starts [[buffer(5)]],  // [E + 1]: first grouped-GEMM tile of each expert
     uint tid [[thread_index_in_threadgroup]],
-    uint3 tpt [[threads_per_threadgroup]]) {
-  const uint nt = tpt.x;
+    uint tpt [[threads_per_threadgroup]]) {
+  const uint nt = tpt;
   const size_t stride = args.E + 1;
   for (uint e = tid; e <= args.E; e += nt) {
     uint running = 0;
@@ -166,7 +166,7 @@ template <typename I>
       constant MoeBucketArgs& args [[buffer(2)]],                                               \
       threadgroup atomic_uint* hist [[threadgroup(0)]],                                         \
       uint blk [[threadgroup_position_in_grid]], uint lane [[thread_index_in_threadgroup]],    \
-      uint3 tpt [[threads_per_threadgroup]]);                                                   \
+      uint tpt [[threads_per_threadgroup]]);                                                   \
   template [[host_name("moe_bucket_scatter_" #name)]] [[kernel]] void moe_bucket_scatter<I>(   \
       device const I* ids [[buffer(0)]], device const uint* block_offsets [[buffer(1)]],       \
       device uint* pairs [[buffer(2)]], constant MoeBucketArgs& args [[buffer(3)]],            \

@@ -354,7 +354,9 @@ inline void moe_mlp_combine_tail(thread const MoeMlpCtx<T>& c, constant MoeMlpAr
   threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
   if (c.tid < c.c) {
     const uint pair = c.pairs[c.r0 + c.tid];
+    MOE_DEVICE_FENCE();  // release: the threadgroup's rows (ordered before by the barrier)
     const uint old = atomic_fetch_add_explicit(&counters[pair], 1u, memory_order_relaxed);
+    MOE_DEVICE_FENCE();  // acquire: the rows of the threadgroups counted before
     done_pair[c.tid] = old + 1 == ns ? pair : MOE_NO_PAIR;
   }
   threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);
@@ -382,8 +384,10 @@ inline void moe_mlp_combine_tail(thread const MoeMlpCtx<T>& c, constant MoeMlpAr
     const uint pair = done_pair[c.tid];
     uint token = MOE_NO_PAIR;
     if (pair != MOE_NO_PAIR) {
+      MOE_DEVICE_FENCE();
       const uint old =
           atomic_fetch_add_explicit(&counters[P + pair / args.k], 1u, memory_order_relaxed);
+      MOE_DEVICE_FENCE();
       token = old + 1 == args.k ? pair / args.k : MOE_NO_PAIR;
     }
     done_token[c.tid] = token;
@@ -437,7 +441,7 @@ template <typename T, typename Math>
     threadgroup float* hs [[threadgroup(1)]],
     uint2 tg [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
-    uint3 tpt [[threads_per_threadgroup]],
+    uint2 tpt [[threads_per_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
 #if MOE_HAS_DEVICE_FENCE
@@ -485,6 +489,16 @@ template <typename T, typename Math>
 #endif
 }
 
+#if MOE_HAS_DEVICE_FENCE
+// Never dispatched: the host looks this name up in the metallib to learn whether the MLP
+// kernels were compiled with the in-kernel combine (the metallib's language version follows
+// the SDK and the deployment target, which only the metallib itself records).
+[[kernel]] void moe_mlp_device_fence(device uint* out [[buffer(0)]],
+                                     uint i [[thread_position_in_grid]]) {
+  out[i] = 1u;
+}
+#endif
+
 // y[t][d] = sum over slots j (in order) of the sum over slices s (in order) of the partials:
 // the combine as its own dispatch, when the device has no device-scope fence (Metal < 3.2).
 template <typename T>
@@ -526,7 +540,7 @@ template <typename T>
       device const uint8_t* down_su [[buffer(22)]], device const uint8_t* down_sv [[buffer(23)]], \
       device T* y [[buffer(24)]], threadgroup float* stage [[threadgroup(0)]],              \
       threadgroup float* hs [[threadgroup(1)]], uint2 tg [[threadgroup_position_in_grid]],  \
-      uint tid [[thread_index_in_threadgroup]], uint3 tpt [[threads_per_threadgroup]],      \
+      uint tid [[thread_index_in_threadgroup]], uint2 tpt [[threads_per_threadgroup]],      \
       uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]);
 
 #define MOE_INSTANTIATE_TYPE(tname, T)                                                        \

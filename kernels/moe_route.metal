@@ -15,10 +15,10 @@ template <typename T>
     constant MoeRouteArgs& args [[buffer(3)]],
     threadgroup float* wbuf [[threadgroup(0)]],
     uint tg [[threadgroup_position_in_grid]],
-    uint3 tpt [[threads_per_threadgroup]],
+    uint tpt [[threads_per_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
-  const uint nsg = tpt.x / 32;
+  const uint nsg = tpt / 32;
   const uint row = tg * nsg + sg;
   if (row >= args.rows) {
     return;  // the whole simdgroup leaves together; no threadgroup barrier follows
@@ -97,7 +97,7 @@ template <typename T>
       device const T* logits [[buffer(0)]], device uint* ids [[buffer(1)]],              \
       device float* weights [[buffer(2)]], constant MoeRouteArgs& args [[buffer(3)]],    \
       threadgroup float* wbuf [[threadgroup(0)]], uint tg [[threadgroup_position_in_grid]], \
-      uint3 tpt [[threads_per_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],  \
+      uint tpt [[threads_per_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],  \
       uint lane [[thread_index_in_simdgroup]]);
 
 MOE_INSTANTIATE_ROUTE(float32, float)

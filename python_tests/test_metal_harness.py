@@ -275,3 +275,17 @@ def test_read_only_input_is_not_written_back(lib):
     out = poisoned(1)
     mh.run(lib.kernel("tg_tree_sum"), grid=1, threadgroup=64, buffers=[x, out], threadgroup_memory=[256])
     np.testing.assert_allclose(out[0], x.astype(np.float64).sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_position_builtins_of_mixed_sizes_are_refused(tmp_path):
+    """Metal wants the vector-typed position built-ins of a kernel to have one size; the
+    harness refuses what Apple's compiler would."""
+    src = tmp_path / "mixed.metal"
+    src.write_text("#include <metal_stdlib>\nusing namespace metal;\n"
+                   "[[kernel]] void k(device float* y [[buffer(0)]],\n"
+                   "  uint2 tg [[threadgroup_position_in_grid]], uint3 tpt [[threads_per_threadgroup]]) {\n"
+                   "  y[tg.x] = float(tpt.x);\n}\n")
+    with pytest.raises(mh.MetalSourceError, match="position built-ins"):
+        mh.compile(src)
+    src.write_text(src.read_text().replace("uint3 tpt", "uint2 tpt"))
+    assert "k" in mh.compile(src).kernels

@@ -308,6 +308,19 @@ def test_moe_mlp_trellis_mixed_bits(rng, bits, T):
     run_mlp(x, ids, w, experts, dense, mx.float32)
 
 
+@pytest.mark.parametrize("T", [2, 80])
+def test_moe_mlp_trellis_widths_16_mod_32(rng, T):
+    """Trellis widths need only be multiples of 16: the simd instance decodes 16 codes at a
+    time and runs even where the matrix instance (32-code K steps) would be chosen."""
+    E, D, F, k = 8, 144, 48, 2
+    projs = [random_trellis(rng, E, n, kk, 4, group_size=16) for n, kk in ((F, D), (F, D), (D, F))]
+    dense = [lambda e, q=q: trellis.dequantize_reference(q)[e] for q in projs]
+    x = mx.array(rng.standard_normal((T, D)).astype(np.float32))
+    ids, w = random_routing(rng, T, E, k)
+    r, _, _ = run_mlp(x, ids, w, mlx_moe.Experts(*projs), dense, mx.float32)
+    assert "moe_mlp_float32_tm8" in kernels_used(r)
+
+
 def test_moe_mlp_mixed_formats(rng):
     E, D, F, k, T = 8, 128, 64, 2, 5
     g = random_trellis(rng, E, F, D, 6)

@@ -7,9 +7,10 @@
 //   enc.dispatch(groups, threads)             dispatchThreadgroups
 //   enc.dispatch_indirect(args, slot, threads) dispatchThreadgroups(indirectBuffer: ...)
 //   enc.temp(shape, dtype) / enc.alloc(out)   scratch and output memory
-//   enc.device_fence()                        whether the kernels were built with Metal's
-//                                             device-scope fences (MSL >= 3.2): the MLP
-//                                             kernel then combines in its own dispatch
+//   enc.device_fence()                        whether the metallib was compiled as MSL >= 3.2
+//                                             (device-scope fences; it then has the probe
+//                                             kernel moe_mlp_device_fence): the MLP kernel
+//                                             then combines in its own dispatch
 // metal_ops.cpp instantiates it with MLX's command encoder (macOS); record.cpp with a
 // recorder that lists the commands, which the Metal harness replays on Linux CI against the
 // same kernels (python_tests/test_metal_kernels.py). So the variant choice, buffer binding,
@@ -123,6 +124,11 @@ void encode_bucket(Enc& enc, const mx::array& ids, int64_t ids_offset_bytes, uin
   args.chunk = BUCKET_CHUNK;
   args.nblocks = (P + BUCKET_CHUNK - 1) / BUCKET_CHUNK;
   args.grid_y = grid_y;
+  if ((E + 1) * 4 > TG_MEMORY_BYTES) {  // one counter per expert in threadgroup memory
+    throw std::invalid_argument("mlx_moe (Metal): bucketing takes at most " +
+                                std::to_string(TG_MEMORY_BYTES / 4 - 1) + " experts, got " +
+                                std::to_string(E));
+  }
   args.keep_dropped = counters ? 1u : 0u;
   args.nzero = counters ? nzero : 0u;
   auto block = enc.temp({int(std::max<uint32_t>(1, args.nblocks) * (E + 1))}, mx::uint32);
@@ -280,7 +286,16 @@ void encode_moe_mlp(Enc& enc, MoeMLP& p, const std::vector<mx::array>& inputs,
   // 32 KiB of threadgroup memory Apple GPUs give (with h and the completion lists), the
   // matrix instance (which streams K) runs at any token count.
   const bool rows_fit = tm * D * xsize + tm * SIMD_FS * 4 + TG_LISTS_BYTES <= TG_MEMORY_BYTES;
-  const bool mma = !rows_fit || use_mma(T, k, E);
+  // The matrix instance steps K by 32 codes; trellis widths may be 16 mod 32 (the simd
+  // instance decodes 16 at a time).
+  const bool k32 = D % 32 == 0 && F % 32 == 0;
+  if (!rows_fit && !k32) {
+    throw std::invalid_argument(
+        "mlx_moe.moe_mlp (Metal): D = " + std::to_string(D) + ", F = " + std::to_string(F) +
+        " with " + dtype_str(x.dtype()) + " activations: a row does not fit in threadgroup "
+        "memory and the widths are not multiples of 32");
+  }
+  const bool mma = k32 && (!rows_fit || use_mma(T, k, E));
   if (mma) tm = MMA_TM;
   args.T = T;
   args.k = k;

@@ -14,10 +14,6 @@
 #include "mlx/backend/metal/device.h"
 #include "mlx/backend/metal/utils.h"
 
-#ifndef MLX_MOE_METAL_DEVICE_FENCE
-#error "CMake defines MLX_MOE_METAL_DEVICE_FENCE from the Metal compiler's language version"
-#endif
-
 namespace mlx_moe::gpu {
 
 namespace {
@@ -59,10 +55,15 @@ struct MlxEncoder {
   mx::metal::Device& d;
   mx::metal::CommandEncoder& enc;
 
+  MTL::ComputePipelineState* pipeline = nullptr;
+  std::string pipeline_name;
+
   void kernel(const std::string& name, const std::vector<uint32_t>& constants = {}) {
     auto* lib = d.get_library("mlx_moe", binary_dir());
+    pipeline_name = name;
     if (constants.empty()) {
-      enc.set_compute_pipeline_state(d.get_kernel(name, lib));
+      pipeline = d.get_kernel(name, lib);
+      enc.set_compute_pipeline_state(pipeline);
       return;
     }
     // One pipeline per specialisation, cached by MLX under its hash name.
@@ -72,7 +73,19 @@ struct MlxEncoder {
       hash += "_" + std::to_string(constants[i]);
       list.emplace_back(&constants[i], MTL::DataTypeUInt, NS::UInteger(i));
     }
-    enc.set_compute_pipeline_state(d.get_kernel(name, lib, hash, list));
+    pipeline = d.get_kernel(name, lib, hash, list);
+    enc.set_compute_pipeline_state(pipeline);
+  }
+  // The kernels are written for the threadgroup sizes encode.h asks for; a pipeline whose
+  // register use lowers its limit below that is an error, not a silent wrong launch.
+  void check_threads(metal_encode::Size3 t) const {
+    const size_t n = size_t(t.x) * t.y * t.z;
+    if (pipeline && n > pipeline->maxTotalThreadsPerThreadgroup()) {
+      throw std::runtime_error("mlx_moe (Metal): kernel " + pipeline_name + " allows " +
+                               std::to_string(pipeline->maxTotalThreadsPerThreadgroup()) +
+                               " threads per threadgroup on this GPU, the dispatch needs " +
+                               std::to_string(n));
+    }
   }
   void input(const mx::array& a, int slot, int64_t offset = 0) { enc.set_input_array(a, slot, offset); }
   void output(mx::array& a, int slot, int64_t offset = 0) { enc.set_output_array(a, slot, offset); }
@@ -82,9 +95,11 @@ struct MlxEncoder {
   }
   void tg_memory(size_t len, int idx) { enc.set_threadgroup_memory_length(len, idx); }
   void dispatch(metal_encode::Size3 g, metal_encode::Size3 t) {
+    check_threads(t);
     enc.dispatch_threadgroups(MTL::Size(g.x, g.y, g.z), MTL::Size(t.x, t.y, t.z));
   }
   void dispatch_indirect(const mx::array& args, int unused_slot, metal_encode::Size3 t) {
+    check_threads(t);
     mlx_moe::gpu::dispatch_indirect(enc, args, unused_slot, MTL::Size(t.x, t.y, t.z));
   }
   mx::array temp(mx::Shape shape, mx::Dtype dt) {
@@ -94,9 +109,21 @@ struct MlxEncoder {
     return a;
   }
   void alloc(mx::array& out) { out.set_data(mx::allocator::malloc(std::max<size_t>(out.nbytes(), 4))); }
-  // CMake compiles the metallib and this file with the same SDK and sets this from the
-  // Metal compiler's __METAL_VERSION__ (>= 320: atomic_thread_fence, coherent(device)).
-  bool device_fence() const { return MLX_MOE_METAL_DEVICE_FENCE != 0; }
+  // Whether the metallib was compiled as MSL >= 3.2 (atomic_thread_fence, coherent(device)):
+  // its language version follows the SDK and the deployment target, so ask the metallib
+  // itself, which then has the probe kernel (kernels/moe_mlp.metal). Once per process.
+  bool device_fence() {
+    static const bool has = [this] {
+      auto* lib = d.get_library("mlx_moe", binary_dir());
+      try {
+        d.get_kernel("moe_mlp_device_fence", lib);
+        return true;
+      } catch (const std::exception&) {
+        return false;
+      }
+    }();
+    return has;
+  }
 };
 
 MlxEncoder encoder(mx::Primitive& p) {

@@ -142,7 +142,29 @@ def _parse_params(text: str, kernel: str) -> list[Param]:
                 f"{kernel}: parameter {name!r} has attribute [[{attr}]], which the harness does not "
                 "support (buffers, threadgroup memory and the thread-position built-ins are)")
         params.append(p)
+    _check_position_builtins(params, kernel)
     return params
+
+
+# MSL: these built-ins are declared as scalars or vectors, and the vectors of one kernel must
+# have the same number of components (a scalar next to a vector the spec leaves unclear; the
+# project's kernels avoid it).
+_POSITION_BUILTINS = {"thread_position_in_grid", "threads_per_grid", "thread_position_in_threadgroup",
+                      "threads_per_threadgroup", "threadgroup_position_in_grid",
+                      "dispatch_threads_per_threadgroup", "threadgroups_per_grid"}
+
+
+def _check_position_builtins(params: list[Param], kernel: str) -> None:
+    widths = {}
+    for p in params:
+        if p.builtin in _POSITION_BUILTINS:
+            m = re.search(r"(\d)\s*$", p.type.strip())
+            if m:
+                widths[p.name] = int(m.group(1))
+    if len(set(widths.values())) > 1:
+        raise MetalSourceError(
+            f"{kernel}: the position built-ins {sorted(widths)} have {sorted(set(widths.values()))} "
+            "components: Metal wants their vectors of one size")
 
 
 def transform(src: str, function_constants: dict | None = None) -> tuple[str, list[Kernel]]:
