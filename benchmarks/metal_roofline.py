@@ -70,12 +70,12 @@ def routing(T, seed):
 PAIR_FLOPS = 2 * 3 * D * F  # one (token, slot) pair through gate, up and down
 
 
-def simd_tm(d=D, xb=XB):
-    """encode.h: the simd instance's token tile (activation rows within 16 KiB)."""
+def simd_tm(d=D, xb=XB, T=2):
+    """encode.h: the simd instance's token tile (activation rows within 16 KiB; 1 to decode)."""
     tm = 8
     while tm > 1 and tm * d * xb > 16384:
         tm //= 2
-    return tm
+    return 1 if T == 1 else tm
 
 
 def model_variant(variant, T, counts, *, d=D, f=F, k=K, xb=XB, expert=None):
@@ -87,7 +87,7 @@ def model_variant(variant, T, counts, *, d=D, f=F, k=K, xb=XB, expert=None):
     expert = EXPERT if expert is None else expert
     P = T * k
     e = len(counts)
-    tm = simd_tm(d, xb) if variant == "simd" else 32
+    tm = simd_tm(d, xb, T) if variant == "simd" else 32
     fs = 64 if variant == "simd" else 128  # hidden units per slice (encode.h)
     ns = math.ceil(f / fs)
     tiles = int(sum(math.ceil(c / tm) for c in counts))
@@ -299,7 +299,7 @@ def main():
     title2 = "### Metal variant choice (from the harness's byte counters)"
     body2 = (f"{title2}\n\n{date}, `benchmarks/metal_roofline.py`. The fused MLP kernel has two "
              "instances of one body (kernels/moe_mlp.metal): the simd policy (a token tile of "
-             f"{simd_tm()} pairs at D=2048 bf16, lanes across K) and the simdgroup_matrix policy "
+             f"{simd_tm()} pairs at D=2048 bf16, 1 for a single token, lanes across K) and the simdgroup_matrix policy "
              "(32-pair tiles). Their bytes differ in how often a touched expert's weights are "
              "read (once per tile) and their executed flops in the rows a tile computes (the "
              "simd policy skips empty rows, the matrix one computes all 32). Byte model vs the "

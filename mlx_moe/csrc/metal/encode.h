@@ -282,6 +282,9 @@ void encode_moe_mlp(Enc& enc, MoeMLP& p, const std::vector<mx::array>& inputs,
   // rows fit in 16 KiB of threadgroup memory.
   uint32_t tm = 8;
   while (tm > 1 && tm * D * xsize > 16384) tm /= 2;
+  // Decode (one token): every expert has one pair (top-k ids are distinct), so TM = 1: no
+  // masked rows, the fewest registers per thread.
+  if (T == 1) tm = 1;
   // The simd instance stages whole activation rows: when even one row does not fit in the
   // 32 KiB of threadgroup memory Apple GPUs give (with h and the completion lists), the
   // matrix instance (which streams K) runs at any token count.
