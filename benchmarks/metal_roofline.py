@@ -222,7 +222,7 @@ def variant_choice():
 
 def replace_section(text, title, body):
     pattern = re.compile(re.escape(title) + r".*?(?=\n### |\n## |\Z)", re.S)
-    return pattern.sub(lambda _: body.rstrip("\n"), text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
+    return pattern.sub(lambda _: body.rstrip("\n") + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
 
 
 def main():
