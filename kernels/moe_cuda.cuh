@@ -373,8 +373,8 @@ __global__ void route_kernel(const T* __restrict__ logits, uint32_t rows, uint32
 #pragma unroll
     for (int c = 0; c < CACHE; ++c) pc[c] = pc[c] / s;
   }
-  float prev_v = INFINITY;
-  uint32_t prev_i = 0xffffffffu;
+  float prev_v = INFINITY, my_v = 0.f;
+  uint32_t prev_i = 0xffffffffu, my_i = 0u;
   bool first = true;
   float total = 0.f;
   for (uint32_t j = 0; j < k; ++j) {
@@ -408,21 +408,25 @@ __global__ void route_kernel(const T* __restrict__ logits, uint32_t rows, uint32
     prev_v = bv;
     prev_i = bi;
     first = false;
-    if (lane == 0) {
+    if (k <= 32u) {  // lane j keeps slot j; written once below
+      if (lane == j) {
+        my_v = bv;
+        my_i = bi;
+      }
+    } else if (lane == 0) {
       id[j] = bi;
       w[j] = bv;
     }
-    total += bv;
+    total += bv;  // the CPU's normalising sum: slots in order from 0
   }
-  if (normalize && total > 0.f) {
-    // Same summation order as the CPU (slots in order), same lane wrote the values.
-    if (lane == 0) {
-      float t = 0.f;
-      for (uint32_t j = 0; j < k; ++j) t += w[j];
-      if (t > 0.f) {
-        for (uint32_t j = 0; j < k; ++j) w[j] = w[j] / t;
-      }
+  const bool norm = normalize && total > 0.f;
+  if (k <= 32u) {
+    if (lane < k) {
+      id[lane] = my_i;
+      w[lane] = norm ? my_v / total : my_v;
     }
+  } else if (norm && lane == 0) {
+    for (uint32_t j = 0; j < k; ++j) w[j] = w[j] / total;
   }
 }
 
@@ -559,6 +563,149 @@ __global__ void bucket_scatter_kernel(const void* __restrict__ ids, int id_kind,
   }
 }
 
+// Small-P bucketing in one kernel (one block of 32 warps), the same stable counting sort as
+// the three kernels above with the chunks as warps of one block: warp w counts its chunk of
+// pairs per expert (__match_any_sync, one histogram row per warp: no atomics), the block
+// turns the rows into per-warp bases and scans the experts (offsets, GEMM tile prefix,
+// active prefix), then each warp scatters its chunk in order. Bitwise the same results.
+// Shared memory: [32][E] histogram rows, [E] offsets. Needs E <= 1024.
+constexpr uint32_t BS_WARPS = 32;
+
+// Inclusive block scan of up to three values per thread (1024 threads).
+__device__ __forceinline__ void block_scan3(uint32_t (&v)[3], uint32_t (*wtot)[3]) {
+  const uint32_t lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+#pragma unroll
+    for (int c = 0; c < 3; ++c) {
+      const uint32_t n = __shfl_up_sync(0xffffffffu, v[c], o);
+      if (lane >= uint32_t(o)) v[c] += n;
+    }
+  }
+  if (lane == 31u) {
+#pragma unroll
+    for (int c = 0; c < 3; ++c) wtot[warp][c] = v[c];
+  }
+  __syncthreads();
+  if (warp == 0) {
+    uint32_t t[3];
+#pragma unroll
+    for (int c = 0; c < 3; ++c) t[c] = wtot[lane][c];
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+#pragma unroll
+      for (int c = 0; c < 3; ++c) {
+        const uint32_t n = __shfl_up_sync(0xffffffffu, t[c], o);
+        if (lane >= uint32_t(o)) t[c] += n;
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < 3; ++c) wtot[lane][c] = t[c];  // inclusive over warps
+  }
+  __syncthreads();
+  if (warp > 0) {
+#pragma unroll
+    for (int c = 0; c < 3; ++c) v[c] += wtot[warp - 1][c];
+  }
+}
+
+__global__ void __launch_bounds__(BS_WARPS * 32)
+    bucket_small_kernel(const void* __restrict__ ids, int id_kind, uint32_t P, uint32_t E,
+                        uint32_t tile, uint32_t* __restrict__ counts,
+                        uint32_t* __restrict__ offsets, uint32_t* __restrict__ pairs,
+                        uint32_t* __restrict__ dispatch, uint32_t* __restrict__ active,
+                        uint32_t* __restrict__ tiles, uint32_t* __restrict__ meta) {
+  extern __shared__ uint32_t bsm[];
+  uint32_t* hist = bsm;                       // [BS_WARPS][E]
+  uint32_t* offs = bsm + BS_WARPS * E;        // [E]
+  __shared__ uint32_t wtot[BS_WARPS][3];
+  __shared__ uint32_t ptile_tot[BS_WARPS];
+  const uint32_t lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+  for (uint32_t i = threadIdx.x; i < BS_WARPS * E; i += blockDim.x) hist[i] = 0u;
+  __syncthreads();
+  // chunk per warp: ceil(P / 32) rounded up to whole steps of 32
+  const uint32_t chunk = ((P + BS_WARPS - 1u) / BS_WARPS + 31u) & ~31u;
+  const uint32_t p0 = warp * chunk;
+  uint32_t* row = hist + warp * E;
+  for (uint32_t s = 0; s < chunk && p0 + s < P; s += 32u) {
+    const uint32_t i = p0 + s + lane;
+    const uint32_t key = bucket_key(ids, id_kind, P, E, i);
+    const uint32_t mask = __match_any_sync(0xffffffffu, key);
+    if (key != 0xffffffffu && (__ffs(mask) - 1) == int(lane)) row[key] += __popc(mask);
+    __syncwarp();
+  }
+  __syncthreads();
+  // Per expert: bases of the warps (in pair order) and the expert's count.
+  const uint32_t e = threadIdx.x;
+  uint32_t c = 0;
+  if (e < E) {
+    for (uint32_t w = 0; w < BS_WARPS; ++w) {
+      const uint32_t v = hist[w * E + e];
+      hist[w * E + e] = c;
+      c += v;
+    }
+  }
+  uint32_t v[3] = {c, (c + 63u) >> 6, c ? 1u : 0u};
+  block_scan3(v, wtot);
+  // dispatch's tile count (public op): sum of ceil(c / tile)
+  uint32_t pt = (dispatch && e < E) ? c / tile + (c % tile ? 1u : 0u) : 0u;
+  if (dispatch) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) pt += __shfl_xor_sync(0xffffffffu, pt, o);
+    if (lane == 0) ptile_tot[warp] = pt;
+  }
+  const uint32_t total = wtot[BS_WARPS - 1][0];
+  if (e < E) {
+    const uint32_t off = v[0] - c, tpre = v[1] - ((c + 63u) >> 6), apre = v[2] - (c ? 1u : 0u);
+    offs[e] = off;
+    counts[e] = c;
+    offsets[e] = off;
+    if (c) {
+      if (active) active[apre] = e;
+      if (tiles) {
+        for (uint32_t m0 = 0, t = tpre; m0 < c; m0 += 64u, ++t) {
+          tiles[2 * t] = e;
+          tiles[2 * t + 1] = off + m0;
+        }
+      }
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    offsets[E] = total;
+    if (dispatch) {
+      uint32_t ptiles = 0;
+      for (uint32_t w = 0; w < BS_WARPS; ++w) ptiles += ptile_tot[w];
+      dispatch[0] = ptiles > 1u ? ptiles : 1u;
+      dispatch[1] = 1u;
+      dispatch[2] = 1u;
+      dispatch[3] = P - total;
+    }
+    if (meta) {
+      meta[0] = wtot[BS_WARPS - 1][2];
+      meta[1] = wtot[BS_WARPS - 1][1];
+      meta[2] = P - total;
+    }
+  }
+  for (uint32_t i = total + threadIdx.x; i < P; i += blockDim.x) pairs[i] = 0xffffffffu;
+  // Scatter: each warp walks its chunk again; its histogram row is now its cursor.
+  for (uint32_t s = 0; s < chunk && p0 + s < P; s += 32u) {
+    const uint32_t i = p0 + s + lane;
+    const uint32_t key = bucket_key(ids, id_kind, P, E, i);
+    const bool ok = key != 0xffffffffu;
+    const uint32_t mask = __match_any_sync(0xffffffffu, key);
+    const uint32_t rank = __popc(mask & ((1u << lane) - 1u));
+    uint32_t base = 0;
+    if (ok) base = offs[key] + row[key];
+    __syncwarp();
+    if (ok) {
+      pairs[base + rank] = i;
+      if ((__ffs(mask) - 1) == int(lane)) row[key] += __popc(mask);
+    }
+    __syncwarp();
+  }
+}
+
 // ------------------------------------------------------------------------------ dequantize
 // One thread per unit of 32 values of one row.
 template <typename OutT>
@@ -628,16 +775,130 @@ __device__ __forceinline__ int swz(uint32_t u, uint32_t c) {  // float offset of
   return int(u * 32u + ((c + u) & 7u) * 4u);
 }
 
+// Decode-path extras (small T*k):
+//  - direct: no bucketing; block x is pair p (its expert ids[p], its token p / k; H rows
+//    are pairs). Used for few pairs, where bucketing's launches cost more than reading an
+//    expert twice when two pairs share it.
+//  - fused combine (down kernel, counters != null): every block of row slice y counts itself
+//    done on counters[y] (zeroed by the gate/up kernel); the last block of the slice sums
+//    y[t, n] = sum over slots j in order of Yp[t*k+j, n] (invalid slots skipped), i.e. what
+//    combine_kernel computes, in the same order: which block does it depends on timing, the
+//    sums do not.
+struct DecExtra {
+  const void* ids;
+  int id_kind;
+  uint32_t direct;
+  uint32_t* counters;  // [gridDim.y of the down kernel], or null (separate combine)
+  uint32_t ncounters;
+  void* y;             // combine output
+  uint32_t y_kind;     // 0 f32, 1 f16, 2 bf16
+};
+
+// The block's expert and its range of bucketed positions [first, last); false: no work.
+__device__ __forceinline__ bool dec_setup(const MlpDesc& md, const DecExtra& ex,
+                                          const uint32_t* __restrict__ offsets,
+                                          const uint32_t* __restrict__ active,
+                                          const uint32_t* __restrict__ meta, uint32_t& e,
+                                          uint32_t& first, uint32_t& last) {
+  const uint32_t j = blockIdx.x;
+  if (ex.direct) {
+    if (j >= md.P) return false;
+    const int64_t id = load_id(ex.ids, ex.id_kind, j);
+    if (id < 0 || id >= int64_t(md.E)) return false;
+    e = uint32_t(id);
+    first = j;
+    last = j + 1;
+    return true;
+  }
+  if (j >= meta[0]) return false;  // grid sized for min(E, P) experts; the rest exit at once
+  e = active[j];
+  first = offsets[e];
+  last = offsets[e + 1];
+  return true;
+}
+
+__device__ __forceinline__ uint32_t dec_pair(const DecExtra& ex, const uint32_t* __restrict__ pairs,
+                                             uint32_t i) {
+  return ex.direct ? i : pairs[i];
+}
+
+// Unit u (32 values) of chunk row i as fp32 -- the token's activations for gate/up, the
+// pair's hidden row for down -- and the unit's sum (the bias term's factor).
+template <bool GATEUP, typename XT>
+__device__ __forceinline__ float dec_stage_unit(const MlpDesc& md, const DecExtra& ex,
+                                                const XT* __restrict__ x,
+                                                const float* __restrict__ H_in,
+                                                const uint32_t* __restrict__ pairs, uint32_t i,
+                                                uint32_t u, uint32_t Kd, float* v) {
+  if (GATEUP) {
+    load32(x + int64_t(dec_pair(ex, pairs, i) / md.k) * Kd + u * 32u, v);
+  } else {
+    load32(H_in + int64_t(i) * Kd + u * 32u, v);
+  }
+  float sum = 0.f;
+#pragma unroll
+  for (int q = 0; q < 32; ++q) sum += v[q];
+  return sum;
+}
+
+__device__ __forceinline__ void store_out(void* y, uint32_t kind, int64_t i, float v) {
+  switch (kind) {
+    case 0: static_cast<float*>(y)[i] = v; break;
+    case 1: static_cast<__half*>(y)[i] = __float2half_rn(v); break;
+    default: static_cast<__nv_bfloat16*>(y)[i] = __float2bfloat16_rn(v); break;
+  }
+}
+
+// Gate/up: block (0, 0) zeroes the down kernel's counters.
+__device__ __forceinline__ void dec_zero_counters(const DecExtra& ex) {
+  if (ex.counters && blockIdx.x == 0 && blockIdx.y == 0)
+    for (uint32_t i = threadIdx.x; i < ex.ncounters; i += blockDim.x) ex.counters[i] = 0u;
+}
+
+// Down: the block's part of Yp is written; the last block of row slice blockIdx.y combines
+// rows [row0, row0 + rows) for every token.
+__device__ __forceinline__ void dec_fused_combine(const MlpDesc& md, const DecExtra& ex,
+                                                  const float* Yp, uint32_t row0, uint32_t rows,
+                                                  uint32_t* s_flag) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const uint32_t old = atomicAdd(&ex.counters[blockIdx.y], 1u);
+    *s_flag = (old == gridDim.x - 1u) ? 1u : 0u;
+  }
+  __syncthreads();
+  if (!*s_flag) return;
+  __threadfence();
+  const uint32_t D = md.D, k = md.k;
+  const uint32_t total = md.T * rows;
+  for (uint32_t idx = threadIdx.x; idx < total; idx += blockDim.x) {
+    const uint32_t t = idx / rows, n = row0 + idx % rows;
+    if (n >= D) continue;
+    float acc = 0.f;
+    bool any = false;
+    for (uint32_t j = 0; j < k; ++j) {
+      const int64_t e = load_id(ex.ids, ex.id_kind, int64_t(t) * k + j);
+      if (e < 0 || e >= int64_t(md.E)) continue;
+      const float v = __ldcg(Yp + (int64_t(t) * k + j) * D + n);
+      acc = any ? acc + v : v;
+      any = true;
+    }
+    store_out(ex.y, ex.y_kind, int64_t(t) * D + n, acc);
+  }
+}
+
 template <bool GATEUP, typename XT>
 __global__ void __launch_bounds__(DEC_WARPS * 32, 2)
     mlp_decode_kernel(MlpDesc md, const XT* __restrict__ x, const float* __restrict__ H_in,
                       const uint32_t* __restrict__ pairs, const uint32_t* __restrict__ offsets,
                       const uint32_t* __restrict__ active, const uint32_t* __restrict__ meta,
-                      const float* __restrict__ rw, uint32_t maxt, float* __restrict__ out) {
+                      const float* __restrict__ rw, uint32_t maxt, float* __restrict__ out,
+                      DecExtra ex) {
   extern __shared__ float smem[];
-  const uint32_t j = blockIdx.x;
-  if (j >= meta[0]) return;  // grid sized for min(E, P) experts; the rest exit at once
-  const uint32_t e = active[j];
+  __shared__ uint32_t s_flag;
+  if (GATEUP) dec_zero_counters(ex);
+  uint32_t e = 0, first = 0, last = 0;
+  const bool work = dec_setup(md, ex, offsets, active, meta, e, first, last);
   const WDesc& w0 = GATEUP ? md.gate : md.down;
   const uint32_t N = w0.N;
   const uint32_t Kd = w0.K;  // input width (D for gate/up, F for down)
@@ -645,24 +906,16 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, 2)
   float* xs = smem;                                  // [maxt][Kd] swizzled
   float* xsum = smem + size_t(maxt) * Kd;            // [maxt][units]
   const uint32_t warp = threadIdx.x / 32u, lane = threadIdx.x & 31u;
-  const uint32_t first = offsets[e], last = offsets[e + 1];
   constexpr int DEC_ROWS = dec_rows<GATEUP>();
   const uint32_t n0 = blockIdx.y * (DEC_WARPS * DEC_ROWS) + warp * DEC_ROWS;
-  for (uint32_t c0 = first; c0 < last; c0 += maxt) {
+  for (uint32_t c0 = first; work && c0 < last; c0 += maxt) {
     const uint32_t nt = min(maxt, last - c0);
     __syncthreads();
     for (uint32_t task = threadIdx.x; task < nt * units; task += blockDim.x) {
       const uint32_t t = task / units, u = task % units;
       const uint32_t i = c0 + t;
       float v[32];
-      if (GATEUP) {
-        load32(x + int64_t(pairs[i] / md.k) * Kd + u * 32u, v);
-      } else {
-        load32(H_in + int64_t(i) * Kd + u * 32u, v);
-      }
-      float sum = 0.f;
-#pragma unroll
-      for (int q = 0; q < 32; ++q) sum += v[q];
+      const float sum = dec_stage_unit<GATEUP>(md, ex, x, H_in, pairs, i, u, Kd, v);
       float* dst = xs + size_t(t) * Kd;
 #pragma unroll
       for (int c = 0; c < 8; ++c)
@@ -737,13 +990,16 @@ __global__ void __launch_bounds__(DEC_WARPS * 32, 2)
           if (GATEUP) {
             out[int64_t(i) * N + n] = silu(acc[0][r][t]) * acc[NP - 1][r][t];
           } else {
-            const uint32_t pair = pairs[i];
+            const uint32_t pair = dec_pair(ex, pairs, i);
             out[int64_t(pair) * N + n] = rw[pair] * acc[0][r][t];
           }
         }
       }
     }
   }
+  if (!GATEUP && ex.counters)
+    dec_fused_combine(md, ex, out, blockIdx.y * (DEC_WARPS * DEC_ROWS), DEC_WARPS * DEC_ROWS,
+                      &s_flag);
 }
 
 // -- grouped variant (many tokens): tensor cores, mma.sync m16n8k16 bf16 -> fp32.
@@ -945,6 +1201,389 @@ __global__ void __launch_bounds__(128, GATEUP ? 3 : 4)
         }
       }
     }
+}
+
+// -- tensor-core decode variant (affine 4-bit and mxfp4 projections, few tokens per expert).
+// Block = MM_WARPS warps = (non-empty expert or pair, 16*MT output rows); every projection's
+// rows of the block (all of K) are copied to shared memory with cp.async at the start (the
+// whole block's weight bytes in flight at once; each warp copies its own slice of K in
+// commit groups of MM_GRP units, scales and biases are the first group), and each warp takes
+// its slice of K (split-K, summed in warp order at the end: deterministic), starting on its
+// first units while later ones are in flight. Per unit of 32 codes and 16 rows, the
+// codes enter mma.m16n8k16 (bf16 -> fp32) as exact bf16 integers (a LOP3 places two nibbles
+// in the mantissas of 128.0, a bf16x2 subtract of 128 leaves the codes) against up to 8
+// tokens as the B operand, and the unit is scaled afterwards in fp32 as in the grouped
+// kernel: acc += s * (q . x) + b * sum(x). K is permuted inside each unit (the same way for
+// the weights and the activations): thread (g, t) holds word t of its rows' unit (what
+// ldmatrix gives), nibbles {2h, 2h+4} and {2h+1, 2h+5} form the k-pairs of MMA h, and the
+// activations are staged in that order. Activations that are not bf16 (and the fp32 hidden
+// layer) are split into bf16 hi + lo, two MMAs.
+constexpr int MM_WARPS_GU = 8;  // gate/up blocks: 8 warps (measured ~10% faster than 4)
+constexpr int MM_WARPS_DN = 4;  // down blocks (K = F is short: 8 warps were slower)
+constexpr int MM_MAXT = 8;
+
+struct MmLayout {
+  uint32_t wstride, w_bytes, sb_off, x_off, tstride, xs_off, red_off, total;
+};
+
+// Shared-memory layout of mlp_mma_dec_kernel (host and device compute it the same way).
+__host__ __device__ inline MmLayout mm_layout(uint32_t units, uint32_t G, uint32_t maxt, int NP,
+                                              int NS, int MT, int NW) {
+  MmLayout l;
+  const uint32_t rows = 16u * MT;
+  l.wstride = (units + ((units & 1u) ? 2u : 1u)) * 16u;  // an odd number of 16-byte slots
+  l.w_bytes = NP * rows * l.wstride;
+  l.sb_off = l.w_bytes;                                  // [2][NP][rows][G] floats
+  l.x_off = l.sb_off + 2u * NP * rows * G * 4u;
+  l.tstride = units * 64u + 16u;                         // per token: [units][4] uint4
+  l.xs_off = l.x_off + NS * maxt * l.tstride;
+  l.red_off = l.xs_off + ((maxt * units * 4u + 15u) & ~15u);
+  l.total = l.red_off + NW * NP * MT * 4u * 32u * 4u;
+  return l;
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return uint32_t(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint32_t n) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// Nibbles s and s + 4 of w as exact bf16 values (low half: nibble s).
+__device__ __forceinline__ uint32_t nib2_bf16(uint32_t w, int s) {
+  uint32_t v;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(v) : "r"(w >> (4 * s)), "r"(0x000F000Fu), "r"(0x43004300u));
+  __nv_bfloat162 b = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&v), __floats2bfloat162_rn(128.f, 128.f));
+  return *reinterpret_cast<uint32_t*>(&b);
+}
+
+// mxfp4 (E2M1) nibbles s and s + 4 of w as exact bf16 values of 2*v (the unit's scale is
+// halved to match): the 3 magnitude bits index the bytes {0,1,2,3,4,6,8,12} (= 2*|v|) with a
+// byte permute (lo4/hi4: nibbles 0-3 / 4-7 of w, see fp4_mag2), the pair is placed in the
+// mantissas of 128.0 and 128 subtracted as for affine codes, and bit 3 of each nibble becomes
+// the bf16 sign.
+__device__ __forceinline__ void fp4_mag2(uint32_t w, uint32_t& lo4, uint32_t& hi4) {
+  lo4 = __byte_perm(0x03020100u, 0x0C080604u, w & 0x7777u);
+  hi4 = __byte_perm(0x03020100u, 0x0C080604u, (w >> 16) & 0x7777u);
+}
+
+__device__ __forceinline__ uint32_t fp4_pair_bf16(uint32_t w, uint32_t lo4, uint32_t hi4, int s) {
+  const uint32_t t = __byte_perm(lo4, hi4, uint32_t(s) | (uint32_t(4 + s) << 8));
+  uint32_t v;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(v) : "r"(t), "r"(0x00FF00FFu), "r"(0x43004300u));
+  __nv_bfloat162 b = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&v), __floats2bfloat162_rn(128.f, 128.f));
+  return *reinterpret_cast<uint32_t*>(&b) | ((w << (12 - 4 * s)) & 0x80008000u);
+}
+
+__device__ __forceinline__ uint32_t pack2_bf16(__nv_bfloat16 lo, __nv_bfloat16 hi) {
+  return uint32_t(__bfloat16_as_ushort(lo)) | (uint32_t(__bfloat16_as_ushort(hi)) << 16);
+}
+
+// Weight copies are issued per warp, for the warp's own slice of K, in commit groups of
+// MM_GRP units, so that a warp starts on its first units while later ones are in flight.
+constexpr int MM_GRP = 4;
+
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, uint32_t n) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+
+__device__ __forceinline__ void cp_async_wait_pending(uint32_t n) {
+  switch (n) {
+    case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+    case 3: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
+    case 4: asm volatile("cp.async.wait_group 4;\n" ::: "memory"); break;
+    case 5: asm volatile("cp.async.wait_group 5;\n" ::: "memory"); break;
+    case 6: asm volatile("cp.async.wait_group 6;\n" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 7;\n" ::: "memory"); break;
+  }
+}
+
+// Scales and biases of `valid` consecutive groups (rows of one expert are contiguous) into
+// shared memory as fp32, zero past `valid`; 8 loads of each in flight per thread.
+__device__ __forceinline__ void copy_scales(float* ds, float* db, const WDesc& wd, int64_t base,
+                                            uint32_t total, uint32_t valid) {
+  constexpr int B = 8;
+  for (uint32_t c0 = threadIdx.x; c0 < total; c0 += B * blockDim.x) {
+    float sv[B], bv[B];
+#pragma unroll
+    for (int j = 0; j < B; ++j) {
+      const uint32_t c = c0 + j * blockDim.x;
+      const bool ok = c < valid;
+      // mxfp4: the tensor-core kernel decodes 2*v, so the scale is halved (exact); no bias
+      sv[j] = ok ? load_scale(wd.scales, wd.scale_kind, base + c) * (wd.mode == 1u ? 0.5f : 1.f) : 0.f;
+      bv[j] = ok && wd.mode != 1u ? load_scale(wd.biases, wd.scale_kind, base + c) : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < B; ++j) {
+      const uint32_t c = c0 + j * blockDim.x;
+      if (c < total) {
+        ds[c] = sv[j];
+        db[c] = bv[j];
+      }
+    }
+  }
+}
+
+template <bool GATEUP, typename XT, bool SPLIT, int MT, int MM_WARPS>
+__global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 2 : 4)
+    mlp_mma_dec_kernel(MlpDesc md, const XT* __restrict__ x, const float* __restrict__ H_in,
+                       const uint32_t* __restrict__ pairs, const uint32_t* __restrict__ offsets,
+                       const uint32_t* __restrict__ active, const uint32_t* __restrict__ meta,
+                       const float* __restrict__ rw, uint32_t maxt, float* __restrict__ out,
+                       DecExtra ex) {
+  constexpr int NP = GATEUP ? 2 : 1;
+  constexpr int NS = SPLIT ? 2 : 1;
+  constexpr int ROWS = 16 * MT;
+  extern __shared__ __align__(16) unsigned char mm_smem[];
+  __shared__ uint32_t s_flag;
+  if (GATEUP) dec_zero_counters(ex);
+  uint32_t e = 0, first = 0, last = 0;
+  const bool work = dec_setup(md, ex, offsets, active, meta, e, first, last);
+  const WDesc& w0 = GATEUP ? md.gate : md.down;
+  const uint32_t N = w0.N, Kd = w0.K, units = Kd / 32u;
+  const uint32_t G = GATEUP ? max(md.gate.groups, md.up.groups) : w0.groups;
+  const MmLayout L = mm_layout(units, G, maxt, NP, NS, MT, MM_WARPS);
+  unsigned char* Ws = mm_smem;
+  float* Ss = reinterpret_cast<float*>(mm_smem + L.sb_off);  // [NP][ROWS][groups_p] (stride G*ROWS)
+  float* Bs = Ss + NP * ROWS * G;
+  unsigned char* Xs = mm_smem + L.x_off;                      // [NS][maxt] x tstride
+  float* XSum = reinterpret_cast<float*>(mm_smem + L.xs_off);  // [maxt][units]
+  float* Red = reinterpret_cast<float*>(mm_smem + L.red_off);  // [warp][NP][MT][4][32]
+  const uint32_t tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
+  const uint32_t gid = lane >> 2, t4 = lane & 3u;
+  const uint32_t n0 = blockIdx.y * ROWS;
+  // Each warp's slice of units: an even count (ldmatrix.x4 reads two units of 16 rows).
+  const uint32_t per_w = (((units + MM_WARPS - 1) / MM_WARPS) + 1u) & ~1u;
+  const uint32_t ua = min(units, warp * per_w), ub = min(units, ua + per_w);
+  const uint32_t ngroups = (ub - ua + MM_GRP - 1) / MM_GRP;
+
+  // Scales/biases in shared memory: copied raw with cp.async (fp32, or pairs of 16-bit
+  // values when the rows' groups are even) as the first commit group, else loaded and
+  // converted to fp32 below. skind[p]: how they are read back (load_scale kinds).
+  uint32_t skind[NP];
+#pragma unroll
+  for (int p = 0; p < NP; ++p) {
+    const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
+    const bool raw = wd.mode == 0u && (wd.scale_kind == 0u || ((wd.scale_kind == 1u || wd.scale_kind == 2u) &&
+                                                               (wd.groups % 2u) == 0u));
+    skind[p] = raw ? wd.scale_kind : 0u;
+  }
+  if (work) {
+    const uint32_t vrows = min(uint32_t(ROWS), N - n0);
+#pragma unroll
+    for (int p = 0; p < NP; ++p) {
+      const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
+      if (skind[p] != wd.scale_kind || (skind[p] == 0u && wd.scale_kind != 0u)) continue;
+      const uint32_t es = wd.scale_kind == 0u ? 4u : 2u;  // bytes per value
+      const uint32_t words = ROWS * wd.groups * es / 4u, vwords = vrows * wd.groups * es / 4u;
+      const int64_t base = (int64_t(e) * N + n0) * wd.groups * es;  // bytes
+      for (uint32_t c = tid; c < words; c += blockDim.x) {
+        const bool ok = c < vwords;
+        const unsigned char* ss = static_cast<const unsigned char*>(wd.scales);
+        const unsigned char* sb = static_cast<const unsigned char*>(wd.biases);
+        cp_async4(smem_u32(reinterpret_cast<unsigned char*>(Ss + p * ROWS * G) + c * 4u), ok ? ss + base + c * 4u : ss, ok ? 4u : 0u);
+        cp_async4(smem_u32(reinterpret_cast<unsigned char*>(Bs + p * ROWS * G) + c * 4u), ok ? sb + base + c * 4u : sb, ok ? 4u : 0u);
+      }
+    }
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+    // This warp's slice of the block's rows (zero-filled past N), in commit groups.
+    for (uint32_t q = 0; q < ngroups; ++q) {
+#pragma unroll
+      for (int p = 0; p < NP; ++p) {
+        const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
+#pragma unroll
+        for (uint32_t c = lane; c < uint32_t(ROWS * MM_GRP); c += 32u) {
+          const uint32_t r = c / MM_GRP, u = ua + q * MM_GRP + c % MM_GRP;
+          if (u >= ub) continue;
+          const uint32_t n = n0 + r;
+          const bool ok = n < N;
+          const uint32_t* src = ok ? wd.w + (int64_t(e) * N + n) * wd.row_words + u * 4u : wd.w;
+          cp_async16(smem_u32(Ws + (p * ROWS + r) * L.wstride + u * 16u), src, ok ? 16u : 0u);
+        }
+      }
+      asm volatile("cp.async.commit_group;\n" ::: "memory");
+    }
+    // Other scale formats: loaded and converted (visible to all warps after the barrier below).
+#pragma unroll
+    for (int p = 0; p < NP; ++p) {
+      const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
+      if (skind[p] == wd.scale_kind) continue;
+      copy_scales(Ss + p * ROWS * G, Bs + p * ROWS * G, wd, (int64_t(e) * N + n0) * wd.groups,
+                  ROWS * wd.groups, vrows * wd.groups);
+    }
+  }
+
+  uint32_t gsu[NP], gst[NP];
+  bool fp4[NP];
+#pragma unroll
+  for (int p = 0; p < NP; ++p) {
+    fp4[p] = ((GATEUP && p == 1) ? md.up : w0).mode == 1u;
+    gsu[p] = ((GATEUP && p == 1) ? md.up : w0).gs_units;
+    gst[p] = ((GATEUP && p == 1) ? md.up : w0).groups;
+  }
+
+  for (uint32_t c0 = first; work && c0 < last; c0 += maxt) {
+    const uint32_t nt = min(maxt, last - c0);
+    __syncthreads();
+    // Activations of the chunk's tokens: bf16 hi (+ lo), in the permuted k order, and the
+    // fp32 sum of each unit.
+    for (uint32_t task = tid; task < nt * units; task += blockDim.x) {
+      const uint32_t t = task / units, u = task % units;
+      const uint32_t i = c0 + t;
+      float v[32];
+      const float sum = dec_stage_unit<GATEUP>(md, ex, x, H_in, pairs, i, u, Kd, v);
+      XSum[t * units + u] = sum;
+#pragma unroll
+      for (int q4 = 0; q4 < 4; ++q4) {
+        __nv_bfloat16 hi[8], lo[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float f = v[8 * q4 + j];
+          hi[j] = __float2bfloat16_rn(f);
+          lo[j] = __float2bfloat16_rn(f - __bfloat162float(hi[j]));
+        }
+        uint4 wv = make_uint4(pack2_bf16(hi[0], hi[4]), pack2_bf16(hi[1], hi[5]),
+                              pack2_bf16(hi[2], hi[6]), pack2_bf16(hi[3], hi[7]));
+        *reinterpret_cast<uint4*>(Xs + t * L.tstride + u * 64u + q4 * 16u) = wv;
+        if (SPLIT) {
+          wv = make_uint4(pack2_bf16(lo[0], lo[4]), pack2_bf16(lo[1], lo[5]),
+                          pack2_bf16(lo[2], lo[6]), pack2_bf16(lo[3], lo[7]));
+          *reinterpret_cast<uint4*>(Xs + (maxt + t) * L.tstride + u * 64u + q4 * 16u) = wv;
+        }
+      }
+    }
+    // The scale group (the oldest) has landed for this thread's copies; the barrier makes
+    // every thread's visible.
+    cp_async_wait_pending(ngroups);
+    __syncthreads();
+
+    float acc[NP][MT][4];
+#pragma unroll
+    for (int p = 0; p < NP; ++p)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[p][mt][c] = 0.f;
+    const uint32_t lrow = (lane & 7u) + ((lane >> 3) & 1u) * 8u, lunit = lane >> 4;
+    for (uint32_t u = ua; u < ub; u += 2u) {
+      if ((u - ua) % MM_GRP == 0u) {  // this group's copies (and the earlier ones) have landed
+        cp_async_wait_pending(ngroups - 1u - (u - ua) / MM_GRP);
+        __syncwarp();
+      }
+      uint32_t fr[NP][MT][4];
+#pragma unroll
+      for (int p = 0; p < NP; ++p)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+          ldsm_x4(smem_u32(Ws + (p * ROWS + mt * 16 + lrow) * L.wstride + (u + lunit) * 16u), fr[p][mt]);
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        const uint32_t uu = u + h2;
+        if (uu >= ub) break;
+        uint32_t bf[NS][4];
+#pragma unroll
+        for (int sp = 0; sp < NS; ++sp) {
+          uint4 bv = make_uint4(0u, 0u, 0u, 0u);
+          if (gid < nt) bv = *reinterpret_cast<const uint4*>(Xs + (sp * maxt + gid) * L.tstride + uu * 64u + t4 * 16u);
+          bf[sp][0] = bv.x; bf[sp][1] = bv.y; bf[sp][2] = bv.z; bf[sp][3] = bv.w;
+        }
+        const float xs0 = (2u * t4 < nt) ? XSum[(2u * t4) * units + uu] : 0.f;
+        const float xs1 = (2u * t4 + 1u < nt) ? XSum[(2u * t4 + 1u) * units + uu] : 0.f;
+#pragma unroll
+        for (int p = 0; p < NP; ++p) {
+          const uint32_t g = uu / gsu[p];
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            const uint32_t wa = fr[p][mt][2 * h2], wb = fr[p][mt][2 * h2 + 1];
+            float tmp[4] = {0.f, 0.f, 0.f, 0.f};
+            uint32_t af[2][4];
+            if (fp4[p]) {
+              uint32_t la, ha, lb, hb;
+              fp4_mag2(wa, la, ha);
+              fp4_mag2(wb, lb, hb);
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                af[h][0] = fp4_pair_bf16(wa, la, ha, 2 * h);
+                af[h][1] = fp4_pair_bf16(wb, lb, hb, 2 * h);
+                af[h][2] = fp4_pair_bf16(wa, la, ha, 2 * h + 1);
+                af[h][3] = fp4_pair_bf16(wb, lb, hb, 2 * h + 1);
+              }
+            } else {
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                af[h][0] = nib2_bf16(wa, 2 * h);
+                af[h][1] = nib2_bf16(wb, 2 * h);
+                af[h][2] = nib2_bf16(wa, 2 * h + 1);
+                af[h][3] = nib2_bf16(wb, 2 * h + 1);
+              }
+            }
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+#pragma unroll
+              for (int sp = 0; sp < NS; ++sp) {
+                const uint32_t b[2] = {bf[sp][2 * h], bf[sp][2 * h + 1]};
+                mma_bf16(tmp, af[h], b);
+              }
+            }
+            const uint32_t si = (mt * 16 + gid) * gst[p] + g;
+            const float* sp_ = Ss + p * ROWS * G;
+            const float* bp_ = Bs + p * ROWS * G;
+            const float s0 = load_scale(sp_, skind[p], si), s1 = load_scale(sp_, skind[p], si + 8 * gst[p]);
+            const float b0 = load_scale(bp_, skind[p], si), b1 = load_scale(bp_, skind[p], si + 8 * gst[p]);
+            acc[p][mt][0] += s0 * tmp[0] + b0 * xs0;
+            acc[p][mt][1] += s0 * tmp[1] + b0 * xs1;
+            acc[p][mt][2] += s1 * tmp[2] + b1 * xs0;
+            acc[p][mt][3] += s1 * tmp[3] + b1 * xs1;
+          }
+        }
+      }
+    }
+    // Split-K: the warps' partial sums, added in warp order by warp 0.
+#pragma unroll
+    for (int p = 0; p < NP; ++p)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) Red[(((warp * NP + p) * MT + mt) * 4 + c) * 32 + lane] = acc[p][mt][c];
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+      for (int p = 0; p < NP; ++p)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            float v = acc[p][mt][c];
+            for (int w = 1; w < MM_WARPS; ++w) v += Red[(((w * NP + p) * MT + mt) * 4 + c) * 32 + lane];
+            acc[p][mt][c] = v;
+          }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const uint32_t n = n0 + mt * 16 + gid + (c >= 2 ? 8u : 0u);
+          const uint32_t t = 2u * t4 + (c & 1u);
+          if (n >= N || t >= nt) continue;
+          const uint32_t i = c0 + t;
+          if (GATEUP) {
+            out[int64_t(i) * N + n] = silu(acc[0][mt][c]) * acc[NP - 1][mt][c];
+          } else {
+            const uint32_t pair = dec_pair(ex, pairs, i);
+            out[int64_t(pair) * N + n] = rw[pair] * acc[0][mt][c];
+          }
+        }
+    }
+  }
+  if (!GATEUP && ex.counters) dec_fused_combine(md, ex, out, n0, ROWS, &s_flag);
 }
 
 // y[t] = sum over slots j in order of Yp[t*k + j] (slots whose id was out of range skipped).

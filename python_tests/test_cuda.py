@@ -195,3 +195,59 @@ def test_moe_mlp_gpu_deterministic_and_drops_bad_ids(rng):
     y_bad = np.array(mlx_moe.moe_mlp(x, bad, w, experts, stream=mx.gpu))
     y_ref = np.array(mlx_moe.moe_mlp(x, good, w1, experts, stream=mx.gpu))
     np.testing.assert_allclose(y_bad, y_ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "T,E,D,F,k,gs",
+    [
+        (3, 16, 224, 96, 4, 32),    # direct (12 pairs); odd unit counts; D not a multiple of 32 rows
+        (40, 4, 224, 96, 2, 32),    # bucketed, ~20 tokens per expert: several token chunks
+        (16, 32, 256, 128, 8, 64),  # bucketed, 128 pairs
+    ],
+)
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_moe_mlp_tensor_core_decode_gpu_vs_cpu(rng, T, E, D, F, k, gs, dtype):
+    # Affine 4-bit projections at few pairs take the tensor-core decode kernels.
+    experts = experts_for(rng, E, D, F, "affine", (4, 4, 4), gs, mx.bfloat16)
+    x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(dtype)
+    ids, w = mlx_moe.route(random_logits(rng, T, E), k, stream=mx.cpu)
+    if dtype == mx.float16:
+        (yc,), (yg,) = both(lambda s: mlx_moe.moe_mlp(x, ids, w, experts, stream=s))
+        scale = np.abs(yc).max()
+        np.testing.assert_allclose(yg.astype(np.float64), yc.astype(np.float64), rtol=2**-10, atol=2e-4 * scale)
+    else:
+        assert_mlp_gpu_close_to_cpu(x, ids, w, experts, dtype)
+
+
+@pytest.mark.parametrize("fmt,bits", [("affine", (4, 4, 4)), ("affine", (4, 8, 4)), ("mxfp4", (4, 4, 4))])
+@pytest.mark.parametrize("T", [1, 3, 9])
+def test_moe_mlp_decode_variants_bitwise(rng, monkeypatch, fmt, bits, T):
+    """Direct (no bucketing) and bucketed decode, fused and separate combine, one-block and
+    three-kernel bucketing: the same per-token arithmetic, so bitwise the same outputs."""
+    experts = experts_for(rng, 16, 256, 128, fmt, bits, 64 if fmt == "affine" else 32, mx.float16)
+    x = mx.array(rng.standard_normal((T, 256)).astype(np.float32)).astype(mx.bfloat16)
+    ids, w = mlx_moe.route(random_logits(rng, T, 16), 4, stream=mx.cpu)
+
+    def run(**env):
+        for key in ("DIRECT_MAX_PAIRS", "FUSED_COMBINE", "BUCKET_ONE_BLOCK_MAX"):
+            monkeypatch.delenv("MLX_MOE_CUDA_" + key, raising=False)
+        for key, v in env.items():
+            monkeypatch.setenv("MLX_MOE_CUDA_" + key, str(v))
+        return np.array(mlx_moe.moe_mlp(x, ids, w, experts, stream=mx.gpu).astype(mx.float32))
+
+    ref = run(DIRECT_MAX_PAIRS=0, FUSED_COMBINE=0, BUCKET_ONE_BLOCK_MAX=0)
+    for env in (dict(), dict(DIRECT_MAX_PAIRS=0), dict(DIRECT_MAX_PAIRS=64), dict(FUSED_COMBINE=64),
+                dict(DIRECT_MAX_PAIRS=0, FUSED_COMBINE=64), dict(DIRECT_MAX_PAIRS=64, FUSED_COMBINE=0)):
+        assert np.array_equal(run(**env), ref), env
+
+
+@pytest.mark.parametrize("T", [64, 300])
+def test_moe_mlp_tensor_core_decode_many_pairs_gpu_vs_cpu(rng, monkeypatch, T):
+    # The tensor-core decode kernel above its default pair count (chunks of 8 tokens per
+    # expert block, weights read once per block).
+    monkeypatch.setenv("MLX_MOE_CUDA_MMA_MAX_PAIRS", "100000")
+    experts = experts_for(rng, 16, 256, 128, "affine", (4, 4, 4), 64, mx.float16)
+    for dtype in (mx.float32, mx.bfloat16):
+        x = mx.array(rng.standard_normal((T, 256)).astype(np.float32)).astype(dtype)
+        ids, w = mlx_moe.route(random_logits(rng, T, 16), 4, stream=mx.cpu)
+        assert_mlp_gpu_close_to_cpu(x, ids, w, experts, dtype)

@@ -139,15 +139,32 @@ void dispatch_float(mx::Dtype d, F&& f) {
   }
 }
 
+uint32_t env_u32(const char* name, uint32_t dflt) {
+  const char* v = std::getenv(name);
+  return v && *v ? uint32_t(std::atoi(v)) : dflt;
+}
+
 // Bucketing into counts/offsets/pairs (+ dispatch, active list, tile table, meta).
+// Up to MLX_MOE_CUDA_BUCKET_ONE_BLOCK_MAX pairs (default 8192; E <= 1024): one kernel of one
+// block; above: count, scan, scatter kernels over chunks of BUCKET_CHUNK pairs.
 void encode_bucket(cu::CommandEncoder& enc, const mx::array& ids, uint32_t P, uint32_t E,
                    uint32_t tile, const mx::array& counts, const mx::array& offsets,
                    const mx::array& pairs, const mx::array* dispatch, const mx::array* active,
                    const mx::array* tiles, const mx::array* meta) {
-  const uint32_t nblocks = (P + BUCKET_CHUNK - 1) / BUCKET_CHUNK;
-  mx::array bc = scratch(enc, size_t(nblocks) * E);
   const int kind = id_kind(ids.dtype());
   const void* idp = ptr<void>(ids);
+  const uint32_t one_block_max = env_u32("MLX_MOE_CUDA_BUCKET_ONE_BLOCK_MAX", 8192u);
+  if (P <= one_block_max && E <= 1024u) {
+    launch(enc, {&ids}, {&counts, &offsets, &pairs, dispatch, active, tiles, meta},
+           bucket_small_kernel, dim3(1), dim3(BS_WARPS * 32), (BS_WARPS + 1) * E * 4, idp, kind,
+           P, E, tile, ptr<uint32_t>(counts), ptr<uint32_t>(offsets), ptr<uint32_t>(pairs),
+           dispatch ? ptr<uint32_t>(*dispatch) : nullptr,
+           active ? ptr<uint32_t>(*active) : nullptr, tiles ? ptr<uint32_t>(*tiles) : nullptr,
+           meta ? ptr<uint32_t>(*meta) : nullptr);
+    return;
+  }
+  const uint32_t nblocks = (P + BUCKET_CHUNK - 1) / BUCKET_CHUNK;
+  mx::array bc = scratch(enc, size_t(nblocks) * E);
   launch(enc, {&ids}, {&bc}, bucket_count_kernel, dim3(nblocks), dim3(32), E * 4, idp, kind, P,
          E, ptr<uint32_t>(bc));
   launch(enc, {&bc}, {&bc, &counts, &offsets, &pairs, dispatch, active, tiles, meta},
@@ -268,51 +285,119 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs, std::vector<mx::ar
   // Every input of the primitive is read by the first node that touches it.
   for (auto& a : inputs) enc.set_input_array(a);
 
+  const uint32_t decode_max_pairs = env_u32("MLX_MOE_CUDA_DECODE_MAX_PAIRS", 128u);
+  // Few pairs: no bucketing, one block column per pair (MLX_MOE_CUDA_DIRECT_MAX_PAIRS).
+  const uint32_t direct_max_pairs = env_u32("MLX_MOE_CUDA_DIRECT_MAX_PAIRS", 32u);
+  // Decode path, up to MLX_MOE_CUDA_FUSED_COMBINE tokens (default 1; 0: never): the down
+  // kernel also combines (one launch less; measured neutral at 1 token and 2-7% slower from 4
+  // tokens up, where the last block's serial combine outweighs the separate launch).
+  const bool fused_combine = T <= env_u32("MLX_MOE_CUDA_FUSED_COMBINE", 1u);
+  // Trellis weights take the fp32 decode kernels at every size (their codebook values are
+  // not exact in bf16, which the tensor-core kernel's weight operand needs).
+  // Affine 4-bit and mxfp4 projections take the tensor-core decode kernel
+  // (MLX_MOE_CUDA_MMA_DECODE=0: the fp32 decode kernel for every format), up to
+  // MLX_MOE_CUDA_MMA_MAX_PAIRS pairs when all three projections are such.
+  const bool mma_on = env_u32("MLX_MOE_CUDA_MMA_DECODE", 1u) != 0u;
+  auto affine4 = [](const WDesc& d) {  // affine 4-bit or mxfp4 (standard E2M1 decoding)
+    return (d.mode == 0u && d.bits == 4u) || (d.mode == 1u && d.fp4_quarter == 0u);
+  };
+  const bool mma_all = mma_on && affine4(md.gate) && affine4(md.up) && affine4(md.down);
+  const uint32_t mma_max_pairs = env_u32("MLX_MOE_CUDA_MMA_MAX_PAIRS", 1024u);
+  const bool grouped = P > (mma_all ? std::max(mma_max_pairs, decode_max_pairs) : decode_max_pairs) &&
+                       !any_trellis;
+  const bool direct = !grouped && P <= direct_max_pairs;
+  const int ik = id_kind(ids.dtype());
+
   // Bucketing (device-side; no host sync). Grids below are sized for the worst case and
   // read the actual counts (meta) on the device, exiting early (CUDA graphs: no indirect
   // dispatch).
   const uint32_t max_active = std::min(E, P);
   const uint32_t max_tiles = (P + G_TM - 1) / G_TM + max_active;
-  mx::array counts = scratch(enc, E), offsets = scratch(enc, E + 1), pairs = scratch(enc, P);
-  mx::array active = scratch(enc, E), tiles = scratch(enc, size_t(2) * max_tiles),
-            meta = scratch(enc, 4);
-  encode_bucket(enc, ids, P, E, 64, counts, offsets, pairs, nullptr, &active, &tiles, &meta);
+  mx::array counts = scratch(enc, direct ? 1 : E), offsets = scratch(enc, direct ? 1 : E + 1),
+            pairs = scratch(enc, direct ? 1 : P);
+  mx::array active = scratch(enc, direct ? 1 : E),
+            tiles = scratch(enc, grouped ? size_t(2) * max_tiles : 1), meta = scratch(enc, 4);
+  if (!direct)
+    encode_bucket(enc, ids, P, E, 64, counts, offsets, pairs, nullptr, &active,
+                  grouped ? &tiles : nullptr, &meta);
 
   mx::array H = scratch(enc, size_t(P) * F);
   mx::array Yp = scratch(enc, size_t(P) * D);
 
-  static const uint32_t decode_max_pairs = [] {
-    const char* v = std::getenv("MLX_MOE_CUDA_DECODE_MAX_PAIRS");
-    return v ? uint32_t(std::atoi(v)) : 128u;
-  }();
-  // Trellis weights take the fp32 decode kernels at every size (their codebook values are
-  // not exact in bf16, which the tensor-core kernel's weight operand needs).
-  const bool grouped = P > decode_max_pairs && !any_trellis;
-  const int ik = id_kind(ids.dtype());
-
   dispatch_float(x.dtype(), [&](auto tag) {
     using XT = decltype(tag);
     const XT* xp = ptr<XT>(x);
+    bool combined = false;
     if (!grouped) {
-      auto smem_for = [&](uint32_t Kd, uint32_t& maxt) {
+      auto smem_for = [&](uint32_t Kd, uint32_t cap, uint32_t& maxt) {
         const uint32_t per = (Kd + Kd / 32) * 4;
-        maxt = std::min<uint32_t>({uint32_t(DEC_MAXT), P, std::max<uint32_t>(1, (200 * 1024) / per)});
+        maxt = std::min<uint32_t>({cap, P, std::max<uint32_t>(1, (200 * 1024) / per)});
         return maxt * per;
       };
-      uint32_t mt1, mt2;
-      const uint32_t sm1 = smem_for(D, mt1), sm2 = smem_for(F, mt2);
-      const uint32_t rows_gu = DEC_WARPS * dec_rows<true>(), rows_d = DEC_WARPS * dec_rows<false>();
-      launch(enc, {&x, &pairs, &offsets, &active, &meta}, {&H}, mlp_decode_kernel<true, XT>,
-             dim3(max_active, (F + rows_gu - 1) / rows_gu), dim3(DEC_WARPS * 32), sm1,
-             md, xp, static_cast<const float*>(nullptr), ptr<uint32_t>(pairs),
-             ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta), ptr<float>(rw), mt1,
-             ptr<float>(H));
-      launch(enc, {&H, &pairs, &offsets, &active, &meta, &rw}, {&Yp},
-             mlp_decode_kernel<false, float>,
-             dim3(max_active, (D + rows_d - 1) / rows_d), dim3(DEC_WARPS * 32), sm2,
-             md, static_cast<const float*>(nullptr), ptr<float>(H), ptr<uint32_t>(pairs),
-             ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta), ptr<float>(rw), mt2,
-             ptr<float>(Yp));
+      // Tensor-core kernel: tokens per chunk (one block per pair when direct), shrunk while
+      // the block's shared memory is large (fewer blocks per SM).
+      auto mm_smem = [&](uint32_t units, uint32_t G, int NP, int NS, int MT, int NW, uint32_t& maxt) {
+        maxt = direct ? 1u : std::min<uint32_t>(MM_MAXT, P);
+        MmLayout l = mm_layout(units, G, maxt, NP, NS, MT, NW);
+        while (maxt > 1 && l.total > 76u * 1024u) {
+          maxt = (maxt + 1) / 2;
+          l = mm_layout(units, G, maxt, NP, NS, MT, NW);
+        }
+        return l.total;
+      };
+      const bool gu_mm = mma_on && affine4(md.gate) && affine4(md.up);
+      const bool dn_mm = mma_on && affine4(md.down);
+      const uint32_t gx = direct ? P : max_active;
+      // Tensor-core blocks: gate/up 16 rows (32 measured slower or equal at 1-64 tokens),
+      // down 32 rows.
+      const uint32_t rows_gu = gu_mm ? 16 : DEC_WARPS * dec_rows<true>();
+      const uint32_t rows_d = dn_mm ? 32 : DEC_WARPS * dec_rows<false>();
+      const uint32_t gy_d = (D + rows_d - 1) / rows_d;
+      mx::array counters = scratch(enc, fused_combine ? gy_d : 1);
+      uint32_t mt1, mt2, sm1, sm2;
+      constexpr bool xsplit = !std::is_same_v<XT, __nv_bfloat16>;
+      if (gu_mm) {
+        sm1 = mm_smem(D / 32, std::max(md.gate.groups, md.up.groups), 2, xsplit ? 2 : 1, 1,
+                      MM_WARPS_GU, mt1);
+      } else {
+        sm1 = smem_for(D, DEC_MAXT, mt1);
+      }
+      if (dn_mm) {
+        sm2 = mm_smem(F / 32, md.down.groups, 1, 2, 2, MM_WARPS_DN, mt2);
+      } else {
+        sm2 = smem_for(F, DEC_MAXT, mt2);
+      }
+      DecExtra ex{};
+      ex.ids = ptr<void>(ids);
+      ex.id_kind = ik;
+      ex.direct = direct ? 1u : 0u;
+      ex.counters = fused_combine ? ptr<uint32_t>(counters) : nullptr;
+      ex.ncounters = gy_d;
+      ex.y = ptr<void>(out);
+      ex.y_kind = std::is_same_v<XT, float> ? 0u : std::is_same_v<XT, __half> ? 1u : 2u;
+      const dim3 grid_gu(gx, (F + rows_gu - 1) / rows_gu), grid_d(gx, gy_d);
+      auto gu_kernel = gu_mm ? mlp_mma_dec_kernel<true, XT, xsplit, 1, MM_WARPS_GU>
+                             : mlp_decode_kernel<true, XT>;
+      launch(enc, {&x, &ids, &pairs, &offsets, &active, &meta}, {&H, &counters}, gu_kernel,
+             grid_gu, dim3(gu_mm ? MM_WARPS_GU * 32 : DEC_WARPS * 32), sm1, md, xp,
+             static_cast<const float*>(nullptr), ptr<uint32_t>(pairs), ptr<uint32_t>(offsets),
+             ptr<uint32_t>(active), ptr<uint32_t>(meta), ptr<float>(rw), mt1, ptr<float>(H), ex);
+      auto dn_kernel = dn_mm ? mlp_mma_dec_kernel<false, float, true, 2, MM_WARPS_DN>
+                             : mlp_decode_kernel<false, float>;
+      const dim3 block_d(dn_mm ? MM_WARPS_DN * 32 : DEC_WARPS * 32);
+      if (fused_combine && gx > 0) {
+        launch(enc, {&H, &ids, &pairs, &offsets, &active, &meta, &rw, &counters},
+               {&Yp, &counters, &out}, dn_kernel, grid_d, block_d, sm2, md,
+               static_cast<const float*>(nullptr), ptr<float>(H), ptr<uint32_t>(pairs),
+               ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta), ptr<float>(rw),
+               mt2, ptr<float>(Yp), ex);
+        combined = true;
+      } else {
+        launch(enc, {&H, &ids, &pairs, &offsets, &active, &meta, &rw}, {&Yp}, dn_kernel, grid_d,
+               block_d, sm2, md, static_cast<const float*>(nullptr), ptr<float>(H),
+               ptr<uint32_t>(pairs), ptr<uint32_t>(offsets), ptr<uint32_t>(active),
+               ptr<uint32_t>(meta), ptr<float>(rw), mt2, ptr<float>(Yp), ex);
+      }
     } else {
       constexpr bool split = !std::is_same_v<XT, __nv_bfloat16>;
       launch(enc, {&x, &pairs, &offsets, &tiles, &meta}, {&H}, mlp_grouped_kernel<true, split, XT>,
@@ -325,9 +410,11 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs, std::vector<mx::ar
              ptr<uint32_t>(pairs), ptr<uint32_t>(offsets), ptr<uint32_t>(tiles),
              ptr<uint32_t>(meta), ptr<float>(rw), ptr<float>(Yp));
     }
-    const uint64_t n = uint64_t(T) * D;
-    launch(enc, {&Yp, &ids}, {&out}, combine_kernel<XT>, dim3(uint32_t((n + 255) / 256)),
-           dim3(256), 0, ptr<float>(Yp), ptr<void>(ids), ik, T, k, D, E, ptr<XT>(out));
+    if (!combined) {
+      const uint64_t n = uint64_t(T) * D;
+      launch(enc, {&Yp, &ids}, {&out}, combine_kernel<XT>, dim3(uint32_t((n + 255) / 256)),
+             dim3(256), 0, ptr<float>(Yp), ptr<void>(ids), ik, T, k, D, E, ptr<XT>(out));
+    }
   });
 }
 
