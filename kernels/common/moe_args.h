@@ -46,7 +46,6 @@ struct MoeMlpArgs {
   uint32_t D;        // model width
   uint32_t F;        // expert width
   uint32_t E;        // experts
-  uint32_t tm;       // pairs per threadgroup tile
   uint32_t fs;       // hidden units per slice
   uint32_t nslices;  // ceil(F / fs)
   MoeWeightArgs gate, up, down;

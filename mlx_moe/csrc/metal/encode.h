@@ -114,7 +114,7 @@ template <class Enc>
 void encode_bucket(Enc& enc, const mx::array& ids, int64_t ids_offset_bytes, uint32_t P,
                    uint32_t E, uint32_t tile, uint32_t grid_y, mx::array& counts,
                    mx::array& offsets, mx::array& pairs, mx::array& dispatch,
-                   mx::array& tile_starts, const mx::array* counters = nullptr,
+                   mx::array& tile_starts, mx::array* counters = nullptr,
                    uint32_t nzero = 0) {
   const std::string it = tname(ids.dtype());
   MoeBucketArgs args{};
@@ -165,7 +165,7 @@ void encode_bucket(Enc& enc, const mx::array& ids, int64_t ids_offset_bytes, uin
     enc.input(offsets, 1);
     enc.bytes(args, 2);
     if (counters) {
-      enc.output(const_cast<mx::array&>(*counters), 3);
+      enc.output(*counters, 3);
     } else {
       enc.output(block, 3);  // never written (nzero = 0)
     }
@@ -305,7 +305,6 @@ void encode_moe_mlp(Enc& enc, MoeMLP& p, const std::vector<mx::array>& inputs,
   args.D = D;
   args.F = F;
   args.E = E;
-  args.tm = tm;
   args.fs = mma ? MMA_FS : SIMD_FS;
   args.nslices = (F + args.fs - 1) / args.fs;
   const bool combine = enc.device_fence();
