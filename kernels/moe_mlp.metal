@@ -103,6 +103,22 @@ inline void moe_find_tile(device const uint* tile_starts, device const uint* off
   c = r0 < P ? min(tm, P - r0) : 0u;
 }
 
+// First element of the partial row of (pair, slice): partial[(pair * nslices + slice) * D].
+inline size_t moe_partial_row(constant MoeMlpArgs& args, uint pair, uint slice) {
+  return (size_t(pair) * args.nslices + slice) * args.D;
+}
+
+// The sum over a pair's slices at output d, in slice order: the one summation order of both
+// combines (in-kernel and moe_mlp_combine), which is what makes them bitwise equal.
+template <typename P>
+inline float moe_slice_sum(P row, uint ns, uint D, uint d) {
+  float acc = row[d];
+  for (uint s = 1; s < ns; ++s) {
+    acc += row[size_t(s) * D + d];
+  }
+  return acc;
+}
+
 inline float moe_silu_mul(float g, float u) {
   return g / (1.0f + precise::exp(-g)) * u;
 }
@@ -187,7 +203,7 @@ struct MoeSimdMath {
       }
       for (uint t = 0; t < c.c; ++t) {
         const uint pair = c.pairs[c.r0 + t];
-        partial[(size_t(pair) * args.nslices + c.slice) * D + d] = c.route_w[pair] * acc[t];
+        partial[moe_partial_row(args, pair, c.slice) + d] = c.route_w[pair] * acc[t];
       }
     }
   }
@@ -332,7 +348,7 @@ struct MoeMmaMath {
         const uint r = i / MMA_B, n = i % MMA_B;
         if (r < c.c && n0 + n < args.D) {
           const uint pair = c.pairs[c.r0 + r];
-          partial[(size_t(pair) * args.nslices + c.slice) * args.D + n0 + n] =
+          partial[moe_partial_row(args, pair, c.slice) + n0 + n] =
               c.route_w[pair] * os[i];
         }
       }
@@ -368,13 +384,9 @@ inline void moe_mlp_combine_tail(thread const MoeMlpCtx<T>& c, constant MoeMlpAr
       if (pair == MOE_NO_PAIR) {
         continue;
       }
-      MOE_COHERENT device float* row = partial + size_t(pair) * ns * D;
+      MOE_COHERENT device float* row = partial + moe_partial_row(args, pair, 0);
       for (uint d = c.tid; d < D; d += c.nthreads) {
-        float acc = row[d];
-        for (uint s = 1; s < ns; ++s) {
-          acc += row[size_t(s) * D + d];
-        }
-        row[d] = acc;
+        row[d] = moe_slice_sum(row, ns, D, d);
       }
     }
   }
@@ -403,7 +415,7 @@ inline void moe_mlp_combine_tail(thread const MoeMlpCtx<T>& c, constant MoeMlpAr
     for (uint d = c.tid; d < D; d += c.nthreads) {
       float acc = 0.0f;
       for (uint j = 0; j < args.k; ++j) {
-        acc += partial[(size_t(token) * args.k + j) * ns * D + d];
+        acc += partial[moe_partial_row(args, token * args.k + j, 0) + d];
       }
       y[size_t(token) * D + d] = T(acc);
     }
@@ -478,7 +490,7 @@ template <typename T, typename Math>
     for (uint t = 0; t < c.c; ++t) {
       const uint pair = pairs[c.r0 + t];
       for (uint d = tid; d < args.D; d += c.nthreads) {
-        partial[(size_t(pair) * args.nslices + c.slice) * args.D + d] = 0.0f;
+        partial[moe_partial_row(args, pair, c.slice) + d] = 0.0f;
       }
     }
   }
@@ -514,12 +526,7 @@ template <typename T>
   const uint t = gid / D, d = gid % D;
   float acc = 0.0f;
   for (uint j = 0; j < args.k; ++j) {
-    device const float* row = partial + (size_t(t) * args.k + j) * ns * D + d;
-    float pair_sum = row[0];
-    for (uint s = 1; s < ns; ++s) {
-      pair_sum += row[size_t(s) * D];
-    }
-    acc += pair_sum;
+    acc += moe_slice_sum(partial + moe_partial_row(args, t * args.k + j, 0), ns, D, d);
   }
   y[gid] = T(acc);
 }

@@ -58,8 +58,10 @@ struct MlxEncoder {
   MTL::ComputePipelineState* pipeline = nullptr;
   std::string pipeline_name;
 
+  MTL::Library* library() { return d.get_library("mlx_moe", binary_dir()); }
+
   void kernel(const std::string& name, const std::vector<uint32_t>& constants = {}) {
-    auto* lib = d.get_library("mlx_moe", binary_dir());
+    auto* lib = library();
     pipeline_name = name;
     if (constants.empty()) {
       pipeline = d.get_kernel(name, lib);
@@ -114,9 +116,8 @@ struct MlxEncoder {
   // itself, which then has the probe kernel (kernels/moe_mlp.metal). Once per process.
   bool device_fence() {
     static const bool has = [this] {
-      auto* lib = d.get_library("mlx_moe", binary_dir());
       try {
-        d.get_kernel("moe_mlp_device_fence", lib);
+        d.get_kernel("moe_mlp_device_fence", library());
         return true;
       } catch (const std::exception&) {
         return false;
