@@ -11,6 +11,7 @@
 #include "common/affine.h"
 #include "common/defines.h"
 #include "common/fp4.h"
+#include "common/moe_args.h"
 #include "common/trellis.h"
 
 namespace mlx_moe::cuda {
@@ -703,6 +704,34 @@ __global__ void __launch_bounds__(BS_WARPS * 32)
       if ((__ffs(mask) - 1) == int(lane)) row[key] += __popc(mask);
     }
     __syncwarp();
+  }
+}
+
+// ------------------------------------------------------------------------------ layout
+// Row-major copy of a strided input (transposed or broadcast views, slices): the primitives'
+// CUDA evals read row-major inputs, and the op builders pass unevaluated inputs of CUDA
+// streams without a Contiguous graph node, so the few inputs whose layout turns out strided
+// at evaluation are copied here (elements of U = the dtype's size; strides in elements).
+constexpr int STRIDED_MAX_DIMS = MOE_STRIDED_MAX_DIMS;
+struct StridedDesc {
+  int ndim;
+  int64_t shape[STRIDED_MAX_DIMS];
+  int64_t strides[STRIDED_MAX_DIMS];
+};
+
+template <typename U>
+__global__ void strided_copy_kernel(const U* __restrict__ in, U* __restrict__ out, uint64_t n,
+                                    StridedDesc d) {
+  for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += uint64_t(gridDim.x) * blockDim.x) {
+    uint64_t r = i;
+    int64_t off = 0;
+    for (int j = d.ndim - 1; j >= 0; --j) {
+      const uint64_t dim = uint64_t(d.shape[j]);
+      off += int64_t(r % dim) * d.strides[j];
+      r /= dim;
+    }
+    out[i] = in[off];
   }
 }
 

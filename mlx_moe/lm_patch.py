@@ -92,6 +92,25 @@ def _hunyuan_shared(block, x):
     return block.shared_mlp(x) if block.use_shared_mlp else None
 
 
+def _experts(switch_mlp):
+    """The block's Experts, wrapped once and reused while its weight arrays are the same
+    objects (a weight update, e.g. load_weights, makes new ones and a new wrapper)."""
+    cached = getattr(switch_mlp, "_mlx_moe_experts", None)
+    if cached is not None:
+        experts, key = cached
+        if all(a is b for a, b in zip(key, _weight_arrays(switch_mlp))):
+            return experts
+    experts = Experts.from_switch_glu(switch_mlp)
+    object.__setattr__(switch_mlp, "_mlx_moe_experts", (experts, tuple(_weight_arrays(switch_mlp))))
+    return experts
+
+
+def _weight_arrays(switch_mlp):
+    return [getattr(switch_mlp, name).get(key)
+            for name in ("gate_proj", "up_proj", "down_proj")
+            for key in ("weight", "scales", "biases", "grid", "su", "sv")]
+
+
 def _router_call(router, shared=None):
     """A router that is not softmax top-k, kept as mlx-lm computes it: `router(block, x)`
     returns (expert ids, weights) from mlx-lm's own code or ops; then the fused experts and
@@ -101,7 +120,7 @@ def _router_call(router, shared=None):
         inds, scores = router(self, x)
         y = moe_mlp(_flat(x), inds.reshape(-1, inds.shape[-1]),
                     scores.reshape(-1, scores.shape[-1]).astype(mx.float32),
-                    Experts.from_switch_glu(self.switch_mlp)).reshape(x.shape)
+                    _experts(self.switch_mlp)).reshape(x.shape)
         extra = shared(self, x) if shared is not None else None
         return y if extra is None else y + extra
 

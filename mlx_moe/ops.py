@@ -8,6 +8,7 @@ data-dependent checks (expert ids out of range) raise ``ValueError`` at evaluati
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Optional
 
 import mlx.core as mx
@@ -129,6 +130,11 @@ class QuantizedWeight:
                 out.append(self.sv)
         return out
 
+    @cached_property
+    def _spec(self):
+        """(arrays, format) as the primitives take them, built once: the dataclass is frozen."""
+        return self.arrays(), self.format()
+
     def format(self):
         return _ext.Format(
             self.mode,
@@ -162,6 +168,13 @@ class Experts:
     gate: QuantizedWeight
     up: QuantizedWeight
     down: QuantizedWeight
+
+    @cached_property
+    def _spec(self):
+        """The three projections' array lists and formats, built once (frozen dataclass):
+        a layer call then costs one extension call, not nine Python-level conversions."""
+        specs = [p._spec for p in (self.gate, self.up, self.down)]
+        return [a for a, _ in specs], [f for _, f in specs]
 
     @classmethod
     def from_switch_glu(cls, switch_glu) -> "Experts":
@@ -217,7 +230,8 @@ def dequantize(weight, scales=None, biases=None, *, mode="affine", group_size=No
             dtype = mx.bfloat16
     if not isinstance(dtype, mx.Dtype):
         raise TypeError(f"dtype must be an mx.Dtype, got {dtype!r}")
-    return _ext.dequantize(weight.arrays(), weight.format(), dtype, stream=stream)
+    arrays, fmt = weight._spec
+    return _ext.dequantize(arrays, fmt, dtype, stream=stream)
 
 
 def moe_mlp(x: mx.array, ids: mx.array, weights: mx.array, experts: Experts, *,
@@ -239,10 +253,5 @@ def moe_mlp(x: mx.array, ids: mx.array, weights: mx.array, experts: Experts, *,
     _check_array("weights", weights)
     if not isinstance(experts, Experts):
         raise TypeError(f"experts must be an mlx_moe.Experts, got {type(experts).__name__}")
-    projections = (experts.gate, experts.up, experts.down)
-    return _ext.moe_mlp(
-        x, ids, weights,
-        [p.arrays() for p in projections],
-        [p.format() for p in projections],
-        stream=stream,
-    )
+    arrays, formats = experts._spec
+    return _ext.moe_mlp(x, ids, weights, arrays, formats, stream=stream)

@@ -251,3 +251,36 @@ def test_moe_mlp_tensor_core_decode_many_pairs_gpu_vs_cpu(rng, monkeypatch, T):
         x = mx.array(rng.standard_normal((T, 256)).astype(np.float32)).astype(dtype)
         ids, w = mlx_moe.route(random_logits(rng, T, 16), 4, stream=mx.cpu)
         assert_mlp_gpu_close_to_cpu(x, ids, w, experts, dtype)
+
+
+def test_unevaluated_and_strided_inputs_without_copy_nodes(rng, tmp_path):
+    """On a CUDA stream the op builders add no Contiguous node for unevaluated inputs (each
+    would cost a node's host work at every evaluation); the eval copies an input only when
+    its layout turns out strided (a transposed activation and broadcast routing weights
+    here), and the results equal the CPU path's on contiguous copies."""
+    experts = experts_for(rng, 8, 64, 32, "affine", (4, 4, 4), 32, mx.float16)
+    mx.eval(*[a for p in (experts.gate, experts.up, experts.down) for a in p.arrays()])
+    x0 = mx.array(rng.standard_normal((64, 5)).astype(np.float32))
+    g = mx.array(rng.standard_normal((64, 8)).astype(np.float32))
+    mx.eval(x0, g)
+    with mx.stream(mx.gpu):
+        xt = mx.transpose(x0 * 1.0)           # unevaluated; strided at evaluation
+        logits = mx.matmul(xt, g)             # unevaluated; row-major at evaluation
+        ids, w = mlx_moe.route(logits, 2)
+        wb = mx.broadcast_to(mx.array([0.6, 0.4]), (5, 2))
+        y = mlx_moe.moe_mlp(xt, ids, w, experts)
+        y2 = mlx_moe.moe_mlp(xt, ids, wb, experts)
+    path = tmp_path / "g.dot"
+    mx.export_to_dot(str(path), y, y2)
+    labels = [ln.split('label ="')[1].split('"')[0] for ln in path.read_text().splitlines() if 'label ="' in ln]
+    assert "Contiguous" not in labels, labels
+    xc = np.ascontiguousarray(np.array(x0).T)
+    # The GPU's own logits (its matmul may round differently from NumPy's), routed on the CPU.
+    ids_c, w_c = mlx_moe.route(mx.array(np.array(logits)), 2, stream=mx.cpu)
+    assert np.array_equal(np.array(ids), np.array(ids_c))
+    np.testing.assert_allclose(np.array(w), np.array(w_c), rtol=1e-5, atol=1e-7)
+    for yy, ww in ((y, w_c), (y2, mx.array(np.broadcast_to([0.6, 0.4], (5, 2)).astype(np.float32)))):
+        yc = mlx_moe.moe_mlp(mx.array(xc), ids_c, ww, experts, stream=mx.cpu)
+        yc64, yg64 = np.array(yc).astype(np.float64), np.array(yy).astype(np.float64)
+        scale = np.abs(yc64).max()
+        assert np.abs(yg64 - yc64).max() <= 4e-5 * scale + 1e-6

@@ -373,6 +373,46 @@ def test_moe_mlp_leading_dims_broadcast_and_noncontiguous(rng):
     assert_close_to(y2.reshape(6, D), ref2, mx.float32)
 
 
+def test_evaluated_noncontiguous_inputs_and_weights(rng):
+    """Arrays already evaluated pass to the primitives without a copy node only when their
+    layout is row-major: evaluated strided views (logits, x, and a weight's scales) still
+    give the result of their contiguous copies."""
+    E, D, F, k = 8, 64, 32, 2
+    experts, dense = make_experts(rng, E, D, F, group_size=32)
+    logits_c = random_logits(rng, 6, E)
+    logits_v = mx.swapaxes(mx.array(np.ascontiguousarray(np.swapaxes(np.array(logits_c), 0, 1))), 0, 1)
+    x_c = mx.array(rng.standard_normal((6, D)).astype(np.float32))
+    x_v = mx.swapaxes(mx.array(np.ascontiguousarray(np.array(x_c).T)), 0, 1)
+    g = experts.gate
+    s_v = mx.swapaxes(mx.array(np.ascontiguousarray(np.swapaxes(np.array(g.scales), 1, 2))), 1, 2)
+    mx.eval(logits_v, x_v, s_v)  # evaluated, with transposed strides
+    ids, w = mlx_moe.route(logits_v, k)
+    ids_c, w_c = mlx_moe.route(logits_c, k)
+    assert np.array_equal(np.array(ids), np.array(ids_c))
+    assert np.array_equal(np.array(w), np.array(w_c))
+    experts_v = mlx_moe.Experts(
+        mlx_moe.QuantizedWeight(g.w, s_v, g.biases, mode="affine", bits=g.bits, group_size=g.group_size),
+        experts.up, experts.down)
+    y = mlx_moe.moe_mlp(x_v, ids, w, experts_v)
+    assert_close_to(y, moe_mlp_ref(x_c, ids_c, w_c, *dense), mx.float32)
+
+
+def test_layer_graph_has_no_copy_nodes_for_evaluated_weights(rng, tmp_path):
+    """route + moe_mlp over evaluated, row-major weights and logits add exactly their two
+    primitives to the graph: no per-call Contiguous node per weight array (each would cost
+    host time at every evaluation)."""
+    experts, _ = make_experts(rng, 8, 64, 32, group_size=32)
+    logits = random_logits(rng, 3, 8)
+    x = mx.array(rng.standard_normal((3, 64)).astype(np.float32))
+    mx.eval(logits, x, *[a for p in (experts.gate, experts.up, experts.down) for a in p.arrays()])
+    ids, w = mlx_moe.route(logits, 2)
+    y = mlx_moe.moe_mlp(x, ids, w, experts)
+    path = tmp_path / "g.dot"
+    mx.export_to_dot(str(path), y)
+    labels = [ln.split('label ="')[1].split('"')[0] for ln in path.read_text().splitlines() if 'label ="' in ln]
+    assert sorted(labels) == ["moe_mlp", "route"], labels
+
+
 def test_moe_mlp_empty_batch(rng):
     experts, _ = make_experts(rng, 8, 64, 32, group_size=32)
     y = mlx_moe.moe_mlp(mx.zeros((0, 64)), mx.zeros((0, 2), dtype=mx.uint32), mx.zeros((0, 2)), experts)

@@ -4,6 +4,10 @@
 #pragma once
 #include "common/defines.h"
 
+// Most dimensions of a strided input that the CUDA evals copy to row-major themselves (the
+// op builders wrap inputs of more dimensions in a Contiguous node).
+#define MOE_STRIDED_MAX_DIMS 8
+
 struct MoeRouteArgs {
   uint32_t rows;       // token rows
   uint32_t E;          // experts (logits per row)

@@ -1,5 +1,8 @@
 #include "common.h"
 
+#include "common/moe_args.h"
+#include "mlx/backend/cuda/cuda.h"
+
 #include <sstream>
 
 namespace mlx_moe {
@@ -88,6 +91,23 @@ void check_ids_if_available(const mx::array& ids, int num_experts, const std::st
 }
 
 mx::array ensure_row_contiguous(const mx::array& a, mx::StreamOrDevice s) {
+  // A Contiguous node costs a graph node's host work at every evaluation even when it copies
+  // nothing (~5 us on the H100 machine's host), and the weights pass through here at every
+  // call: arrays whose layout is already known are passed as they are.
+  //  - evaluated (the weights, usually): their flags say it;
+  //  - outputs of our own primitives: every backend allocates them fresh, row-major.
+  if (a.status() != mx::array::Status::unscheduled && a.flags().row_contiguous) return a;
+  if (a.status() == mx::array::Status::unscheduled && a.has_primitive() &&
+      dynamic_cast<const InferencePrimitive*>(&a.primitive()) != nullptr) {
+    return a;
+  }
+  //  - CUDA streams: the eval copies an input whose layout at evaluation is not row-major
+  //    (csrc/cuda: row_major_inputs, a copy kernel node only then), so the common case (an
+  //    unevaluated, row-major activation or router logits) costs no node.
+  const mx::Stream stream = mx::to_stream(s);
+  if (stream.device.type == mx::Device::gpu && mx::cu::is_available() && a.ndim() <= MOE_STRIDED_MAX_DIMS) {
+    return a;
+  }
   return mx::contiguous(a, /*allow_col_major=*/false, s);
 }
 

@@ -97,7 +97,9 @@ inline bool supported_id_dtype(mx::Dtype d) {
   return d == mx::uint32 || d == mx::int32 || d == mx::int64;
 }
 
-// Row-major contiguous copy of `a` when it is not already (graph-level, lazy).
+// Row-major contiguous copy of `a` when it is not already (graph-level, lazy); `a` itself,
+// with no graph node, when it is known to be row-contiguous (evaluated with that layout, or
+// an output of one of our primitives).
 mx::array ensure_row_contiguous(const mx::array& a, mx::StreamOrDevice s);
 
 }  // namespace mlx_moe

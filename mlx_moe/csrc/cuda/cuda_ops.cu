@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -63,13 +65,28 @@ void launch(cu::CommandEncoder& enc, const std::vector<const mx::array*>& reads,
     if (a && a->size()) enc.set_input_array(*a);
   for (auto* a : writes)
     if (a && a->size()) enc.set_output_array(*a);
-  if (smem > 48 * 1024) {
-    check(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-          "cudaFuncSetAttribute");
-  }
+  // The driver handle and the dynamic shared memory limit are looked up / raised once per
+  // kernel and device (and per larger size), not at every node: this runs at every evaluation.
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, std::pair<cudaFunction_t, uint32_t>> known;
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
   cudaFunction_t f;
-  check(cudaGetFuncBySymbol(&f, reinterpret_cast<const void*>(kernel)), "cudaGetFuncBySymbol");
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto& [fn, limit] = known[{reinterpret_cast<const void*>(kernel), dev}];
+    if (fn == nullptr) {
+      check(cudaGetFuncBySymbol(&fn, reinterpret_cast<const void*>(kernel)), "cudaGetFuncBySymbol");
+      limit = 48 * 1024;
+    }
+    if (smem > limit) {
+      check(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+            "cudaFuncSetAttribute");
+      limit = smem;
+    }
+    f = fn;
+  }
   enc.add_kernel_node_ex(reinterpret_cast<CUfunction>(f), grid, block, dim3(), smem,
                          static_cast<KArgs>(args)...);
 }
@@ -177,16 +194,61 @@ void encode_bucket(cu::CommandEncoder& enc, const mx::array& ids, uint32_t P, ui
          E * 4, idp, kind, P, E, ptr<uint32_t>(bc), ptr<uint32_t>(offsets), ptr<uint32_t>(pairs));
 }
 
+// The inputs as the kernels read them: row-major ones as they are, the others copied to
+// row-major scratch by a copy node (the op builders pass unevaluated inputs of CUDA streams
+// without a Contiguous node, which would cost host work at every evaluation even when it
+// copies nothing; see common.cpp, ensure_row_contiguous).
+std::vector<mx::array> row_major_inputs(cu::CommandEncoder& enc,
+                                        const std::vector<mx::array>& inputs) {
+  std::vector<mx::array> out;
+  out.reserve(inputs.size());
+  for (const auto& a : inputs) {
+    if (a.size() == 0 || a.flags().row_contiguous) {
+      out.push_back(a);
+      continue;
+    }
+    if (a.ndim() > size_t(STRIDED_MAX_DIMS)) {  // the builders wrap these in a Contiguous node
+      throw std::invalid_argument("mlx_moe (CUDA): a strided input of more than " +
+                                  std::to_string(STRIDED_MAX_DIMS) + " dimensions");
+    }
+    mx::array c(a.shape(), a.dtype(), nullptr, {});
+    allocate(c);
+    enc.add_temporary(c);
+    StridedDesc d{};
+    d.ndim = int(a.ndim());
+    for (int j = 0; j < d.ndim; ++j) {
+      d.shape[j] = a.shape(j);
+      d.strides[j] = a.strides()[j];
+    }
+    const uint64_t n = a.size();
+    const dim3 grid(uint32_t(std::min<uint64_t>((n + 255) / 256, 65535))), block(256);
+    auto go = [&](auto tag) {
+      using U = decltype(tag);
+      launch(enc, {&a}, {&c}, strided_copy_kernel<U>, grid, block, 0, ptr<U>(a), ptr<U>(c), n, d);
+    };
+    switch (a.itemsize()) {
+      case 1: go(uint8_t{}); break;
+      case 2: go(uint16_t{}); break;
+      case 4: go(uint32_t{}); break;
+      case 8: go(uint64_t{}); break;
+      default: throw std::invalid_argument("mlx_moe (CUDA): unsupported element size");
+    }
+    out.push_back(std::move(c));
+  }
+  return out;
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------ route
-void route(Route& p, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+void route(Route& p, const std::vector<mx::array>& inputs_in, std::vector<mx::array>& outputs) {
+  auto& enc = cu::get_command_encoder(p.stream());
+  const std::vector<mx::array> inputs = row_major_inputs(enc, inputs_in);
   const auto& logits = inputs[0];
   auto& ids = outputs[0];
   auto& w = outputs[1];
   allocate(ids);
   allocate(w);
-  auto& enc = cu::get_command_encoder(p.stream());
   const uint32_t E = uint32_t(logits.shape(-1));
   const uint32_t rows = E ? uint32_t(logits.size() / E) : 0;
   if (rows == 0) return;
@@ -202,20 +264,22 @@ void route(Route& p, const std::vector<mx::array>& inputs, std::vector<mx::array
 }
 
 // ------------------------------------------------------------------------------ bucket
-void bucket(Bucket& p, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+void bucket(Bucket& p, const std::vector<mx::array>& inputs_in, std::vector<mx::array>& outputs) {
+  auto& enc = cu::get_command_encoder(p.stream());
+  const std::vector<mx::array> inputs = row_major_inputs(enc, inputs_in);
   const auto& ids = inputs[0];
   for (auto& o : outputs) allocate(o);
-  auto& enc = cu::get_command_encoder(p.stream());
   encode_bucket(enc, ids, uint32_t(ids.size()), uint32_t(p.num_experts()), uint32_t(p.tile()),
                 outputs[0], outputs[1], outputs[2], &outputs[3], nullptr, nullptr, nullptr);
 }
 
 // ------------------------------------------------------------------------------ dequantize
-void dequantize(Dequantize& p, const std::vector<mx::array>& inputs,
+void dequantize(Dequantize& p, const std::vector<mx::array>& inputs_in,
                 std::vector<mx::array>& outputs) {
+  auto& enc = cu::get_command_encoder(p.stream());
+  const std::vector<mx::array> inputs = row_major_inputs(enc, inputs_in);
   auto& out = outputs[0];
   allocate(out);
-  auto& enc = cu::get_command_encoder(p.stream());
   const WeightShape ws = check_weight(inputs, p.format(), "weight");
   WDesc d = make_desc(inputs.data(), p.format(), ws);
   if (p.format().mode == Mode::Trellis) {
@@ -243,15 +307,16 @@ void dequantize(Dequantize& p, const std::vector<mx::array>& inputs,
 }
 
 // ------------------------------------------------------------------------------ moe_mlp
-void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx::array>& outputs) {
   auto& out = outputs[0];
   allocate(out);
+  if (inputs_in[0].shape(0) == 0) return;
+  auto& enc = cu::get_command_encoder(p.stream());
+  const std::vector<mx::array> inputs = row_major_inputs(enc, inputs_in);
   const auto& x = inputs[0];
   const auto& ids = inputs[1];
   const auto& rw = inputs[2];
   const uint32_t T = uint32_t(x.shape(0)), D = uint32_t(x.shape(1)), k = uint32_t(ids.shape(1));
-  if (T == 0) return;
-  auto& enc = cu::get_command_encoder(p.stream());
 
   MlpDesc md{};
   int pos = 3;

@@ -1,0 +1,106 @@
+"""Where the time of a chained MoE layer goes: host graph building, host encoding, device.
+
+For mlx-lm's SwitchGLU path (baseline) and mlx_moe's route + moe_mlp, side by side in one
+run, on L layers with distinct weights chained in one eval (Qwen3-30B-A3B layer shape):
+
+* build: Python + op construction (calling the layer functions, nothing evaluated);
+* encode: `mx.async_eval` of the chain's output (MLX runs every primitive's eval on the
+  host: allocation, kernel nodes, graph update and launch) -- host work only;
+* wait: the rest of `mx.eval` after that (the device finishing);
+* serial: all three back to back (what `bench_moe.py`'s chained column measures);
+* pipelined: each step built and queued while the previous step runs (mlx-lm's generate
+  loop), i.e. max(host, device) per step.
+
+Also prints the same split for a chain of trivial MLX adds (MLX's own per-node cost).
+Per-layer microseconds. Timing only; `bench_moe.py` is the benchmark of record.
+
+    python benchmarks/host_split.py --tokens 1 4 16 [--format mxfp4] [--layers 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_moe import FORMATS, SHAPES, baseline_layer, make_layer, ours_layer  # noqa: E402
+
+
+def split(build, reps=20):
+    for _ in range(3):
+        mx.eval(build())
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        y = build()
+        t1 = time.perf_counter()
+        mx.async_eval(y)
+        t2 = time.perf_counter()
+        mx.eval(y)
+        t3 = time.perf_counter()
+        ts.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0))
+    return [statistics.median(c) * 1e6 for c in zip(*ts)]
+
+
+def pipelined(step, x, steps=24):
+    y = step(x)
+    mx.eval(y)
+    t0 = time.perf_counter()
+    y = step(x)
+    mx.async_eval(y)
+    for _ in range(steps - 1):
+        nxt = step(y)
+        mx.async_eval(nxt)
+        mx.eval(y)
+        y = nxt
+    mx.eval(y)
+    return (time.perf_counter() - t0) / steps * 1e6
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--format", choices=[f for f in FORMATS if f != "trellis4"], default="affine4")
+    ap.add_argument("--layers", type=int, default=8)
+    args = ap.parse_args(argv)
+    shape, L = SHAPES["qwen3"], args.layers
+    print(f"{shape['name']} layer, {args.format}, bfloat16, {L} layers per eval, device {mx.default_device()}")
+    a0 = mx.ones((16,))
+    mx.eval(a0)
+    for n in (L, 3 * L):
+        def adds(n=n):
+            a = a0
+            for _ in range(n):
+                a = a + 1
+            return a
+        b, e, w, s = (v / n for v in split(adds))
+        print(f"MLX add x{n}: per node build {b:.1f} us, encode {e:.1f} us, wait {w:.1f} us")
+    layers = [make_layer(shape, FORMATS[args.format], seed=i) for i in range(L)]
+    impls = {"baseline": [baseline_layer(e, shape["k"]) for e in layers],
+             "mlx_moe": [ours_layer(e, shape["k"]) for e in layers]}
+    print("| tokens | path | build us/layer | encode us/layer | wait us/layer | serial us/layer | pipelined us/layer |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for T in args.tokens:
+        rng = np.random.default_rng(T)
+        x = mx.array(rng.standard_normal((T, shape["D"])).astype(np.float32)).astype(mx.bfloat16)
+        lgs = [mx.array(rng.standard_normal((T, shape["E"])).astype(np.float32)) for _ in range(L)]
+        mx.eval(x, lgs)
+        for name, fns in impls.items():
+            def chain(y, fns=fns):
+                for f, lg in zip(fns, lgs):
+                    y = f(y, lg)
+                return y
+            b, e, w, s = (v / L for v in split(lambda: chain(x)))
+            p = pipelined(chain, x) / L
+            print(f"| {T} | {name} | {b:.1f} | {e:.1f} | {w:.1f} | {s:.1f} | {p:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
