@@ -499,7 +499,7 @@ __global__ void bucket_scan_kernel(uint32_t* __restrict__ block_counts, uint32_t
       tpre[e] = nt;
       apre[e] = na;
       off += c;
-      nt += (c + 63u) >> 6;
+      nt += (c + tile - 1u) / tile;
       na += c ? 1u : 0u;
       if (dispatch) ptiles += c / tile + (c % tile ? 1u : 0u);
     }
@@ -528,7 +528,7 @@ __global__ void bucket_scan_kernel(uint32_t* __restrict__ block_counts, uint32_t
       if (c == 0) continue;
       if (active) active[apre[e]] = e;
       if (tiles) {
-        for (uint32_t m0 = 0, t = tpre[e]; m0 < c; m0 += 64u, ++t) {
+        for (uint32_t m0 = 0, t = tpre[e]; m0 < c; m0 += tile, ++t) {
           tiles[2 * t] = e;
           tiles[2 * t + 1] = offsets[e] + m0;
         }
@@ -646,7 +646,7 @@ __global__ void __launch_bounds__(BS_WARPS * 32)
       c += v;
     }
   }
-  uint32_t v[3] = {c, (c + 63u) >> 6, c ? 1u : 0u};
+  uint32_t v[3] = {c, (c + tile - 1u) / tile, c ? 1u : 0u};
   block_scan3(v, wtot);
   // dispatch's tile count (public op): sum of ceil(c / tile)
   uint32_t pt = (dispatch && e < E) ? c / tile + (c % tile ? 1u : 0u) : 0u;
@@ -657,14 +657,14 @@ __global__ void __launch_bounds__(BS_WARPS * 32)
   }
   const uint32_t total = wtot[BS_WARPS - 1][0];
   if (e < E) {
-    const uint32_t off = v[0] - c, tpre = v[1] - ((c + 63u) >> 6), apre = v[2] - (c ? 1u : 0u);
+    const uint32_t off = v[0] - c, tpre = v[1] - ((c + tile - 1u) / tile), apre = v[2] - (c ? 1u : 0u);
     offs[e] = off;
     counts[e] = c;
     offsets[e] = off;
     if (c) {
       if (active) active[apre] = e;
       if (tiles) {
-        for (uint32_t m0 = 0, t = tpre; m0 < c; m0 += 64u, ++t) {
+        for (uint32_t m0 = 0, t = tpre; m0 < c; m0 += tile, ++t) {
           tiles[2 * t] = e;
           tiles[2 * t + 1] = off + m0;
         }
@@ -1636,3 +1636,6 @@ __global__ void combine_kernel(const float* __restrict__ Yp, const void* __restr
 }
 
 }  // namespace mlx_moe::cuda
+
+// Grouped path for bf16 / fp16 activations and affine 4/8-bit or mxfp4 weights.
+#include "moe_cuda_grouped.cuh"

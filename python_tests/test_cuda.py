@@ -5,7 +5,9 @@ Agreement expected: route ids identical (weights within fp32 rounding of the sof
 bucket bitwise; dequantize bitwise (trellis too: both evaluate common/trellis.h's fp32
 product in the same order); moe_mlp within the fp32-accumulation tolerance of the
 CPU suite (different summation orders; the large-batch path multiplies on tensor cores
-with exact codes and split activations)."""
+with exact codes and split activations), except the grouped path for bf16/fp16 activations
+(affine 4/8-bit, mxfp4), which rounds weights, H and the per-slot outputs to the activation
+type: it is checked against a float64 reference with a derived error bound (below)."""
 
 import numpy as np
 import pytest
@@ -251,6 +253,153 @@ def test_moe_mlp_tensor_core_decode_many_pairs_gpu_vs_cpu(rng, monkeypatch, T):
         x = mx.array(rng.standard_normal((T, 256)).astype(np.float32)).astype(dtype)
         ids, w = mlx_moe.route(random_logits(rng, T, 16), 4, stream=mx.cpu)
         assert_mlp_gpu_close_to_cpu(x, ids, w, experts, dtype)
+
+
+# ------------------------------------------------------------------ grouped tensor-core path
+# Large batches with bf16 / fp16 activations and affine 4/8-bit or mxfp4 weights take
+# mlp_gg_kernel (kernels/moe_cuda_grouped.cuh): weights dequantized to the activation type
+# (s*q+b rounded once), fp32 accumulation, the hidden layer H and the per-slot down outputs
+# stored in the activation type. Checked against an independent float64 NumPy reference with
+# a first-order worst-case error bound derived from those roundings (u = unit roundoff of the
+# activation type: 2^-8 bf16, 2^-11 fp16):
+#   gate/up dot products: |dg| <= sum_k |x_k| e_k + 2^-22 sum |x||w|, e = u*|w| (one rounding of
+#     the dequantized weight; with scales not representable in the activation type also
+#     u*(q|s| + |b|)), the 2^-22 term for fp32 accumulation;
+#   h = silu(g)*up: |dh| <= |silu'(g) up| dg + |silu(g)| du + dg du + 0.25 dg^2 |up| + u|h|;
+#   per slot: |dys| <= sum |h~| e + sum |w| dh (+ fp32 accumulation), then the routing weight
+#     and one rounding of Yp: w_j dys + u |w_j ys|; output: sum over slots + u |y|.
+# The test allows 1.25x that bound (second-order terms); no scale-relative slack. Also
+# norm-wise: ||err|| <= 4u ||y|| (see _gg_check).
+
+def _codes(words, bits, K):
+    w = np.asarray(words).astype(np.uint32)
+    per = 32 // bits
+    sh = (np.arange(per, dtype=np.uint32) * bits).astype(np.uint32)
+    return ((w[..., None] >> sh) & np.uint32((1 << bits) - 1)).reshape(*w.shape[:-1], K)
+
+
+def _gg_projection(rng, shape, fmt, bits, gs, sdt):
+    E, N, K = shape
+    if fmt == "affine":
+        w, s, b = random_affine(rng, shape, bits, gs, sdt)
+        q = mlx_moe.QuantizedWeight(w, s, b, mode="affine", bits=bits, group_size=gs)
+        raw = ("affine", bits, gs, np.array(w), to_np(s).astype(np.float64), to_np(b).astype(np.float64))
+    else:
+        w, s = random_mxfp4(rng, shape)
+        q = mlx_moe.QuantizedWeight(w, s, mode="mxfp4", bits=4, group_size=32)
+        raw = ("mxfp4", 4, 32, np.array(w), np.array(s).astype(np.float64), None)
+    return q, raw
+
+
+def _gg_dense(raw, e, u, scales_exact):
+    """Dense float64 weight of expert e and the bound of its dequantization error."""
+    fmt, bits, gs, w, s, b = raw
+    K = w.shape[-1] * 32 // bits
+    q = _codes(w[e], bits, K).astype(np.float64)
+    if fmt == "affine":
+        S = np.repeat(s[e], gs, axis=-1)
+        B = np.repeat(b[e], gs, axis=-1)
+        W = q * S + B
+        err = u * np.abs(W) if scales_exact else u * (np.abs(W) + q * np.abs(S) + np.abs(B))
+    else:
+        from reference import FP4_E2M1_TABLE
+        W = FP4_E2M1_TABLE[q.astype(np.int64)] * np.repeat(np.exp2(s[e] - 127.0), 32, axis=-1)
+        err = u * np.abs(W)
+    return W, err
+
+
+def _gg_ref_bound(x, ids, rw, raws, E, u, scales_exact):
+    x = to_np(x).astype(np.float64)
+    ids = np.array(ids).astype(np.int64)
+    rw = to_np(rw).astype(np.float64)
+    T, k = ids.shape
+    D = x.shape[1]
+    y = np.zeros((T, D))
+    dy = np.zeros((T, D))
+    ft, fe, fw = np.repeat(np.arange(T), k), ids.reshape(-1), rw.reshape(-1)
+    acc = 2.0 ** -22
+    for e in np.unique(fe):
+        if e < 0 or e >= E:
+            continue
+        sel = fe == e
+        toks, wts = ft[sel], fw[sel][:, None]
+        (Wg, Eg), (Wu, Eu), (Wd, Ed) = (_gg_dense(r, e, u, scales_exact) for r in raws)
+        xe = x[toks]
+        ax = np.abs(xe)
+        g, up = xe @ Wg.T, xe @ Wu.T
+        dg = ax @ Eg.T + acc * (ax @ np.abs(Wg).T)
+        du = ax @ Eu.T + acc * (ax @ np.abs(Wu).T)
+        sg = 1.0 / (1.0 + np.exp(-g))
+        si, dsi = g * sg, sg * (1.0 + g * (1.0 - sg))
+        h = si * up
+        dh = np.abs(dsi * up) * dg + np.abs(si) * du + dg * du + 0.25 * dg * dg * np.abs(up) + u * np.abs(h)
+        ys = h @ Wd.T
+        dys = (np.abs(h) + dh) @ Ed.T + dh @ np.abs(Wd).T + acc * (np.abs(h) @ np.abs(Wd).T)
+        np.add.at(y, toks, wts * ys)
+        np.add.at(dy, toks, np.abs(wts) * dys + u * np.abs(wts * ys))
+    return y, dy + u * np.abs(y)
+
+
+def _gg_check(rng, T, E, D, F, k, fmt, bits, gs, dtype, sdt=None, bad_ids=False):
+    sdt = sdt or dtype
+    u = 2.0 ** -8 if dtype == mx.bfloat16 else 2.0 ** -11
+    projs, raws = zip(*(_gg_projection(rng, s, fmt, b, gs, sdt)
+                        for s, b in zip(((E, F, D), (E, F, D), (E, D, F)), bits)))
+    experts = mlx_moe.Experts(*projs)
+    x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(dtype)
+    ids, w = mlx_moe.route(random_logits(rng, T, E), k, stream=mx.cpu)
+    if bad_ids:  # a lazily out-of-range id contributes nothing
+        idn = np.array(ids)
+        idn[::7, 1] = E + 5
+        ids = mx.array(idn) + 0
+    yg = mlx_moe.moe_mlp(x, ids, w, experts, stream=mx.gpu)
+    y2 = mlx_moe.moe_mlp(x, ids, w, experts, stream=mx.gpu)
+    mx.eval(yg, y2)
+    yg, y2 = to_np(yg).astype(np.float64), to_np(y2).astype(np.float64)
+    assert np.array_equal(yg, y2)  # deterministic
+    exact = sdt == dtype or fmt != "affine"
+    y, bound = _gg_ref_bound(x, ids, w, raws, E, u, exact)
+    err = np.abs(yg - y)
+    scale = np.abs(y).max()
+    assert np.all(err <= 1.25 * bound + 1e-7 * scale), (
+        f"max err {err.max():.3g}, worst err/bound {(err / (bound + 1e-30)).max():.3g}, scale {scale:.3g}")
+    # Norm-wise: a NumPy simulation of exactly these roundings gives ||err|| / ||y|| ~ 1.0 u
+    # (bf16, affine 4-bit); the worst-case bound above is loose (~10% of max |y| for random
+    # weights), so this catches errors that a wrong k order or scale would make.
+    assert np.linalg.norm(err) <= 4 * u * np.linalg.norm(y), np.linalg.norm(err) / np.linalg.norm(y) / u
+    return err, bound
+
+
+@pytest.mark.parametrize("fmt,bits,gs", [("affine", (4, 4, 4), 64), ("mxfp4", (4, 4, 4), 32)])
+def test_moe_mlp_grouped_qwen3_4096(rng, fmt, bits, gs):
+    _gg_check(rng, 4096, 128, 2048, 768, 8, fmt, bits, gs, mx.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "T,E,D,F,k,fmt,bits,gs,sdt",
+    [
+        (700, 16, 160, 96, 4, "affine", (4, 4, 4), 32, None),   # K = 2.5 / 1.5 steps, N < tile
+        (700, 16, 160, 96, 4, "affine", (8, 8, 8), 32, None),
+        (700, 16, 192, 96, 4, "affine", (4, 4, 8), 32, None),   # down in another format
+        (700, 16, 192, 128, 4, "affine", (8, 8, 4), 64, None),
+        (700, 16, 160, 96, 4, "mxfp4", (4, 4, 4), 32, None),
+        (700, 16, 160, 96, 4, "affine", (4, 4, 4), 32, mx.float32),  # fp32 scales: rounded
+        (700, 16, 160, 128, 4, "affine", (8, 8, 8), 32, mx.float32),
+        (700, 16, 160, 96, 4, "affine", (4, 4, 4), 32, "other"),  # the older kernel (fp16 <-> bf16)
+        (300, 16, 2048, 320, 4, "affine", (4, 4, 4), 64, None),  # F % 128 != 0, 2048-wide rows
+        (1500, 64, 128, 64, 6, "affine", (8, 8, 8), 64, None),
+    ],
+)
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_moe_mlp_grouped_odd_shapes(rng, T, E, D, F, k, fmt, bits, gs, sdt, dtype):
+    if sdt == "other":
+        sdt = mx.float16 if dtype == mx.bfloat16 else mx.bfloat16
+    _gg_check(rng, T, E, D, F, k, fmt, bits, gs, dtype, sdt)
+
+
+@pytest.mark.parametrize("fmt", ["affine", "mxfp4"])
+def test_moe_mlp_grouped_bad_ids_and_repeat(rng, fmt):
+    _gg_check(rng, 700, 16, 160, 96, 4, fmt, (4, 4, 4), 32, mx.bfloat16, bad_ids=True)
 
 
 def test_unevaluated_and_strided_inputs_without_copy_nodes(rng, tmp_path):

@@ -307,6 +307,33 @@ void dequantize(Dequantize& p, const std::vector<mx::array>& inputs_in,
 }
 
 // ------------------------------------------------------------------------------ moe_mlp
+// Grouped-kernel format of a projection (GG_A4 / GG_A8 / GG_FP4), -1 when it has none.
+int gg_format(const WDesc& d) {
+  if (d.mode == 0u && d.bits == 4u) return GG_A4;
+  if (d.mode == 0u && d.bits == 8u) return GG_A8;
+  if (d.mode == 1u && d.fp4_quarter == 0u) return GG_FP4;
+  return -1;
+}
+
+// Whether the raw scales (and biases) of d can be copied with cp.async: 4-byte rows
+// (return 1), 16-byte rows and pointers (return 2); 0: not eligible.
+int gg_scale_copy(const WDesc& d) {
+  const uint32_t row = d.groups * gg_scale_elem(d.scale_kind);
+  auto al = [](const void* p, uintptr_t a) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) % a) == 0; };
+  if (row % 4u != 0u || !al(d.scales, 4) || !al(d.biases, 4)) return 0;
+  return (row % 16u == 0u && al(d.scales, 16) && al(d.biases, 16)) ? 2 : 1;
+}
+
+// sk: affine scales in the activation type (0) or fp32 (1); mxfp4 ignores it.
+template <bool GATEUP, typename XT>
+auto gg_kernel(int fmt, int sk) {
+  switch (fmt) {
+    case GG_A4: return sk ? mlp_gg_kernel<GATEUP, XT, GG_A4, 1> : mlp_gg_kernel<GATEUP, XT, GG_A4, 0>;
+    case GG_A8: return sk ? mlp_gg_kernel<GATEUP, XT, GG_A8, 1> : mlp_gg_kernel<GATEUP, XT, GG_A8, 0>;
+    default: return mlp_gg_kernel<GATEUP, XT, GG_FP4, 0>;
+  }
+}
+
 void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx::array>& outputs) {
   auto& out = outputs[0];
   allocate(out);
@@ -377,13 +404,46 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // read the actual counts (meta) on the device, exiting early (CUDA graphs: no indirect
   // dispatch).
   const uint32_t max_active = std::min(E, P);
-  const uint32_t max_tiles = (P + G_TM - 1) / G_TM + max_active;
+  // Grouped path, bf16 / fp16 activations, gate/up of one format among affine 4-bit, 8-bit
+  // and mxfp4 and down of one of them (MLX_MOE_CUDA_GG=0: the older fp32-rescale kernel):
+  // mlp_gg_kernel (moe_cuda_grouped.cuh), tiles of GG_TM pairs.
+  int gg_fgu = -1, gg_fdn = -1, gg_sc_gu = 0, gg_sc_dn = 0, gg_sk_gu = 0, gg_sk_dn = 0;
+  uint32_t gg_sm_gu = 0, gg_sm_dn = 0;
+  bool gg = false;
+  if (grouped && (x.dtype() == mx::bfloat16 || x.dtype() == mx::float16) &&
+      env_u32("MLX_MOE_CUDA_GG", 1u) != 0u) {
+    gg_fgu = gg_format(md.gate);
+    gg_fdn = gg_format(md.down);
+    gg_sc_gu = std::min(gg_scale_copy(md.gate), gg_scale_copy(md.up));
+    gg_sc_dn = gg_scale_copy(md.down);
+    auto al16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) % 16) == 0; };
+    // Affine scales / biases in the activation type (what mlx-community checkpoints have;
+    // broadcast as they are) or fp32 (rounded to it); other scale dtypes keep the older kernel.
+    const uint32_t xkind = x.dtype() == mx::bfloat16 ? 2u : 1u;
+    auto sk_of = [&](const WDesc& d) {
+      return d.mode == 1u ? 0 : d.scale_kind == xkind ? 0 : d.scale_kind == 0u ? 1 : -1;
+    };
+    gg_sk_gu = sk_of(md.gate);
+    gg_sk_dn = sk_of(md.down);
+    gg = gg_fgu >= 0 && gg_fgu == gg_format(md.up) && gg_fdn >= 0 && gg_sc_gu > 0 &&
+         gg_sk_gu >= 0 && gg_sk_gu == sk_of(md.up) && gg_sk_dn >= 0 &&
+         gg_sc_dn > 0 && al16(ptr<void>(x)) && al16(md.gate.w) && al16(md.up.w) &&
+         al16(md.down.w);
+    if (gg) {
+      gg_sm_gu = gg_smem_bytes(gg_fgu, md.gate, md.up);
+      gg_sm_dn = gg_smem_bytes(gg_fdn, md.down, md.down);
+      const uint32_t tiles_max = (P + GG_TM - 1) / GG_TM + max_active;
+      gg = std::max(gg_sm_gu, gg_sm_dn) <= 227u * 1024u && tiles_max <= 65535u;
+    }
+  }
+  const uint32_t btile = gg ? uint32_t(GG_TM) : uint32_t(G_TM);
+  const uint32_t max_tiles = (P + btile - 1) / btile + max_active;
   mx::array counts = scratch(enc, direct ? 1 : E), offsets = scratch(enc, direct ? 1 : E + 1),
             pairs = scratch(enc, direct ? 1 : P);
   mx::array active = scratch(enc, direct ? 1 : E),
             tiles = scratch(enc, grouped ? size_t(2) * max_tiles : 1), meta = scratch(enc, 4);
   if (!direct)
-    encode_bucket(enc, ids, P, E, 64, counts, offsets, pairs, nullptr, &active,
+    encode_bucket(enc, ids, P, E, btile, counts, offsets, pairs, nullptr, &active,
                   grouped ? &tiles : nullptr, &meta);
 
   mx::array H = scratch(enc, size_t(P) * F);
@@ -462,6 +522,26 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
                block_d, sm2, md, static_cast<const float*>(nullptr), ptr<float>(H),
                ptr<uint32_t>(pairs), ptr<uint32_t>(offsets), ptr<uint32_t>(active),
                ptr<uint32_t>(meta), ptr<float>(rw), mt2, ptr<float>(Yp), ex);
+      }
+    } else if (gg) {
+      // H [bucketed pair, F] and Yp [pair, D] in the activation type; fp32 combine.
+      if constexpr (!std::is_same_v<XT, float>) {
+        XT* Hx = reinterpret_cast<XT*>(ptr<uint32_t>(H));
+        XT* Ypx = reinterpret_cast<XT*>(ptr<uint32_t>(Yp));
+        launch(enc, {&x, &pairs, &offsets, &tiles, &meta}, {&H}, gg_kernel<true, XT>(gg_fgu, gg_sk_gu),
+               dim3((F + GG_TN - 1) / GG_TN, max_tiles), dim3(GG_THREADS), gg_sm_gu, md, xp,
+               ptr<uint32_t>(pairs), ptr<uint32_t>(offsets), ptr<uint32_t>(tiles),
+               ptr<uint32_t>(meta), ptr<float>(rw), Hx, uint32_t(gg_sc_gu == 2));
+        launch(enc, {&H, &pairs, &offsets, &tiles, &meta, &rw}, {&Yp},
+               gg_kernel<false, XT>(gg_fdn, gg_sk_dn), dim3((D + 2 * GG_TN - 1) / (2 * GG_TN), max_tiles),
+               dim3(GG_THREADS), gg_sm_dn, md, static_cast<const XT*>(Hx), ptr<uint32_t>(pairs),
+               ptr<uint32_t>(offsets), ptr<uint32_t>(tiles), ptr<uint32_t>(meta), ptr<float>(rw),
+               Ypx, uint32_t(gg_sc_dn == 2));
+        const uint64_t n8 = uint64_t(T) * (D / 8);
+        launch(enc, {&Yp, &ids}, {&out}, combine_gg_kernel<XT>, dim3(uint32_t((n8 + 255) / 256)),
+               dim3(256), 0, static_cast<const XT*>(Ypx), ptr<void>(ids), ik, T, k, D, E,
+               ptr<XT>(out));
+        combined = true;
       }
     } else {
       constexpr bool split = !std::is_same_v<XT, __nv_bfloat16>;

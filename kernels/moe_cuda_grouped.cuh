@@ -1,0 +1,532 @@
+// Grouped (many tokens per expert) expert MLP for bf16 / fp16 activations and affine 4-bit,
+// affine 8-bit or mxfp4 weights: the large-batch path of moe_mlp on CUDA. Included from
+// moe_cuda.cuh (uses its helpers: WDesc, MlpDesc, load_scale, fp4_mag2, cp_async16,
+// cp_async4, ldsm_x4, smem_u32, silu). Host dispatch: mlx_moe/csrc/cuda/cuda_ops.cu.
+//
+// Block = one tile of GG_TM = 128 bucketed pairs of one expert (bucketing tile = GG_TM) x
+// two "panels" of GG_TN = 128 weight rows: gate/up: the gate rows and the up rows of the
+// same 128 output columns (SwiGLU in registers); down: 256 consecutive rows of the down
+// projection. 8 warps, 2 (M) x 4 (N); a warp owns 64 pairs x 32 rows of each panel
+// (128 fp32 accumulators per thread). K runs in steps of GG_BK = 64 through a
+// GG_STAGES-deep cp.async pipeline (one __syncthreads per step): the gathered activation
+// rows (gate/up: row pairs[i] / k of x; down: bucketed row i of H) and the packed weight
+// rows are copied raw; the block's scales / biases for all of K are copied raw once, with
+// the first stage.
+//
+// Precision: the weights are dequantized in registers to the activation type, value =
+// s * q + b rounded once (one HFMA2 of exact codes; mxfp4: 2v times s/2, exact), i.e. what
+// MLX's own quantized matmul does; products accumulate in fp32 (mma.sync m16n8k16). The
+// hidden layer H and the per-pair down outputs Yp are stored in the activation type (as
+// mlx-lm's SwitchGLU does), the combine sums the k slots in fp32 in slot order.
+//
+// K order: inside each unit of 32 k, thread t4 of a quad owns k = 8*t4 .. 8*t4+7 (one
+// packed 4-bit word, two 8-bit words, one 16-byte chunk of activations); MMA step h (two
+// per unit) takes k 8*t4 + 4h + {0,1} (b0) and + {2,3} (b1). The same permutation is used
+// for the activations (one 16-byte shared load gives the A registers of both steps) and the
+// weights (byte j of a 4-bit word = nibbles 2j, 2j+1 -> one bf16x2 / f16x2), so no
+// register shuffles are needed.
+#pragma once
+
+#include <type_traits>
+
+namespace mlx_moe::cuda {
+
+constexpr int GG_TM = 128, GG_TN = 128, GG_BK = 64, GG_STAGES = 4, GG_THREADS = 256;
+constexpr int GG_A4 = 0, GG_A8 = 1, GG_FP4 = 2;  // weight formats of the grouped kernel
+
+// Bytes of one packed weight row per K step.
+__host__ __device__ constexpr uint32_t gg_brow(int fmt) { return fmt == GG_A8 ? 64u : 32u; }
+__host__ __device__ constexpr uint32_t gg_stage_bytes(int fmt) {
+  return uint32_t(GG_TM) * GG_BK * 2u + 2u * GG_TN * gg_brow(fmt);
+}
+__host__ __device__ inline uint32_t gg_scale_elem(uint32_t kind) {
+  return kind == 0u ? 4u : kind == 3u ? 1u : 2u;
+}
+// Shared memory of the block's raw scales (and biases) of one panel (16-byte multiple).
+__host__ __device__ inline uint32_t gg_panel_sc_bytes(const WDesc& d) {
+  return (uint32_t(GG_TN) * d.groups * gg_scale_elem(d.scale_kind) + 15u) & ~15u;
+}
+__host__ __device__ inline uint32_t gg_smem_bytes(int fmt, const WDesc& p0, const WDesc& p1) {
+  const uint32_t nb0 = p0.mode == 1u ? 1u : 2u, nb1 = p1.mode == 1u ? 1u : 2u;
+  return GG_STAGES * gg_stage_bytes(fmt) + nb0 * gg_panel_sc_bytes(p0) + nb1 * gg_panel_sc_bytes(p1);
+}
+
+template <typename XT>
+__device__ __forceinline__ uint32_t gg_magic() {  // 128.0 (bf16) / 1024.0 (f16), both halves
+  return std::is_same_v<XT, __half> ? 0x64006400u : 0x43004300u;
+}
+
+// (v - magic) on both halves: the exact codes placed in the magic's mantissa.
+template <typename XT>
+__device__ __forceinline__ uint32_t gg_unmagic(uint32_t v) {
+  uint32_t m = gg_magic<XT>();
+  if constexpr (std::is_same_v<XT, __half>) {
+    __half2 r = __hsub2(*reinterpret_cast<__half2*>(&v), *reinterpret_cast<__half2*>(&m));
+    return *reinterpret_cast<uint32_t*>(&r);
+  } else {
+    __nv_bfloat162 r =
+        __hsub2(*reinterpret_cast<__nv_bfloat162*>(&v), *reinterpret_cast<__nv_bfloat162*>(&m));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+}
+
+template <typename XT>
+__device__ __forceinline__ uint32_t gg_fma2(uint32_t q, uint32_t s, uint32_t b) {
+  if constexpr (std::is_same_v<XT, __half>) {
+    __half2 r = __hfma2(*reinterpret_cast<__half2*>(&q), *reinterpret_cast<__half2*>(&s),
+                        *reinterpret_cast<__half2*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  } else {
+    __nv_bfloat162 r = __hfma2(*reinterpret_cast<__nv_bfloat162*>(&q),
+                               *reinterpret_cast<__nv_bfloat162*>(&s),
+                               *reinterpret_cast<__nv_bfloat162*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+}
+
+template <typename XT>
+__device__ __forceinline__ uint32_t gg_pack(float lo, float hi) {
+  if constexpr (std::is_same_v<XT, __half>) {
+    __half2 r = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&r);
+  } else {
+    __nv_bfloat162 r = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+}
+
+template <typename XT>
+__device__ __forceinline__ void gg_mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<XT, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ uint32_t gg_lop_and_or(uint32_t a, uint32_t m, uint32_t c) {
+  uint32_t v;  // (a & m) | c
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(v) : "r"(a), "r"(m), "r"(c));
+  return v;
+}
+
+// Affine 4-bit: byte j of w (= codes 2j, 2j+1; w4 = w >> 4) as exact XT codes.
+template <typename XT>
+__device__ __forceinline__ uint32_t gg_a4_pair(uint32_t w, uint32_t w4, int j) {
+  const uint32_t t = __byte_perm(w, w4, uint32_t(j) | (uint32_t(4 + j) << 8));
+  return gg_unmagic<XT>(gg_lop_and_or(t, 0x000F000Fu, gg_magic<XT>()));
+}
+
+// mxfp4: nibbles 2j, 2j+1 of w as exact XT values of 2v (the scale is halved to match);
+// lo4 / hi4: fp4_mag2(w) (the bytes 2|v| of nibbles 0-3 / 4-7, at byte_perm index = nibble).
+template <typename XT>
+__device__ __forceinline__ uint32_t gg_fp4_pair(uint32_t w, uint32_t lo4, uint32_t hi4, int j) {
+  const uint32_t t = __byte_perm(lo4, hi4, uint32_t(2 * j) | (uint32_t(2 * j + 1) << 8));
+  const uint32_t mag = gg_unmagic<XT>(gg_lop_and_or(t, 0x00FF00FFu, gg_magic<XT>()));
+  // sign of nibble 2j (bit 8j+3) -> bit 15, of nibble 2j+1 (bit 8j+7) -> bit 31
+  const uint32_t sg = __byte_perm(w << 4, w, (uint32_t(j) << 4) | (uint32_t(4 + j) << 12));
+  uint32_t v;
+  asm("lop3.b32 %0, %1, %2, %3, 0xF8;\n" : "=r"(v) : "r"(mag), "r"(sg), "r"(0x80008000u));
+  return v;
+}
+
+// Affine 8-bit, f16: bytes 2j, 2j+1 of w as exact f16 codes (1024 + q is exact in f16).
+__device__ __forceinline__ uint32_t gg_a8_pair_f16(uint32_t w, int j) {
+  const uint32_t t = __byte_perm(w, 0u, uint32_t(2 * j) | (uint32_t(2 * j + 1) << 8));
+  return gg_unmagic<__half>(gg_lop_and_or(t, 0x00FF00FFu, 0x64006400u));
+}
+
+// Affine 8-bit code (byte j of w) as an exact float.
+__device__ __forceinline__ float gg_a8_code(uint32_t w, int j) {
+  return __uint_as_float(__byte_perm(w, 0x4B000000u, uint32_t(j) | 0x7540u)) - 8388608.f;
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Scale and bias of row r (of the panel's 128), group g, from the raw copies (32-bit shared
+// addresses), branch-free by format: affine scales / biases are in the activation type
+// (SK = 0) or fp32 (SK = 1: rounded to the activation type here), broadcast to both halves
+// (s2, b2), or kept as fp32 (sf, bf: affine 8-bit with bf16 activations is dequantized in
+// fp32); mxfp4: E8M0 halved (the decoder gives 2v), no bias.
+template <typename XT, int FMT, int SK>
+__device__ __forceinline__ void gg_scale(uint32_t ss, uint32_t sb, uint32_t groups, uint32_t r,
+                                         uint32_t g, uint32_t& s2, uint32_t& b2, float& sf,
+                                         float& bf) {
+  const uint32_t i = r * groups + g;
+  constexpr bool f32_math = FMT == GG_A8 && std::is_same_v<XT, __nv_bfloat16>;
+  if constexpr (FMT == GG_FP4) {
+    uint32_t v;
+    asm volatile("ld.shared.u8 %0, [%1];\n" : "=r"(v) : "r"(ss + i));
+    const float f = moe_e8m0_scale(v) * 0.5f;
+    s2 = gg_pack<XT>(f, f);
+    b2 = 0u;
+  } else if constexpr (SK == 1) {
+    float a, b;
+    asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(a) : "r"(ss + 4u * i));
+    asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(b) : "r"(sb + 4u * i));
+    if constexpr (f32_math) {
+      sf = a;
+      bf = b;
+    } else {
+      s2 = gg_pack<XT>(a, a);
+      b2 = gg_pack<XT>(b, b);
+    }
+  } else {
+    uint32_t a, b;
+    asm volatile("ld.shared.u16 %0, [%1];\n" : "=r"(a) : "r"(ss + 2u * i));
+    asm volatile("ld.shared.u16 %0, [%1];\n" : "=r"(b) : "r"(sb + 2u * i));
+    if constexpr (f32_math) {
+      sf = __uint_as_float(a << 16);
+      bf = __uint_as_float(b << 16);
+    } else {
+      s2 = __byte_perm(a, 0u, 0x1010u);
+      b2 = __byte_perm(b, 0u, 0x1010u);
+    }
+  }
+}
+
+// One projection step of the grouped kernel. GATEUP: out = H [bucketed row, F] =
+// silu(gate) * up; else out = Yp [pair, D] = rw[pair] * (down . H[row]). A = x (gate/up) or
+// H (down), both XT, rows of K contiguous.
+template <bool GATEUP, typename XT, int FMT, int SK>
+__global__ void __launch_bounds__(GG_THREADS, 1)
+    mlp_gg_kernel(MlpDesc md, const XT* __restrict__ A, const uint32_t* __restrict__ pairs,
+                  const uint32_t* __restrict__ offsets, const uint32_t* __restrict__ tiles,
+                  const uint32_t* __restrict__ meta, const float* __restrict__ rw,
+                  XT* __restrict__ out, uint32_t sc16) {
+  extern __shared__ __align__(16) unsigned char gg_smem[];
+  const uint32_t tile = blockIdx.y;
+  if (tile >= meta[1]) return;  // grid sized for the worst case; the rest exit at once
+  const uint32_t e = tiles[2 * tile], row0 = tiles[2 * tile + 1];
+  const uint32_t rows = min(uint32_t(GG_TM), offsets[e + 1] - row0);
+  const WDesc& wd0 = GATEUP ? md.gate : md.down;
+  const WDesc& wd1 = GATEUP ? md.up : md.down;
+  const uint32_t N = wd0.N, K = wd0.K;
+  const uint32_t nb = blockIdx.x * (GATEUP ? GG_TN : 2 * GG_TN);
+#define GG_N0(p) (nb + ((GATEUP || (p) == 0) ? 0u : uint32_t(GG_TN)))
+  const uint32_t tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
+  const uint32_t gid = lane >> 2, t4 = lane & 3u;
+  const uint32_t wm = (warp >> 2) * 64u, wn = (warp & 3u) * 32u;
+  constexpr uint32_t BROW = gg_brow(FMT), STAGE = gg_stage_bytes(FMT);
+  constexpr uint32_t ABYTES = uint32_t(GG_TM) * GG_BK * 2u;
+  constexpr uint32_t BPR = BROW / 16u;  // 16-byte chunks per weight row per step
+  constexpr uint32_t KPC = FMT == GG_A8 ? 16u : 32u;  // k per weight chunk
+  const uint32_t smem0 = smem_u32(gg_smem);
+  // raw scales / biases: [panel][128][groups]
+  uint32_t scp[2], bip[2];
+  {
+    uint32_t off = smem0 + GG_STAGES * STAGE;
+    const uint32_t b0 = gg_panel_sc_bytes(wd0), b1 = gg_panel_sc_bytes(wd1);
+    scp[0] = off; off += b0;
+    bip[0] = off; off += wd0.mode == 1u ? 0u : b0;
+    scp[1] = off; off += b1;
+    bip[1] = off;
+  }
+
+  // A loader: thread -> chunk c = tid & 7 (8 k) of rows (tid >> 3) + 32 j.
+  const XT* arow[4];
+  bool aok[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t r = (tid >> 3) + 32u * j;
+    aok[j] = r < rows;
+    const uint32_t i = row0 + (aok[j] ? r : 0u);
+    arow[j] = A + int64_t(GATEUP ? pairs[i] / md.k : i) * K;
+  }
+  const uint32_t KT = (K + GG_BK - 1) / GG_BK;
+
+  auto load_stage = [&](uint32_t kt, uint32_t slot) {
+    const uint32_t k0 = kt * GG_BK;
+    const uint32_t sa = smem0 + slot * STAGE, sbw = sa + ABYTES;
+    const uint32_t c = tid & 7u;
+    const bool kok = k0 + 8u * c < K;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t r = (tid >> 3) + 32u * j;
+      const bool ok = aok[j] && kok;
+      cp_async16(sa + r * 128u + ((c ^ ((r & 1u) << 2)) << 4), ok ? arow[j] + k0 + 8u * c : A,
+                 ok ? 16u : 0u);
+    }
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const WDesc& wd = p ? wd1 : wd0;
+#pragma unroll
+      for (uint32_t j = 0; j < GG_TN * BPR / GG_THREADS; ++j) {
+        const uint32_t q = tid + j * GG_THREADS;
+        const uint32_t r = q / BPR, ch = q % BPR, R = p * GG_TN + r;
+        const uint32_t n = GG_N0(p) + r;
+        const bool ok = n < N && k0 + ch * KPC < K;
+        const uint32_t* src =
+            ok ? wd.w + (int64_t(e) * N + n) * wd.row_words + (k0 * wd.bits) / 32u + ch * 4u : wd.w;
+        uint32_t pos;
+        if constexpr (FMT == GG_A8) pos = ch ^ (((R >> 1) & 1u) << 1);
+        else pos = ch ^ ((R >> 2) & 1u);
+        cp_async16(sbw + R * BROW + (pos << 4), src, ok ? 16u : 0u);
+      }
+    }
+  };
+  auto load_scales = [&]() {
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const WDesc& wd = p ? wd1 : wd0;
+      const uint32_t es = gg_scale_elem(wd.scale_kind);
+      const uint32_t per_row = wd.groups * es;  // bytes, a multiple of 4
+      const uint32_t n0p = GG_N0(p);
+      const uint32_t vrows = n0p < N ? min(uint32_t(GG_TN), N - n0p) : 0u;
+      const uint32_t total = GG_TN * per_row, valid = vrows * per_row;
+      const int64_t base = (int64_t(e) * N + n0p) * per_row;
+      for (int a = 0; a < (FMT == GG_FP4 ? 1 : 2); ++a) {
+        const unsigned char* src = static_cast<const unsigned char*>(a ? wd.biases : wd.scales);
+        const uint32_t dst = a ? bip[p] : scp[p];
+        if (sc16) {
+          for (uint32_t c = tid * 16u; c < total; c += GG_THREADS * 16u) {
+            const bool ok = c < valid;
+            cp_async16(dst + c, ok ? src + base + c : src, ok ? 16u : 0u);
+          }
+        } else {
+          for (uint32_t c = tid * 4u; c < total; c += GG_THREADS * 4u) {
+            const bool ok = c < valid;
+            cp_async4(dst + c, ok ? src + base + c : src, ok ? 4u : 0u);
+          }
+        }
+      }
+    }
+  };
+
+  float acc[2][4][4][4];
+#pragma unroll
+  for (int p = 0; p < 2; ++p)
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+#pragma unroll
+      for (int b = 0; b < 4; ++b)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[p][a][b][c] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < GG_STAGES - 1; ++s) {
+    if (uint32_t(s) < KT) load_stage(s, s);
+    if (s == 0) load_scales();
+    cp_async_commit();
+  }
+
+  const uint32_t gsu0 = wd0.gs_units, gsu1 = wd1.gs_units, G0 = wd0.groups, G1 = wd1.groups;
+  for (uint32_t kt = 0; kt < KT; ++kt) {
+    cp_async_wait<GG_STAGES - 2>();
+    __syncthreads();
+    {
+      const uint32_t nk = kt + GG_STAGES - 1;
+      if (nk < KT) load_stage(nk, nk % GG_STAGES);
+      cp_async_commit();
+    }
+    const uint32_t slot = kt % GG_STAGES;
+    const uint32_t sa = smem0 + slot * STAGE, sbw = sa + ABYTES;
+    const uint32_t k0 = kt * GG_BK;
+    // weight words of this thread: [panel][n-tile][unit] (8-bit: two words each)
+    uint32_t wr[2][4][2][FMT == GG_A8 ? 2 : 1];
+    if constexpr (FMT == GG_A8) {
+#pragma unroll
+      for (int p = 0; p < 2; ++p)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          const uint32_t R = p * GG_TN + wn + nt * 8u + gid;
+#pragma unroll
+          for (int u = 0; u < 2; ++u) {
+            const uint32_t ch = 2u * u + (t4 >> 1);
+            const uint32_t pos = ch ^ (((R >> 1) & 1u) << 1);
+            uint2 v;
+            asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];\n"
+                         : "=r"(v.x), "=r"(v.y)
+                         : "r"(sbw + R * BROW + (pos << 4) + 8u * (t4 & 1u)));
+            wr[p][nt][u][0] = v.x;
+            wr[p][nt][u][1] = v.y;
+          }
+        }
+    } else {
+      const uint32_t mi = lane >> 3;
+#pragma unroll
+      for (int p = 0; p < 2; ++p)
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+          const uint32_t R = p * GG_TN + wn + np * 16u + (mi >> 1) * 8u + (lane & 7u);
+          const uint32_t ch = mi & 1u;
+          uint32_t r4[4];
+          ldsm_x4(sbw + R * BROW + ((ch ^ ((R >> 2) & 1u)) << 4), r4);
+          wr[p][2 * np][0][0] = r4[0];
+          wr[p][2 * np][1][0] = r4[1];
+          wr[p][2 * np + 1][0][0] = r4[2];
+          wr[p][2 * np + 1][1][0] = r4[3];
+        }
+    }
+    // (a unit past K, when K % 64 == 32, multiplies zero-filled activations and weights)
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      // scales of this unit: [panel][n-tile]
+      uint32_t s2[2][4], b2[2][4];
+      float sf[2][4], bfv[2][4];
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        const uint32_t G = p ? G1 : G0;
+        const uint32_t g = min((k0 / 32u + u) / (p ? gsu1 : gsu0), G - 1u);
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+          gg_scale<XT, FMT, SK>(scp[p], bip[p], G, wn + nt * 8u + gid, g, s2[p][nt], b2[p][nt],
+                            sf[p][nt], bfv[p][nt]);
+      }
+      // activations: [m-tile][row gid / gid+8] x 4 words (k 8*t4 .. 8*t4+7 of this unit)
+      uint32_t af[4][2][4];
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const uint32_t r = wm + mt * 16u + gid + hr * 8u;
+          const uint32_t addr = sa + r * 128u + (((4u * u + t4) ^ ((r & 1u) << 2)) << 4);
+          asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                       : "=r"(af[mt][hr][0]), "=r"(af[mt][hr][1]), "=r"(af[mt][hr][2]),
+                         "=r"(af[mt][hr][3])
+                       : "r"(addr));
+        }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t bq[2][4][2];
+#pragma unroll
+        for (int p = 0; p < 2; ++p)
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt) {
+            if constexpr (FMT == GG_A4) {
+              const uint32_t w = wr[p][nt][u][0];
+#pragma unroll
+              for (int jb = 0; jb < 2; ++jb)
+                bq[p][nt][jb] = gg_fma2<XT>(gg_a4_pair<XT>(w, w >> 4, 2 * h + jb), s2[p][nt], b2[p][nt]);
+            } else if constexpr (FMT == GG_FP4) {
+              const uint32_t w = wr[p][nt][u][0];
+              uint32_t lo4, hi4;
+              fp4_mag2(w, lo4, hi4);
+#pragma unroll
+              for (int jb = 0; jb < 2; ++jb)
+                bq[p][nt][jb] = gg_fma2<XT>(gg_fp4_pair<XT>(w, lo4, hi4, 2 * h + jb), s2[p][nt], b2[p][nt]);
+            } else {
+              const uint32_t w = wr[p][nt][u][h];
+              if constexpr (std::is_same_v<XT, __half>) {
+#pragma unroll
+                for (int jb = 0; jb < 2; ++jb)
+                  bq[p][nt][jb] = gg_fma2<XT>(gg_a8_pair_f16(w, jb), s2[p][nt], b2[p][nt]);
+              } else {
+#pragma unroll
+                for (int jb = 0; jb < 2; ++jb)
+                  bq[p][nt][jb] = gg_pack<XT>(fmaf(sf[p][nt], gg_a8_code(w, 2 * jb), bfv[p][nt]),
+                                              fmaf(sf[p][nt], gg_a8_code(w, 2 * jb + 1), bfv[p][nt]));
+              }
+            }
+          }
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) {
+          const uint32_t a[4] = {af[mt][0][2 * h], af[mt][1][2 * h], af[mt][0][2 * h + 1],
+                                 af[mt][1][2 * h + 1]};
+#pragma unroll
+          for (int p = 0; p < 2; ++p)
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) gg_mma<XT>(acc[p][mt][nt], a, bq[p][nt][0], bq[p][nt][1]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // ---- epilogue: stored in XT (pairs of columns where N is even)
+  const bool even = (N & 1u) == 0u;
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const uint32_t r = wm + mt * 16u + gid + hr * 8u;
+      if (r >= rows) continue;
+      const uint32_t i = row0 + r;
+      float scale = 1.f;
+      int64_t orow = i;
+      if (!GATEUP) {
+        const uint32_t pair = pairs[i];
+        scale = rw[pair];
+        orow = pair;
+      }
+#pragma unroll
+      for (int p = 0; p < (GATEUP ? 1 : 2); ++p)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          const uint32_t n = GG_N0(p) + wn + nt * 8u + 2u * t4;
+          if (n >= N) continue;
+          float v[2];
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            if (GATEUP) {
+              v[c] = silu(acc[0][mt][nt][hr * 2 + c]) * acc[1][mt][nt][hr * 2 + c];
+            } else {
+              v[c] = scale * acc[p][mt][nt][hr * 2 + c];
+            }
+          }
+          XT* o = out + orow * N + n;
+          if (even) {
+            *reinterpret_cast<uint32_t*>(o) = gg_pack<XT>(v[0], v[1]);
+          } else {
+            o[0] = from_f<XT>(v[0]);
+            if (n + 1u < N) o[1] = from_f<XT>(v[1]);
+          }
+        }
+    }
+}
+
+#undef GG_N0
+
+// y[t] = sum over slots j in order of Yp[t*k + j] (XT), in fp32; slots whose id is out of
+// range skipped (their Yp rows were never written). 8 columns per thread (D % 32 == 0).
+template <typename XT>
+__global__ void combine_gg_kernel(const XT* __restrict__ Yp, const void* __restrict__ ids,
+                                  int id_kind, uint32_t T, uint32_t k, uint32_t D, uint32_t E,
+                                  XT* __restrict__ y) {
+  const uint64_t idx = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const uint32_t D8 = D / 8u;
+  if (idx >= uint64_t(T) * D8) return;
+  const uint64_t t = idx / D8, d = (idx % D8) * 8u;
+  float s[8];
+#pragma unroll
+  for (int q = 0; q < 8; ++q) s[q] = 0.f;
+  bool any = false;
+  for (uint32_t j = 0; j < k; ++j) {
+    const int64_t ex = load_id(ids, id_kind, t * k + j);
+    if (ex < 0 || ex >= int64_t(E)) continue;
+    const uint4 v = *reinterpret_cast<const uint4*>(Yp + (t * k + j) * D + d);
+    const uint32_t vv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      XT lo, hi;
+      const uint16_t a = uint16_t(vv[q] & 0xffffu), b = uint16_t(vv[q] >> 16);
+      memcpy(&lo, &a, 2);
+      memcpy(&hi, &b, 2);
+      s[2 * q] = any ? s[2 * q] + to_f(lo) : to_f(lo);
+      s[2 * q + 1] = any ? s[2 * q + 1] + to_f(hi) : to_f(hi);
+    }
+    any = true;
+  }
+  uint4 o;
+  o.x = gg_pack<XT>(s[0], s[1]);
+  o.y = gg_pack<XT>(s[2], s[3]);
+  o.z = gg_pack<XT>(s[4], s[5]);
+  o.w = gg_pack<XT>(s[6], s[7]);
+  *reinterpret_cast<uint4*>(y + t * D + d) = o;
+}
+
+}  // namespace mlx_moe::cuda
