@@ -30,7 +30,8 @@ import numpy as np
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_moe import FORMATS, SHAPES, baseline_layer, make_layer, ours_layer  # noqa: E402
+from bench_moe import (FORMATS, SHAPES, baseline_layer, make_layer, ours_layer,  # noqa: E402
+                       time_pipelined)
 
 
 def split(build, reps=20):
@@ -47,21 +48,6 @@ def split(build, reps=20):
         t3 = time.perf_counter()
         ts.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0))
     return [statistics.median(c) * 1e6 for c in zip(*ts)]
-
-
-def pipelined(step, x, steps=24):
-    y = step(x)
-    mx.eval(y)
-    t0 = time.perf_counter()
-    y = step(x)
-    mx.async_eval(y)
-    for _ in range(steps - 1):
-        nxt = step(y)
-        mx.async_eval(nxt)
-        mx.eval(y)
-        y = nxt
-    mx.eval(y)
-    return (time.perf_counter() - t0) / steps * 1e6
 
 
 def main(argv=None):
@@ -98,7 +84,7 @@ def main(argv=None):
                     y = f(y, lg)
                 return y
             b, e, w, s = (v / L for v in split(lambda: chain(x)))
-            p = pipelined(chain, x) / L
+            p = time_pipelined(chain, x) * 1e6 / L
             print(f"| {T} | {name} | {b:.1f} | {e:.1f} | {w:.1f} | {s:.1f} | {p:.1f} |", flush=True)
 
 

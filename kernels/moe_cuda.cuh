@@ -280,6 +280,21 @@ __device__ __forceinline__ void unpack_raw(const WDesc& d, const uint32_t* w, fl
   }
 }
 
+// 8 consecutive 16-bit floats of type T (one 16-byte load) as fp32.
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4 w, float* v) {
+  const uint32_t ww[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int h = 0; h < 4; ++h) {
+    T lo, hi;
+    const uint16_t a = uint16_t(ww[h] & 0xffffu), b = uint16_t(ww[h] >> 16);
+    memcpy(&lo, &a, 2);
+    memcpy(&hi, &b, 2);
+    v[2 * h] = to_f(lo);
+    v[2 * h + 1] = to_f(hi);
+  }
+}
+
 // 32 consecutive activations (16-byte aligned: rows and units are multiples of 32) as fp32.
 template <typename T>
 __device__ __forceinline__ void load32(const T* src, float* v) {
@@ -293,19 +308,7 @@ __device__ __forceinline__ void load32(const T* src, float* v) {
   } else {
     const uint4* p = reinterpret_cast<const uint4*>(src);
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const uint4 w = p[q];
-      const uint32_t ww[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-      for (int h = 0; h < 4; ++h) {
-        T lo, hi;
-        const uint16_t a = uint16_t(ww[h] & 0xffffu), b = uint16_t(ww[h] >> 16);
-        memcpy(&lo, &a, 2);
-        memcpy(&hi, &b, 2);
-        v[8 * q + 2 * h] = to_f(lo);
-        v[8 * q + 2 * h + 1] = to_f(hi);
-      }
-    }
+    for (int q = 0; q < 4; ++q) unpack8<T>(p[q], v + 8 * q);
   }
 }
 

@@ -508,17 +508,10 @@ __global__ void combine_gg_kernel(const XT* __restrict__ Yp, const void* __restr
   for (uint32_t j = 0; j < k; ++j) {
     const int64_t ex = load_id(ids, id_kind, t * k + j);
     if (ex < 0 || ex >= int64_t(E)) continue;
-    const uint4 v = *reinterpret_cast<const uint4*>(Yp + (t * k + j) * D + d);
-    const uint32_t vv[4] = {v.x, v.y, v.z, v.w};
+    float f[8];
+    unpack8<XT>(*reinterpret_cast<const uint4*>(Yp + (t * k + j) * D + d), f);
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      XT lo, hi;
-      const uint16_t a = uint16_t(vv[q] & 0xffffu), b = uint16_t(vv[q] >> 16);
-      memcpy(&lo, &a, 2);
-      memcpy(&hi, &b, 2);
-      s[2 * q] = any ? s[2 * q] + to_f(lo) : to_f(lo);
-      s[2 * q + 1] = any ? s[2 * q + 1] + to_f(hi) : to_f(hi);
-    }
+    for (int q = 0; q < 8; ++q) s[q] = any ? s[q] + f[q] : f[q];
     any = true;
   }
   uint4 o;

@@ -105,7 +105,8 @@ mx::array ensure_row_contiguous(const mx::array& a, mx::StreamOrDevice s) {
   //    (csrc/cuda: row_major_inputs, a copy kernel node only then), so the common case (an
   //    unevaluated, row-major activation or router logits) costs no node.
   const mx::Stream stream = mx::to_stream(s);
-  if (stream.device.type == mx::Device::gpu && mx::cu::is_available() && a.ndim() <= MOE_STRIDED_MAX_DIMS) {
+  if (stream.device.type == mx::Device::gpu && mx::cu::is_available() &&
+      a.ndim() <= MOE_STRIDED_MAX_DIMS) {
     return a;
   }
   return mx::contiguous(a, /*allow_col_major=*/false, s);
