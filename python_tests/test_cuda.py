@@ -433,3 +433,39 @@ def test_unevaluated_and_strided_inputs_without_copy_nodes(rng, tmp_path):
         yc64, yg64 = np.array(yc).astype(np.float64), np.array(yy).astype(np.float64)
         scale = np.abs(yc64).max()
         assert np.abs(yg64 - yc64).max() <= 4e-5 * scale + 1e-6
+
+
+@pytest.mark.parametrize("T", [1, 4, 16, 200])  # 8 / 32 pairs: direct; 128 / 1600: bucketed
+@pytest.mark.parametrize("ldtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_router_folded_into_moe_mlp(rng, monkeypatch, tmp_path, T, ldtype, normalize):
+    """On a CUDA stream, moe_mlp over the two outputs of an unevaluated route() routes inside
+    its own primitive (no route node in the graph). Its result is bitwise that of route()
+    evaluated first and moe_mlp over its outputs (the same kernel routes), with
+    MLX_MOE_CUDA_FUSED_ROUTE=0 too, and agrees with the CPU path."""
+    E, D, F, k = 128, 256, 128, 8
+    experts = experts_for(rng, E, D, F, "affine", (4, 4, 4), 64, mx.float16)
+    x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(mx.bfloat16)
+    logits = random_logits(rng, T, E).astype(ldtype)
+    mx.eval(x, logits, *[a for p in (experts.gate, experts.up, experts.down) for a in p.arrays()])
+
+    def layer():
+        with mx.stream(mx.gpu):
+            ids, w = mlx_moe.route(logits, k, normalize=normalize)
+            return mlx_moe.moe_mlp(x, ids, w, experts)
+
+    y = layer()
+    mx.export_to_dot(str(tmp_path / "g.dot"), y)
+    text = (tmp_path / "g.dot").read_text()
+    labels = [ln.split('label ="')[1].split('"')[0] for ln in text.splitlines() if 'label ="' in ln]
+    assert labels == ["moe_mlp"], labels
+    with mx.stream(mx.gpu):
+        ids, w = mlx_moe.route(logits, k, normalize=normalize)
+        mx.eval(ids, w)  # evaluated: moe_mlp takes them as inputs
+        y_sep = mlx_moe.moe_mlp(x, ids, w, experts)
+    monkeypatch.setenv("MLX_MOE_CUDA_FUSED_ROUTE", "0")
+    y_off = layer()
+    mx.eval(y, y_sep, y_off)
+    assert np.array_equal(to_np(y), to_np(y_sep))
+    assert np.array_equal(to_np(y_off), to_np(y_sep))
+    assert_mlp_gpu_close_to_cpu(x, ids, w, experts, mx.bfloat16)

@@ -3,6 +3,7 @@
 #include "common/moe_args.h"
 #include "mlx/backend/cuda/cuda.h"
 
+#include <cstdlib>
 #include <sstream>
 
 namespace mlx_moe {
@@ -88,6 +89,11 @@ void check_ids_if_available(const mx::array& ids, int num_experts, const std::st
                                   std::to_string(num_experts) + ")");
     }
   }
+}
+
+bool env_flag(const char* name, bool dflt) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::string(v) != "0" : dflt;
 }
 
 mx::array ensure_row_contiguous(const mx::array& a, mx::StreamOrDevice s) {

@@ -97,6 +97,9 @@ inline bool supported_id_dtype(mx::Dtype d) {
   return d == mx::uint32 || d == mx::int32 || d == mx::int64;
 }
 
+// An on/off environment knob: unset or empty gives `dflt`, "0" gives false, anything else true.
+bool env_flag(const char* name, bool dflt);
+
 // Row-major contiguous copy of `a` when it is not already (graph-level, lazy); `a` itself,
 // with no graph node, when it is known to be row-contiguous (evaluated with that layout, or
 // an output of one of our primitives).

@@ -1,6 +1,8 @@
 #include "moe_mlp.h"
 
 #include "backends.h"
+#include "mlx/backend/cuda/cuda.h"
+#include "route.h"
 
 namespace mlx_moe {
 
@@ -78,6 +80,35 @@ mx::array moe_mlp(const mx::array& x, const mx::array& ids, const mx::array& wei
   check_ids_if_available(ids, E, "ids", stream);
   int T = 1;
   for (int i = 0; i + 1 < int(x.ndim()); ++i) T *= x.shape(i);
+
+  // CUDA streams: when ids and weights are the two outputs of one unevaluated route() over
+  // [T, E] logits (what a layer does), the router runs inside this primitive (its kernel as
+  // this primitive's first node): one primitive, so one graph node's host work, less per
+  // layer. The results are those of route() + moe_mlp(), bitwise: the same kernel routes.
+  // route()'s node stays in the graph for whoever evaluates ids or weights.
+  // MLX_MOE_CUDA_FUSED_ROUTE=0 turns it off.
+  if (stream.device.type == mx::Device::gpu && mx::cu::is_available() &&
+      env_flag("MLX_MOE_CUDA_FUSED_ROUTE", true) && x.ndim() == 2 &&
+      ids.status() == mx::array::Status::unscheduled && ids.has_primitive() &&
+      weights.has_primitive() && &ids.primitive() == &weights.primitive()) {
+    auto* r = dynamic_cast<const Route*>(&ids.primitive());
+    const auto outs = ids.outputs();
+    if (r != nullptr && outs.size() == 2 && outs[0].id() == ids.id() &&
+        outs[1].id() == weights.id() && ids.inputs().size() == 1) {
+      const mx::array& logits = ids.inputs()[0];
+      if (logits.ndim() == 2 && logits.shape(0) == T && logits.shape(1) == E &&
+          (logits.dtype() == mx::float32 || logits.dtype() == mx::float16 ||
+           logits.dtype() == mx::bfloat16)) {
+        std::vector<mx::array> inputs = {x, logits};
+        for (int i = 0; i < 3; ++i) {
+          for (auto& a : projections[i]) inputs.push_back(ensure_row_contiguous(a, stream));
+        }
+        return mx::array({T, D}, x.dtype(),
+                         std::make_shared<MoeMLP>(stream, formats, r->k(), r->normalize()),
+                         inputs);
+      }
+    }
+  }
   std::vector<mx::array> inputs = {
       ensure_row_contiguous(mx::reshape(x, {T, D}, stream), stream),
       ensure_row_contiguous(

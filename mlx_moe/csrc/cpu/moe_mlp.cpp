@@ -73,6 +73,9 @@ std::vector<Task> make_tasks(const std::vector<uint32_t>& counts, int blocks) {
 }  // namespace
 
 void MoeMLP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  if (route_k() > 0) {  // built only for CUDA streams (moe_mlp.cpp)
+    throw std::runtime_error("mlx_moe.moe_mlp: the router-folded primitive runs on CUDA only");
+  }
   auto& out = outputs[0];
   cpu::allocate(out);
   auto& enc = mx::cpu::get_command_encoder(stream());

@@ -341,12 +341,24 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   auto& enc = cu::get_command_encoder(p.stream());
   const std::vector<mx::array> inputs = row_major_inputs(enc, inputs_in);
   const auto& x = inputs[0];
-  const auto& ids = inputs[1];
-  const auto& rw = inputs[2];
-  const uint32_t T = uint32_t(x.shape(0)), D = uint32_t(x.shape(1)), k = uint32_t(ids.shape(1));
+  const uint32_t T = uint32_t(x.shape(0)), D = uint32_t(x.shape(1));
+  // Router folded in (p.route_k() > 0; see moe_mlp.cpp): inputs[1] is the logits, and ids /
+  // weights are scratch that route_kernel writes first (a kernel node of this primitive,
+  // not a primitive of its own: one graph node's host work less per layer).
+  const bool fused_route = p.route_k() > 0;
+  const uint32_t k = fused_route ? uint32_t(p.route_k()) : uint32_t(inputs[1].shape(1));
+  mx::array ids = fused_route ? mx::array({int(T), int(k)}, mx::uint32, nullptr, {}) : inputs[1];
+  mx::array rw = fused_route ? mx::array({int(T), int(k)}, mx::float32, nullptr, {}) : inputs[2];
+  if (fused_route) {
+    allocate(ids);
+    allocate(rw);
+    enc.add_temporary(ids);
+    enc.add_temporary(rw);
+  }
+  const mx::array& logits = inputs[1];  // (fused_route only)
 
   MlpDesc md{};
-  int pos = 3;
+  int pos = fused_route ? 2 : 3;
   WDesc* descs[3] = {&md.gate, &md.up, &md.down};
   bool any_trellis = false;
   for (int i = 0; i < 3; ++i) {
@@ -364,7 +376,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
     }
     pos += n;
   }
-  const uint32_t E = uint32_t(inputs[3].shape(0));
+  const uint32_t E = uint32_t(inputs[fused_route ? 2 : 3].shape(0));
   const uint32_t F = md.gate.N;
   const uint32_t P = T * k;
   md.T = T;
@@ -442,6 +454,14 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
             pairs = scratch(enc, direct ? 1 : P);
   mx::array active = scratch(enc, direct ? 1 : E),
             tiles = scratch(enc, grouped ? size_t(2) * max_tiles : 1), meta = scratch(enc, 4);
+  if (fused_route) {
+    dispatch_float(logits.dtype(), [&](auto tag) {
+      using LT = decltype(tag);
+      launch(enc, {&logits}, {&ids, &rw}, route_kernel<LT>, dim3((T + 3) / 4), dim3(128), 0,
+             ptr<LT>(logits), T, E, k, uint32_t(p.route_normalize()), ptr<uint32_t>(ids),
+             ptr<float>(rw));
+    });
+  }
   if (!direct)
     encode_bucket(enc, ids, P, E, btile, counts, offsets, pairs, nullptr, &active,
                   grouped ? &tiles : nullptr, &meta);

@@ -151,6 +151,9 @@ void dequantize(Dequantize& p, const std::vector<mx::array>& inputs,
 }
 
 void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  if (p.route_k() > 0) {  // built only for CUDA streams (moe_mlp.cpp)
+    throw std::runtime_error("mlx_moe.moe_mlp: the router-folded primitive runs on CUDA only");
+  }
   auto enc = encoder(p);
   metal_encode::encode_moe_mlp(enc, p, inputs, outputs);
 }
