@@ -81,6 +81,11 @@ mx::array moe_mlp(const mx::array& x, const mx::array& ids, const mx::array& wei
   int T = 1;
   for (int i = 0; i + 1 < int(x.ndim()); ++i) T *= x.shape(i);
 
+  std::vector<mx::array> weight_inputs;
+  for (int i = 0; i < 3; ++i) {
+    for (auto& a : projections[i]) weight_inputs.push_back(ensure_row_contiguous(a, stream));
+  }
+
   // CUDA streams: when ids and weights are the two outputs of one unevaluated route() over
   // [T, E] logits (what a layer does), the router runs inside this primitive (its kernel as
   // this primitive's first node): one primitive, so one graph node's host work, less per
@@ -91,18 +96,18 @@ mx::array moe_mlp(const mx::array& x, const mx::array& ids, const mx::array& wei
       env_flag("MLX_MOE_CUDA_FUSED_ROUTE", true) && x.ndim() == 2 &&
       ids.status() == mx::array::Status::unscheduled && ids.has_primitive() &&
       weights.has_primitive() && &ids.primitive() == &weights.primitive()) {
-    auto* r = dynamic_cast<const Route*>(&ids.primitive());
+    auto* r = dynamic_cast<Route*>(&ids.primitive());
     const auto outs = ids.outputs();
-    if (r != nullptr && outs.size() == 2 && outs[0].id() == ids.id() &&
+    // (same stream only: the CPU router's weights may differ from the GPU's in the last bit)
+    if (r != nullptr && r->stream() == stream && outs.size() == 2 &&
+        outs[0].id() == ids.id() &&
         outs[1].id() == weights.id() && ids.inputs().size() == 1) {
       const mx::array& logits = ids.inputs()[0];
       if (logits.ndim() == 2 && logits.shape(0) == T && logits.shape(1) == E &&
           (logits.dtype() == mx::float32 || logits.dtype() == mx::float16 ||
            logits.dtype() == mx::bfloat16)) {
         std::vector<mx::array> inputs = {x, logits};
-        for (int i = 0; i < 3; ++i) {
-          for (auto& a : projections[i]) inputs.push_back(ensure_row_contiguous(a, stream));
-        }
+        inputs.insert(inputs.end(), weight_inputs.begin(), weight_inputs.end());
         return mx::array({T, D}, x.dtype(),
                          std::make_shared<MoeMLP>(stream, formats, r->k(), r->normalize()),
                          inputs);
@@ -117,9 +122,7 @@ mx::array moe_mlp(const mx::array& x, const mx::array& ids, const mx::array& wei
           stream),
       ensure_row_contiguous(mx::astype(mx::reshape(weights, {T, k}, stream), mx::float32, stream),
                             stream)};
-  for (int i = 0; i < 3; ++i) {
-    for (auto& a : projections[i]) inputs.push_back(ensure_row_contiguous(a, stream));
-  }
+  inputs.insert(inputs.end(), weight_inputs.begin(), weight_inputs.end());
   auto y = mx::array({T, D}, x.dtype(), std::make_shared<MoeMLP>(stream, formats), inputs);
   return mx::reshape(y, x.shape(), stream);
 }
