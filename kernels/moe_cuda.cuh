@@ -296,13 +296,14 @@ __device__ __forceinline__ void unpack8(const uint4 w, float* v) {
 }
 
 // 32 consecutive activations (16-byte aligned: rows and units are multiples of 32) as fp32.
-template <typename T>
+// CG: through L2 only (data written by other blocks of the same launch).
+template <typename T, bool CG = false>
 __device__ __forceinline__ void load32(const T* src, float* v) {
   if constexpr (sizeof(T) == 4) {
     const float4* p = reinterpret_cast<const float4*>(src);
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
-      const float4 f = p[q];
+      const float4 f = CG ? __ldcg(p + q) : p[q];
       v[4 * q] = f.x; v[4 * q + 1] = f.y; v[4 * q + 2] = f.z; v[4 * q + 3] = f.w;
     }
   } else {
@@ -324,16 +325,30 @@ __device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
 // One warp per row. Top-k by k rounds of a warp arg-max under the strict order
 // (p descending, id ascending), each round restricted to entries after the previous pick:
 // the same sequence as the CPU's insertion with strict '>' (ties to the smaller id).
+// The warp's row maximum from the lanes' partial maxima m (and whether any lane saw a NaN);
+// for a degenerate row (a NaN, or every logit -inf) writes the CPU's answer (ids 0..k-1,
+// weights NaN or 0) and returns true.
+__device__ __forceinline__ bool route_row_degenerate(float& m, bool nan, uint32_t k, uint32_t* id,
+                                                     float* w, uint32_t lane) {
+  nan = __any_sync(0xffffffffu, nan);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (!(nan || m == -INFINITY)) return false;
+  const float v = nan ? __uint_as_float(0x7fc00000u) : 0.f;
+  for (uint32_t j = lane; j < k; j += 32u) {
+    id[j] = j;
+    w[j] = v;
+  }
+  return true;
+}
+
+// One row (logits l, E entries) by one warp: ids and weights of its k slots to id[] / w[]
+// (global or shared memory). route_kernel and the one-launch MLP kernel both call this, so
+// their routing is bitwise the same.
 template <typename T>
-__global__ void route_kernel(const T* __restrict__ logits, uint32_t rows, uint32_t E, uint32_t k,
-                             uint32_t normalize, uint32_t* __restrict__ ids,
-                             float* __restrict__ wout) {
-  const uint32_t lane = threadIdx.x & 31u;
-  const uint32_t row = blockIdx.x * (blockDim.x / 32u) + threadIdx.x / 32u;
-  if (row >= rows) return;
-  const T* l = logits + int64_t(row) * E;
-  uint32_t* id = ids + int64_t(row) * k;
-  float* w = wout + int64_t(row) * k;
+__device__ __forceinline__ void route_row(const T* __restrict__ l, uint32_t E, uint32_t k,
+                                          uint32_t normalize, uint32_t* id, float* w,
+                                          uint32_t lane) {
   float m = -INFINITY;
   bool nan = false;
   for (uint32_t i = lane; i < E; i += 32u) {
@@ -341,17 +356,7 @@ __global__ void route_kernel(const T* __restrict__ logits, uint32_t rows, uint32
     nan |= isnan(v);
     m = fmaxf(m, v);
   }
-  nan = __any_sync(0xffffffffu, nan);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  if (nan || m == -INFINITY) {
-    const float v = nan ? __uint_as_float(0x7fc00000u) : 0.f;
-    for (uint32_t j = lane; j < k; j += 32u) {
-      id[j] = j;
-      w[j] = v;
-    }
-    return;
-  }
+  if (route_row_degenerate(m, nan, k, id, w, lane)) return;
   const bool inf = (m == INFINITY);
   // Unnormalised probabilities, cached in registers (rows of up to 256 experts).
   constexpr int CACHE = 8;
@@ -434,6 +439,17 @@ __global__ void route_kernel(const T* __restrict__ logits, uint32_t rows, uint32
   }
 }
 
+template <typename T>
+__global__ void route_kernel(const T* __restrict__ logits, uint32_t rows, uint32_t E, uint32_t k,
+                             uint32_t normalize, uint32_t* __restrict__ ids,
+                             float* __restrict__ wout) {
+  const uint32_t lane = threadIdx.x & 31u;
+  const uint32_t row = blockIdx.x * (blockDim.x / 32u) + threadIdx.x / 32u;
+  if (row >= rows) return;
+  route_row(logits + int64_t(row) * E, E, k, normalize, ids + int64_t(row) * k,
+            wout + int64_t(row) * k, lane);
+}
+
 // ------------------------------------------------------------------------------ bucketing
 // Stable counting sort of P expert ids in three kernels (no atomics decide any order):
 //  1. count:   block b (one warp) counts its chunk of BUCKET_CHUNK pairs per expert.
@@ -452,7 +468,7 @@ __device__ __forceinline__ uint32_t bucket_key(const void* ids, int id_kind, uin
   return (e >= 0 && e < int64_t(E)) ? uint32_t(e) : 0xffffffffu;
 }
 
-__global__ void bucket_count_kernel(const void* __restrict__ ids, int id_kind, uint32_t P,
+static __global__ void bucket_count_kernel(const void* __restrict__ ids, int id_kind, uint32_t P,
                                     uint32_t E, uint32_t* __restrict__ block_counts) {
   extern __shared__ uint32_t hist[];
   const uint32_t lane = threadIdx.x;
@@ -472,7 +488,7 @@ __global__ void bucket_count_kernel(const void* __restrict__ ids, int id_kind, u
 
 // One block. block_counts becomes per-(block, expert) bases. Writes counts/offsets and,
 // when asked: dispatch (public op), the list of non-empty experts and the GEMM tile table.
-__global__ void bucket_scan_kernel(uint32_t* __restrict__ block_counts, uint32_t nblocks,
+static __global__ void bucket_scan_kernel(uint32_t* __restrict__ block_counts, uint32_t nblocks,
                                    uint32_t E, uint32_t P, uint32_t tile,
                                    uint32_t* __restrict__ counts, uint32_t* __restrict__ offsets,
                                    uint32_t* __restrict__ pairs, uint32_t* __restrict__ dispatch,
@@ -540,7 +556,7 @@ __global__ void bucket_scan_kernel(uint32_t* __restrict__ block_counts, uint32_t
   }
 }
 
-__global__ void bucket_scatter_kernel(const void* __restrict__ ids, int id_kind, uint32_t P,
+static __global__ void bucket_scatter_kernel(const void* __restrict__ ids, int id_kind, uint32_t P,
                                       uint32_t E, const uint32_t* __restrict__ block_base,
                                       const uint32_t* __restrict__ offsets,
                                       uint32_t* __restrict__ pairs) {
@@ -613,7 +629,7 @@ __device__ __forceinline__ void block_scan3(uint32_t (&v)[3], uint32_t (*wtot)[3
   }
 }
 
-__global__ void __launch_bounds__(BS_WARPS * 32)
+static __global__ void __launch_bounds__(BS_WARPS * 32)
     bucket_small_kernel(const void* __restrict__ ids, int id_kind, uint32_t P, uint32_t E,
                         uint32_t tile, uint32_t* __restrict__ counts,
                         uint32_t* __restrict__ offsets, uint32_t* __restrict__ pairs,
@@ -856,16 +872,16 @@ __device__ __forceinline__ uint32_t dec_pair(const DecExtra& ex, const uint32_t*
 
 // Unit u (32 values) of chunk row i as fp32 -- the token's activations for gate/up, the
 // pair's hidden row for down -- and the unit's sum (the bias term's factor).
-template <bool GATEUP, typename XT>
+template <bool GATEUP, typename XT, bool CG = false>
 __device__ __forceinline__ float dec_stage_unit(const MlpDesc& md, const DecExtra& ex,
                                                 const XT* __restrict__ x,
-                                                const float* __restrict__ H_in,
+                                                const float* H_in,
                                                 const uint32_t* __restrict__ pairs, uint32_t i,
                                                 uint32_t u, uint32_t Kd, float* v) {
   if (GATEUP) {
     load32(x + int64_t(dec_pair(ex, pairs, i) / md.k) * Kd + u * 32u, v);
   } else {
-    load32(H_in + int64_t(i) * Kd + u * 32u, v);
+    load32<float, CG>(H_in + int64_t(i) * Kd + u * 32u, v);
   }
   float sum = 0.f;
 #pragma unroll
@@ -887,6 +903,32 @@ __device__ __forceinline__ void dec_zero_counters(const DecExtra& ex) {
     for (uint32_t i = threadIdx.x; i < ex.ncounters; i += blockDim.x) ex.counters[i] = 0u;
 }
 
+// sum over the slots j < k with valid(j), in slot order, of Yp[(t*k + j) * D + n] (the
+// combine's order), read through L2; the loads are issued 8 slots at a time, then summed.
+template <typename Valid>
+__device__ __forceinline__ float sum_slots(const float* Yp, uint32_t t, uint32_t k, uint32_t D,
+                                           uint32_t n, Valid valid) {
+  float acc = 0.f;
+  bool any = false;
+  for (uint32_t j0 = 0; j0 < k; j0 += 8u) {
+    float v[8];
+    bool ok[8];
+#pragma unroll
+    for (uint32_t jj = 0; jj < 8u; ++jj) {
+      const uint32_t j = j0 + jj;
+      ok[jj] = j < k && valid(j);
+      v[jj] = ok[jj] ? __ldcg(Yp + (int64_t(t) * k + j) * D + n) : 0.f;
+    }
+#pragma unroll
+    for (uint32_t jj = 0; jj < 8u; ++jj) {
+      if (!ok[jj]) continue;
+      acc = any ? acc + v[jj] : v[jj];
+      any = true;
+    }
+  }
+  return acc;
+}
+
 // Down: the block's part of Yp is written; the last block of row slice blockIdx.y combines
 // rows [row0, row0 + rows) for every token.
 __device__ __forceinline__ void dec_fused_combine(const MlpDesc& md, const DecExtra& ex,
@@ -906,15 +948,10 @@ __device__ __forceinline__ void dec_fused_combine(const MlpDesc& md, const DecEx
   for (uint32_t idx = threadIdx.x; idx < total; idx += blockDim.x) {
     const uint32_t t = idx / rows, n = row0 + idx % rows;
     if (n >= D) continue;
-    float acc = 0.f;
-    bool any = false;
-    for (uint32_t j = 0; j < k; ++j) {
+    const float acc = sum_slots(Yp, t, k, D, n, [&](uint32_t j) {
       const int64_t e = load_id(ex.ids, ex.id_kind, int64_t(t) * k + j);
-      if (e < 0 || e >= int64_t(md.E)) continue;
-      const float v = __ldcg(Yp + (int64_t(t) * k + j) * D + n);
-      acc = any ? acc + v : v;
-      any = true;
-    }
+      return e >= 0 && e < int64_t(md.E);
+    });
     store_out(ex.y, ex.y_kind, int64_t(t) * D + n, acc);
   }
 }
@@ -1335,7 +1372,12 @@ __device__ __forceinline__ void cp_async_wait_pending(uint32_t n) {
     case 4: asm volatile("cp.async.wait_group 4;\n" ::: "memory"); break;
     case 5: asm volatile("cp.async.wait_group 5;\n" ::: "memory"); break;
     case 6: asm volatile("cp.async.wait_group 6;\n" ::: "memory"); break;
-    default: asm volatile("cp.async.wait_group 7;\n" ::: "memory"); break;
+    case 7: asm volatile("cp.async.wait_group 7;\n" ::: "memory"); break;
+    case 8: asm volatile("cp.async.wait_group 8;\n" ::: "memory"); break;
+    case 9: asm volatile("cp.async.wait_group 9;\n" ::: "memory"); break;
+    case 10: asm volatile("cp.async.wait_group 10;\n" ::: "memory"); break;
+    case 11: asm volatile("cp.async.wait_group 11;\n" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 12;\n" ::: "memory"); break;
   }
 }
 
@@ -1365,94 +1407,135 @@ __device__ __forceinline__ void copy_scales(float* ds, float* db, const WDesc& w
   }
 }
 
-template <bool GATEUP, typename XT, bool SPLIT, int MT, int MM_WARPS>
-__global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 2 : 4)
-    mlp_mma_dec_kernel(MlpDesc md, const XT* __restrict__ x, const float* __restrict__ H_in,
-                       const uint32_t* __restrict__ pairs, const uint32_t* __restrict__ offsets,
-                       const uint32_t* __restrict__ active, const uint32_t* __restrict__ meta,
-                       const float* __restrict__ rw, uint32_t maxt, float* __restrict__ out,
-                       DecExtra ex) {
-  constexpr int NP = GATEUP ? 2 : 1;
-  constexpr int NS = SPLIT ? 2 : 1;
-  constexpr int ROWS = 16 * MT;
-  extern __shared__ __align__(16) unsigned char mm_smem[];
-  __shared__ uint32_t s_flag;
-  if (GATEUP) dec_zero_counters(ex);
-  uint32_t e = 0, first = 0, last = 0;
-  const bool work = dec_setup(md, ex, offsets, active, meta, e, first, last);
-  const WDesc& w0 = GATEUP ? md.gate : md.down;
-  const uint32_t N = w0.N, Kd = w0.K, units = Kd / 32u;
-  const uint32_t G = GATEUP ? max(md.gate.groups, md.up.groups) : w0.groups;
-  const MmLayout L = mm_layout(units, G, maxt, NP, NS, MT, MM_WARPS);
-  unsigned char* Ws = mm_smem;
-  float* Ss = reinterpret_cast<float*>(mm_smem + L.sb_off);  // [NP][ROWS][groups_p] (stride G*ROWS)
-  float* Bs = Ss + NP * ROWS * G;
-  unsigned char* Xs = mm_smem + L.x_off;                      // [NS][maxt] x tstride
-  float* XSum = reinterpret_cast<float*>(mm_smem + L.xs_off);  // [maxt][units]
-  float* Red = reinterpret_cast<float*>(mm_smem + L.red_off);  // [warp][NP][MT][4][32]
-  const uint32_t tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
-  const uint32_t gid = lane >> 2, t4 = lane & 3u;
-  const uint32_t n0 = blockIdx.y * ROWS;
-  // Each warp's slice of units: an even count (ldmatrix.x4 reads two units of 16 rows).
-  const uint32_t per_w = (((units + MM_WARPS - 1) / MM_WARPS) + 1u) & ~1u;
-  const uint32_t ua = min(units, warp * per_w), ub = min(units, ua + per_w);
-  const uint32_t ngroups = (ub - ua + MM_GRP - 1) / MM_GRP;
+// The pieces of one tensor-core decode item (block = one expert or pair x 16*MT output rows),
+// shared by mlp_mma_dec_kernel and the one-launch kernel (moe_cuda_fused.cuh).
+// Where the item's operands live in shared memory.
+struct MmSmem {
+  unsigned char* Ws;  // [NP][ROWS] x wstride: packed weight rows, all of K
+  float* Ss;          // [NP][ROWS][G] scales (fp32, or raw 16-bit pairs, see skind)
+  float* Bs;          // biases, as Ss
+  unsigned char* Xs;  // [NS][maxt] x tstride: activations, bf16 hi (+ lo), permuted k order
+  float* XSum;        // [maxt][units]: per-unit activation sums
+  float* Red;         // [warp][NP][MT][4][32]: split-K partial sums; null: alias Ws (single chunk)
+  uint32_t wstride, tstride, G;
+};
 
-  // Scales/biases in shared memory: copied raw with cp.async (fp32, or pairs of 16-bit
-  // values when the rows' groups are even) as the first commit group, else loaded and
-  // converted to fp32 below. skind[p]: how they are read back (load_scale kinds).
-  uint32_t skind[NP];
+__device__ __forceinline__ MmSmem mm_smem_at(unsigned char* base, const MmLayout& L, uint32_t G) {
+  MmSmem s;
+  s.Ws = base;
+  s.Ss = reinterpret_cast<float*>(base + L.sb_off);
+  s.Xs = base + L.x_off;
+  s.XSum = reinterpret_cast<float*>(base + L.xs_off);
+  s.Red = reinterpret_cast<float*>(base + L.red_off);
+  s.wstride = L.wstride;
+  s.tstride = L.tstride;
+  s.G = G;
+  return s;
+}
+
+// Scale kinds as the item reads them back (load_scale kinds): raw copies keep theirs.
+template <bool GATEUP>
+__device__ __forceinline__ void mm_skinds(const MlpDesc& md, uint32_t (&skind)[GATEUP ? 2 : 1]) {
+  constexpr int NP = GATEUP ? 2 : 1;
 #pragma unroll
   for (int p = 0; p < NP; ++p) {
-    const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
+    const WDesc& wd = GATEUP ? (p == 1 ? md.up : md.gate) : md.down;
     const bool raw = wd.mode == 0u && (wd.scale_kind == 0u || ((wd.scale_kind == 1u || wd.scale_kind == 2u) &&
                                                                (wd.groups % 2u) == 0u));
     skind[p] = raw ? wd.scale_kind : 0u;
   }
-  if (work) {
-    const uint32_t vrows = min(uint32_t(ROWS), N - n0);
+}
+
+// Issues the item's copies (expert e, rows n0 ..): raw scales/biases as one commit group,
+// then this warp's slice of the weight rows in commit groups of MM_GRP units; scales of other
+// formats are loaded and converted here. Returns this warp's number of weight groups.
+template <bool GATEUP, int MT, int MM_WARPS>
+__device__ __forceinline__ uint32_t mm_issue(const MlpDesc& md, uint32_t e, uint32_t n0,
+                                             const MmSmem& sm) {
+  constexpr int NP = GATEUP ? 2 : 1;
+  constexpr int ROWS = 16 * MT;
+  const WDesc& w0 = GATEUP ? md.gate : md.down;
+  const uint32_t N = w0.N, units = w0.K / 32u, G = sm.G;
+  const uint32_t tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
+  const uint32_t per_w = (((units + MM_WARPS - 1) / MM_WARPS) + 1u) & ~1u;
+  const uint32_t ua = min(units, warp * per_w), ub = min(units, ua + per_w);
+  const uint32_t ngroups = (ub - ua + MM_GRP - 1) / MM_GRP;
+  uint32_t skind[NP];
+  mm_skinds<GATEUP>(md, skind);
+  const uint32_t vrows = min(uint32_t(ROWS), N - n0);
+#pragma unroll
+  for (int p = 0; p < NP; ++p) {
+    const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
+    if (skind[p] != wd.scale_kind || (skind[p] == 0u && wd.scale_kind != 0u)) continue;
+    const uint32_t es = wd.scale_kind == 0u ? 4u : 2u;  // bytes per value
+    const uint32_t words = ROWS * wd.groups * es / 4u, vwords = vrows * wd.groups * es / 4u;
+    const int64_t base = (int64_t(e) * N + n0) * wd.groups * es;  // bytes
+    for (uint32_t c = tid; c < words; c += blockDim.x) {
+      const bool ok = c < vwords;
+      const unsigned char* ss = static_cast<const unsigned char*>(wd.scales);
+      const unsigned char* sb = static_cast<const unsigned char*>(wd.biases);
+      cp_async4(smem_u32(reinterpret_cast<unsigned char*>(sm.Ss + p * ROWS * G) + c * 4u), ok ? ss + base + c * 4u : ss, ok ? 4u : 0u);
+      cp_async4(smem_u32(reinterpret_cast<unsigned char*>(sm.Bs + p * ROWS * G) + c * 4u), ok ? sb + base + c * 4u : sb, ok ? 4u : 0u);
+    }
+  }
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+  // This warp's slice of the block's rows (zero-filled past N), in commit groups.
+  for (uint32_t q = 0; q < ngroups; ++q) {
 #pragma unroll
     for (int p = 0; p < NP; ++p) {
       const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
-      if (skind[p] != wd.scale_kind || (skind[p] == 0u && wd.scale_kind != 0u)) continue;
-      const uint32_t es = wd.scale_kind == 0u ? 4u : 2u;  // bytes per value
-      const uint32_t words = ROWS * wd.groups * es / 4u, vwords = vrows * wd.groups * es / 4u;
-      const int64_t base = (int64_t(e) * N + n0) * wd.groups * es;  // bytes
-      for (uint32_t c = tid; c < words; c += blockDim.x) {
-        const bool ok = c < vwords;
-        const unsigned char* ss = static_cast<const unsigned char*>(wd.scales);
-        const unsigned char* sb = static_cast<const unsigned char*>(wd.biases);
-        cp_async4(smem_u32(reinterpret_cast<unsigned char*>(Ss + p * ROWS * G) + c * 4u), ok ? ss + base + c * 4u : ss, ok ? 4u : 0u);
-        cp_async4(smem_u32(reinterpret_cast<unsigned char*>(Bs + p * ROWS * G) + c * 4u), ok ? sb + base + c * 4u : sb, ok ? 4u : 0u);
+#pragma unroll
+      for (uint32_t c = lane; c < uint32_t(ROWS * MM_GRP); c += 32u) {
+        const uint32_t r = c / MM_GRP, u = ua + q * MM_GRP + c % MM_GRP;
+        if (u >= ub) continue;
+        const uint32_t n = n0 + r;
+        const bool ok = n < N;
+        const uint32_t* src = ok ? wd.w + (int64_t(e) * N + n) * wd.row_words + u * 4u : wd.w;
+        cp_async16(smem_u32(sm.Ws + (p * ROWS + r) * sm.wstride + u * 16u), src, ok ? 16u : 0u);
       }
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
-    // This warp's slice of the block's rows (zero-filled past N), in commit groups.
-    for (uint32_t q = 0; q < ngroups; ++q) {
-#pragma unroll
-      for (int p = 0; p < NP; ++p) {
-        const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
-#pragma unroll
-        for (uint32_t c = lane; c < uint32_t(ROWS * MM_GRP); c += 32u) {
-          const uint32_t r = c / MM_GRP, u = ua + q * MM_GRP + c % MM_GRP;
-          if (u >= ub) continue;
-          const uint32_t n = n0 + r;
-          const bool ok = n < N;
-          const uint32_t* src = ok ? wd.w + (int64_t(e) * N + n) * wd.row_words + u * 4u : wd.w;
-          cp_async16(smem_u32(Ws + (p * ROWS + r) * L.wstride + u * 16u), src, ok ? 16u : 0u);
-        }
-      }
-      asm volatile("cp.async.commit_group;\n" ::: "memory");
-    }
-    // Other scale formats: loaded and converted (visible to all warps after the barrier below).
-#pragma unroll
-    for (int p = 0; p < NP; ++p) {
-      const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
-      if (skind[p] == wd.scale_kind) continue;
-      copy_scales(Ss + p * ROWS * G, Bs + p * ROWS * G, wd, (int64_t(e) * N + n0) * wd.groups,
-                  ROWS * wd.groups, vrows * wd.groups);
-    }
   }
+  // Other scale formats: loaded and converted (visible to all warps after the first barrier
+  // of mm_compute).
+#pragma unroll
+  for (int p = 0; p < NP; ++p) {
+    const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
+    if (skind[p] == wd.scale_kind) continue;
+    copy_scales(sm.Ss + p * ROWS * G, sm.Bs + p * ROWS * G, wd, (int64_t(e) * N + n0) * wd.groups,
+                ROWS * wd.groups, vrows * wd.groups);
+  }
+  return ngroups;
+}
+
+// Computes the item issued by mm_issue over the bucketed positions [first, last) (chunks of
+// maxt tokens) and writes H rows (gate/up: silu(g) * u) or Yp rows (down: rw * acc).
+// `extra`: commit groups this thread issued after the item's (they may stay in flight).
+// CG: H_in was written by other blocks of the same launch (read through L2).
+// Warps from MM_WARPS on (a larger block) only help staging and meet the barriers.
+template <bool GATEUP, typename XT, bool SPLIT, int MT, int MM_WARPS, bool CG>
+__device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex,
+                                           const XT* __restrict__ x, const float* H_in,
+                                           const uint32_t* __restrict__ pairs,
+                                           const float* rw, uint32_t first, uint32_t last,
+                                           uint32_t maxt, float* out, uint32_t n0,
+                                           const MmSmem& sm, uint32_t ngroups, uint32_t extra) {
+  constexpr int NP = GATEUP ? 2 : 1;
+  constexpr int NS = SPLIT ? 2 : 1;
+  constexpr int ROWS = 16 * MT;
+  const WDesc& w0 = GATEUP ? md.gate : md.down;
+  const uint32_t N = w0.N, Kd = w0.K, units = Kd / 32u, G = sm.G;
+  unsigned char* Ws = sm.Ws;
+  const float* Ss = sm.Ss;
+  const float* Bs = sm.Bs;
+  unsigned char* Xs = sm.Xs;
+  float* XSum = sm.XSum;
+  const uint32_t tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
+  const uint32_t gid = lane >> 2, t4 = lane & 3u;
+  const uint32_t per_w = (((units + MM_WARPS - 1) / MM_WARPS) + 1u) & ~1u;
+  const uint32_t ua = min(units, warp * per_w), ub = min(units, ua + per_w);
+  uint32_t skind[NP];
+  mm_skinds<GATEUP>(md, skind);
 
   uint32_t gsu[NP], gst[NP];
   bool fp4[NP];
@@ -1463,7 +1546,7 @@ __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 2 : 4)
     gst[p] = ((GATEUP && p == 1) ? md.up : w0).groups;
   }
 
-  for (uint32_t c0 = first; work && c0 < last; c0 += maxt) {
+  for (uint32_t c0 = first; c0 < last; c0 += maxt) {
     const uint32_t nt = min(maxt, last - c0);
     __syncthreads();
     // Activations of the chunk's tokens: bf16 hi (+ lo), in the permuted k order, and the
@@ -1472,7 +1555,7 @@ __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 2 : 4)
       const uint32_t t = task / units, u = task % units;
       const uint32_t i = c0 + t;
       float v[32];
-      const float sum = dec_stage_unit<GATEUP>(md, ex, x, H_in, pairs, i, u, Kd, v);
+      const float sum = dec_stage_unit<GATEUP, XT, CG>(md, ex, x, H_in, pairs, i, u, Kd, v);
       XSum[t * units + u] = sum;
 #pragma unroll
       for (int q4 = 0; q4 < 4; ++q4) {
@@ -1485,17 +1568,17 @@ __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 2 : 4)
         }
         uint4 wv = make_uint4(pack2_bf16(hi[0], hi[4]), pack2_bf16(hi[1], hi[5]),
                               pack2_bf16(hi[2], hi[6]), pack2_bf16(hi[3], hi[7]));
-        *reinterpret_cast<uint4*>(Xs + t * L.tstride + u * 64u + q4 * 16u) = wv;
+        *reinterpret_cast<uint4*>(Xs + t * sm.tstride + u * 64u + q4 * 16u) = wv;
         if (SPLIT) {
           wv = make_uint4(pack2_bf16(lo[0], lo[4]), pack2_bf16(lo[1], lo[5]),
                           pack2_bf16(lo[2], lo[6]), pack2_bf16(lo[3], lo[7]));
-          *reinterpret_cast<uint4*>(Xs + (maxt + t) * L.tstride + u * 64u + q4 * 16u) = wv;
+          *reinterpret_cast<uint4*>(Xs + (maxt + t) * sm.tstride + u * 64u + q4 * 16u) = wv;
         }
       }
     }
     // The scale group (the oldest) has landed for this thread's copies; the barrier makes
     // every thread's visible.
-    cp_async_wait_pending(ngroups);
+    cp_async_wait_pending(ngroups + extra);
     __syncthreads();
 
     float acc[NP][MT][4];
@@ -1508,7 +1591,7 @@ __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 2 : 4)
     const uint32_t lrow = (lane & 7u) + ((lane >> 3) & 1u) * 8u, lunit = lane >> 4;
     for (uint32_t u = ua; u < ub; u += 2u) {
       if ((u - ua) % MM_GRP == 0u) {  // this group's copies (and the earlier ones) have landed
-        cp_async_wait_pending(ngroups - 1u - (u - ua) / MM_GRP);
+        cp_async_wait_pending(ngroups - 1u - (u - ua) / MM_GRP + extra);
         __syncwarp();
       }
       uint32_t fr[NP][MT][4];
@@ -1516,7 +1599,7 @@ __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 2 : 4)
       for (int p = 0; p < NP; ++p)
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
-          ldsm_x4(smem_u32(Ws + (p * ROWS + mt * 16 + lrow) * L.wstride + (u + lunit) * 16u), fr[p][mt]);
+          ldsm_x4(smem_u32(Ws + (p * ROWS + mt * 16 + lrow) * sm.wstride + (u + lunit) * 16u), fr[p][mt]);
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) {
         const uint32_t uu = u + h2;
@@ -1525,7 +1608,7 @@ __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 2 : 4)
 #pragma unroll
         for (int sp = 0; sp < NS; ++sp) {
           uint4 bv = make_uint4(0u, 0u, 0u, 0u);
-          if (gid < nt) bv = *reinterpret_cast<const uint4*>(Xs + (sp * maxt + gid) * L.tstride + uu * 64u + t4 * 16u);
+          if (gid < nt) bv = *reinterpret_cast<const uint4*>(Xs + (sp * maxt + gid) * sm.tstride + uu * 64u + t4 * 16u);
           bf[sp][0] = bv.x; bf[sp][1] = bv.y; bf[sp][2] = bv.z; bf[sp][3] = bv.w;
         }
         const float xs0 = (2u * t4 < nt) ? XSum[(2u * t4) * units + uu] : 0.f;
@@ -1579,13 +1662,21 @@ __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 2 : 4)
         }
       }
     }
-    // Split-K: the warps' partial sums, added in warp order by warp 0.
+    // Split-K: the warps' partial sums, added in warp order by warp 0. Red may alias the
+    // weight rows (one chunk only): every warp must be done with them first.
+    float* Red = sm.Red;
+    if (Red == nullptr) {
+      Red = reinterpret_cast<float*>(Ws);
+      __syncthreads();
+    }
+    if (warp < uint32_t(MM_WARPS)) {
 #pragma unroll
-    for (int p = 0; p < NP; ++p)
+      for (int p = 0; p < NP; ++p)
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) Red[(((warp * NP + p) * MT + mt) * 4 + c) * 32 + lane] = acc[p][mt][c];
+          for (int c = 0; c < 4; ++c) Red[(((warp * NP + p) * MT + mt) * 4 + c) * 32 + lane] = acc[p][mt][c];
+    }
     __syncthreads();
     if (warp == 0) {
 #pragma unroll
@@ -1615,7 +1706,35 @@ __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 2 : 4)
         }
     }
   }
-  if (!GATEUP && ex.counters) dec_fused_combine(md, ex, out, n0, ROWS, &s_flag);
+}
+
+template <bool GATEUP, typename XT, bool SPLIT, int MT, int MM_WARPS>
+__global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 2 : 4)
+    mlp_mma_dec_kernel(MlpDesc md, const XT* __restrict__ x, const float* __restrict__ H_in,
+                       const uint32_t* __restrict__ pairs, const uint32_t* __restrict__ offsets,
+                       const uint32_t* __restrict__ active, const uint32_t* __restrict__ meta,
+                       const float* __restrict__ rw, uint32_t maxt, float* __restrict__ out,
+                       DecExtra ex) {
+  constexpr int NP = GATEUP ? 2 : 1;
+  constexpr int NS = SPLIT ? 2 : 1;
+  extern __shared__ __align__(16) unsigned char mm_smem[];
+  __shared__ uint32_t s_flag;
+  if (GATEUP) dec_zero_counters(ex);
+  uint32_t e = 0, first = 0, last = 0;
+  const bool work = dec_setup(md, ex, offsets, active, meta, e, first, last);
+  const WDesc& w0 = GATEUP ? md.gate : md.down;
+  const uint32_t units = w0.K / 32u;
+  const uint32_t G = GATEUP ? max(md.gate.groups, md.up.groups) : w0.groups;
+  const MmLayout L = mm_layout(units, G, maxt, NP, NS, MT, MM_WARPS);
+  MmSmem sm = mm_smem_at(mm_smem, L, G);
+  sm.Bs = sm.Ss + NP * 16 * MT * G;
+  const uint32_t n0 = blockIdx.y * 16u * MT;
+  if (work) {
+    const uint32_t ngroups = mm_issue<GATEUP, MT, MM_WARPS>(md, e, n0, sm);
+    mm_compute<GATEUP, XT, SPLIT, MT, MM_WARPS, false>(md, ex, x, H_in, pairs, rw, first, last,
+                                                       maxt, out, n0, sm, ngroups, 0u);
+  }
+  if (!GATEUP && ex.counters) dec_fused_combine(md, ex, out, n0, 16 * MT, &s_flag);
 }
 
 // y[t] = sum over slots j in order of Yp[t*k + j] (slots whose id was out of range skipped).

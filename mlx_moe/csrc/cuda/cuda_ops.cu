@@ -16,6 +16,7 @@
 #include "mlx/allocator.h"
 #include "mlx/backend/cuda/device.h"
 #include "mlx/backend/cuda/utils.h"
+#include "cuda_util.h"
 #include "moe_cuda.cuh"
 #include "moe_mlp.h"
 #include "route.h"
@@ -26,70 +27,6 @@ namespace cu = mx::cu;
 using namespace mlx_moe::cuda;
 
 namespace {
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("mlx_moe CUDA: ") + what + ": " +
-                             cudaGetErrorString(err));
-  }
-}
-
-void allocate(mx::array& a) {
-  a.set_data(mx::allocator::malloc(a.nbytes()));
-}
-
-// A scratch buffer that lives until the encoder's graph has run.
-mx::array scratch(cu::CommandEncoder& enc, size_t n_u32) {
-  mx::array t(mx::allocator::malloc(std::max<size_t>(n_u32, 1) * 4),
-              {int(std::max<size_t>(n_u32, 1))}, mx::uint32);
-  enc.add_temporary(t);
-  return t;
-}
-
-template <typename T>
-T* ptr(const mx::array& a) {
-  return a.size() == 0 ? nullptr : const_cast<T*>(mx::gpu_ptr<T>(a));
-}
-
-// Adds one kernel node. `reads` / `writes` are the arrays whose last writers this node must
-// follow (MLX's encoder links nodes through the buffers named before each node). The
-// argument types are forced to the kernel's parameter types (the encoder passes raw
-// addresses of the arguments).
-template <typename... KArgs, typename... Args>
-void launch(cu::CommandEncoder& enc, const std::vector<const mx::array*>& reads,
-            const std::vector<const mx::array*>& writes, void (*kernel)(KArgs...), dim3 grid,
-            dim3 block, uint32_t smem, Args&&... args) {
-  static_assert(sizeof...(KArgs) == sizeof...(Args));
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-  for (auto* a : reads)
-    if (a && a->size()) enc.set_input_array(*a);
-  for (auto* a : writes)
-    if (a && a->size()) enc.set_output_array(*a);
-  // The driver handle and the dynamic shared memory limit are looked up / raised once per
-  // kernel and device (and per larger size), not at every node: this runs at every evaluation.
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, std::pair<cudaFunction_t, uint32_t>> known;
-  int dev = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  cudaFunction_t f;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto& [fn, limit] = known[{reinterpret_cast<const void*>(kernel), dev}];
-    if (fn == nullptr) {
-      check(cudaGetFuncBySymbol(&fn, reinterpret_cast<const void*>(kernel)), "cudaGetFuncBySymbol");
-      limit = 48 * 1024;
-    }
-    if (smem > limit) {
-      check(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                 cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-            "cudaFuncSetAttribute");
-      limit = smem;
-    }
-    f = fn;
-  }
-  enc.add_kernel_node_ex(reinterpret_cast<CUfunction>(f), grid, block, dim3(), smem,
-                         static_cast<KArgs>(args)...);
-}
 
 int id_kind(mx::Dtype d) {
   switch (d) {
@@ -144,21 +81,6 @@ WDesc make_desc(const mx::array* arrays, const Format& f, const WeightShape& ws)
     }
   }
   return d;
-}
-
-template <typename F>
-void dispatch_float(mx::Dtype d, F&& f) {
-  switch (d) {
-    case mx::float32: f(float{}); break;
-    case mx::float16: f(__half{}); break;
-    case mx::bfloat16: f(__nv_bfloat16{}); break;
-    default: throw std::invalid_argument("mlx_moe CUDA: unsupported float dtype");
-  }
-}
-
-uint32_t env_u32(const char* name, uint32_t dflt) {
-  const char* v = std::getenv(name);
-  return v && *v ? uint32_t(std::atoi(v)) : dflt;
 }
 
 // Bucketing into counts/offsets/pairs (+ dispatch, active list, tile table, meta).
@@ -334,6 +256,11 @@ auto gg_kernel(int fmt, int sk) {
   }
 }
 
+// cuda_fused.cu: false when the one-launch kernel does not apply.
+bool moe_mlp_one_launch(cu::CommandEncoder& enc, int stream_key, const MlpDesc& md,
+                        const mx::array& x, const mx::array* logits, uint32_t normalize,
+                        const mx::array* ids, int id_kind, const mx::array* rw, mx::array& out);
+
 void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx::array>& outputs) {
   auto& out = outputs[0];
   allocate(out);
@@ -450,6 +377,14 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   }
   const uint32_t btile = gg ? uint32_t(GG_TM) : uint32_t(G_TM);
   const uint32_t max_tiles = (P + btile - 1) / btile + max_active;
+  // Few pairs, affine 4-bit / mxfp4: the whole layer as one kernel (cuda_fused.cu), opt-in:
+  // MLX_MOE_CUDA_ONE_MAX_PAIRS=n (default 0: off; measured slower, docs/DESIGN.md).
+  if (!grouped && mma_all &&
+      moe_mlp_one_launch(enc, p.stream().index, md, x, fused_route ? &logits : nullptr,
+                         uint32_t(p.route_normalize()), fused_route ? nullptr : &ids, ik,
+                         fused_route ? nullptr : &rw, out)) {
+    return;
+  }
   mx::array counts = scratch(enc, direct ? 1 : E), offsets = scratch(enc, direct ? 1 : E + 1),
             pairs = scratch(enc, direct ? 1 : P);
   mx::array active = scratch(enc, direct ? 1 : E),
