@@ -450,6 +450,100 @@ __global__ void route_kernel(const T* __restrict__ logits, uint32_t rows, uint32
             wout + int64_t(row) * k, lane);
 }
 
+// Routing of one row by a whole block (blockDim.x >= E), the same values and order as
+// route_row, so the same ids and weights bitwise: warp 0 computes the row maximum, the
+// probabilities and their sum exactly as route_row does (lane-strided partial sums, then
+// warp_sum), then every thread ranks one expert under (p descending, id ascending) against
+// all E probabilities in shared memory -- the experts of rank < k are route_row's picks in its
+// order, without its k dependent rounds of warp arg-max -- and the slots are normalised by
+// their sum taken in slot order. Needs E <= ROUTE_BLOCK_MAX_E and k <= 32. Shared scratch:
+// s_p[E], s_w[32], s_id[32], s_state. Every thread of the block must call it.
+constexpr uint32_t ROUTE_BLOCK_MAX_E = 256;
+template <typename T>
+__device__ __forceinline__ void route_row_block(const T* __restrict__ l, uint32_t E, uint32_t k,
+                                                uint32_t normalize, uint32_t* id, float* w,
+                                                float* s_p, float* s_w, uint32_t* s_id,
+                                                uint32_t* s_state) {
+  const uint32_t tid = threadIdx.x, lane = tid & 31u;
+  if (tid < 32u) {
+    float m = -INFINITY;
+    bool nan = false;
+    constexpr int CACHE = 8;
+    float v[CACHE];
+#pragma unroll
+    for (int c = 0; c < CACHE; ++c) {
+      const uint32_t i = lane + 32u * c;
+      v[c] = i < E ? to_f(l[i]) : 0.f;
+      if (i < E) {
+        nan |= isnan(v[c]);
+        m = fmaxf(m, v[c]);
+      }
+    }
+    if (route_row_degenerate(m, nan, k, id, w, lane)) {
+      if (lane == 0) *s_state = 1u;  // done
+    } else {
+      const bool inf = (m == INFINITY);
+      float pc[CACHE];
+      float s = 0.f;
+#pragma unroll
+      for (int c = 0; c < CACHE; ++c) {
+        const uint32_t i = lane + 32u * c;
+        pc[c] = i < E ? (inf ? (v[c] == m ? 1.f : 0.f) : expf(v[c] - m)) : 0.f;
+        s += pc[c];
+      }
+      s = warp_sum(s);
+#pragma unroll
+      for (int c = 0; c < CACHE; ++c) {
+        const uint32_t i = lane + 32u * c;
+        if (i < E) s_p[i] = pc[c] / s;
+      }
+      if (lane == 0) *s_state = 0u;
+    }
+  }
+  __syncthreads();
+  if (*s_state == 0u) {
+    if (tid < E) {
+      const float p = s_p[tid];
+      uint32_t rank = 0;
+#pragma unroll 8
+      for (uint32_t j = 0; j < E; ++j) {
+        const float q = s_p[j];
+        rank += (q > p || (q == p && j < tid)) ? 1u : 0u;
+      }
+      if (rank < k) {
+        s_id[rank] = tid;
+        s_w[rank] = p;
+      }
+    }
+    __syncthreads();
+    if (tid < k) {
+      float v = s_w[tid];
+      if (normalize) {
+        float total = 0.f;  // route_row's sum: slots in order from 0
+        for (uint32_t j = 0; j < k; ++j) total += s_w[j];
+        if (total > 0.f) v = v / total;
+      }
+      id[tid] = s_id[tid];
+      w[tid] = v;
+    }
+  }
+  __syncthreads();
+}
+
+// One block per row (few rows: the warp kernel's k dependent arg-max rounds are its latency).
+template <typename T>
+__global__ void __launch_bounds__(256)
+    route_block_kernel(const T* __restrict__ logits, uint32_t E, uint32_t k, uint32_t normalize,
+                       uint32_t* __restrict__ ids, float* __restrict__ wout) {
+  __shared__ float s_p[ROUTE_BLOCK_MAX_E];
+  __shared__ float s_w[32];
+  __shared__ uint32_t s_id[32];
+  __shared__ uint32_t s_state;
+  const uint32_t row = blockIdx.x;
+  route_row_block(logits + int64_t(row) * E, E, k, normalize, ids + int64_t(row) * k,
+                  wout + int64_t(row) * k, s_p, s_w, s_id, &s_state);
+}
+
 // ------------------------------------------------------------------------------ bucketing
 // Stable counting sort of P expert ids in three kernels (no atomics decide any order):
 //  1. count:   block b (one warp) counts its chunk of BUCKET_CHUNK pairs per expert.

@@ -28,7 +28,6 @@ namespace mlx_moe::cuda {
 
 constexpr int ONE_WARPS = MM_WARPS_GU;  // 8 warps: gate/up as in the three-kernel path
 constexpr uint32_t ONE_MAX_PAIRS = 64;  // routing kept in shared memory
-constexpr uint32_t ONE_ROUTE_MAX_E = 256;  // block-parallel routing up to this many experts
 
 struct OneArgs {
   const void* logits;  // routing in the kernel when non-null ([T, E], logits_kind)
@@ -85,86 +84,15 @@ __device__ __forceinline__ void prefetch_range(const void* p, uint64_t n) {
     prefetch_l2(reinterpret_cast<const void*>(q));
 }
 
-// Routing of one row by the whole block, the same values and order as route_row (so the
-// same ids and weights, bitwise): warp 0 computes the row maximum, the probabilities and
-// their sum exactly as route_row does (lane-strided partial sums, then warp_sum), then
-// every thread ranks one expert under (p descending, id ascending) against all E
-// probabilities in shared memory -- the experts of rank < k are route_row's picks in its
-// order -- and the slots are normalised by their sum taken in slot order. Needs E <= 256
-// (blockDim.x) and k <= 32; s_p: E floats of shared memory.
-template <typename T>
-__device__ __forceinline__ void route_row_block(const T* __restrict__ l, uint32_t E, uint32_t k,
-                                                uint32_t normalize, uint32_t* id, float* w,
-                                                float* s_p, uint32_t* s_state) {
-  const uint32_t tid = threadIdx.x, lane = tid & 31u;
-  if (tid < 32u) {
-    float m = -INFINITY;
-    bool nan = false;
-    constexpr int CACHE = 8;
-    float v[CACHE];
-#pragma unroll
-    for (int c = 0; c < CACHE; ++c) {
-      const uint32_t i = lane + 32u * c;
-      v[c] = i < E ? to_f(l[i]) : 0.f;
-      if (i < E) {
-        nan |= isnan(v[c]);
-        m = fmaxf(m, v[c]);
-      }
-    }
-    if (route_row_degenerate(m, nan, k, id, w, lane)) {
-      if (lane == 0) *s_state = 1u;  // done
-    } else {
-      const bool inf = (m == INFINITY);
-      float pc[CACHE];
-      float s = 0.f;
-#pragma unroll
-      for (int c = 0; c < CACHE; ++c) {
-        const uint32_t i = lane + 32u * c;
-        pc[c] = i < E ? (inf ? (v[c] == m ? 1.f : 0.f) : expf(v[c] - m)) : 0.f;
-        s += pc[c];
-      }
-      s = warp_sum(s);
-#pragma unroll
-      for (int c = 0; c < CACHE; ++c) {
-        const uint32_t i = lane + 32u * c;
-        if (i < E) s_p[i] = pc[c] / s;
-      }
-      if (lane == 0) *s_state = 0u;
-    }
-  }
-  __syncthreads();
-  if (*s_state == 0u) {
-    if (tid < E) {
-      const float p = s_p[tid];
-      uint32_t rank = 0;
-      for (uint32_t j = 0; j < E; ++j) {
-        const float q = s_p[j];
-        rank += (q > p || (q == p && j < tid)) ? 1u : 0u;
-      }
-      if (rank < k) {
-        id[rank] = tid;
-        w[rank] = p;
-      }
-    }
-    __syncthreads();
-    if (normalize && tid < k) {
-      float total = 0.f;  // route_row's sum: slots in order from 0
-      for (uint32_t j = 0; j < k; ++j) total += w[j];
-      const float p = w[tid];
-      __syncwarp(k == 32u ? 0xffffffffu : ((1u << k) - 1u));  // all of w read before any write
-      if (total > 0.f) w[tid] = p / total;
-    }
-  }
-  __syncthreads();
-}
-
 template <typename XT, bool SPLIT, int MTG, int MTD>
 __global__ void __launch_bounds__(ONE_WARPS * 32, 2)
     mlp_one_kernel(MlpDesc md, const XT* __restrict__ x, OneArgs a) {
   extern __shared__ __align__(16) unsigned char one_smem[];
   __shared__ uint32_t s_ids[ONE_MAX_PAIRS];
   __shared__ float s_rw[ONE_MAX_PAIRS];
-  __shared__ float s_p[ONE_ROUTE_MAX_E];
+  __shared__ float s_p[ROUTE_BLOCK_MAX_E];
+  __shared__ float s_w[32];
+  __shared__ uint32_t s_id[32];
   __shared__ uint32_t s_claim[2];
   __shared__ uint32_t s_flag;
   const uint32_t tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
@@ -185,20 +113,20 @@ __global__ void __launch_bounds__(ONE_WARPS * 32, 2)
       s_rw[i] = 1.f;
     }
   } else if (a.logits != nullptr) {
-    if (E <= ONE_ROUTE_MAX_E && k <= 32u) {
+    if (E <= ROUTE_BLOCK_MAX_E && k <= 32u) {
       for (uint32_t r = 0; r < T; ++r) {
         switch (a.logits_kind) {
           case 0:
             route_row_block(static_cast<const float*>(a.logits) + int64_t(r) * E, E, k,
-                            a.normalize, s_ids + r * k, s_rw + r * k, s_p, &s_flag);
+                            a.normalize, s_ids + r * k, s_rw + r * k, s_p, s_w, s_id, &s_flag);
             break;
           case 1:
             route_row_block(static_cast<const __half*>(a.logits) + int64_t(r) * E, E, k,
-                            a.normalize, s_ids + r * k, s_rw + r * k, s_p, &s_flag);
+                            a.normalize, s_ids + r * k, s_rw + r * k, s_p, s_w, s_id, &s_flag);
             break;
           default:
             route_row_block(static_cast<const __nv_bfloat16*>(a.logits) + int64_t(r) * E, E, k,
-                            a.normalize, s_ids + r * k, s_rw + r * k, s_p, &s_flag);
+                            a.normalize, s_ids + r * k, s_rw + r * k, s_p, s_w, s_id, &s_flag);
             break;
         }
       }

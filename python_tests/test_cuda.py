@@ -55,6 +55,35 @@ def test_route_edge_rows_gpu():
     np.testing.assert_allclose(wg[~np.isnan(wg)], wc[~np.isnan(wc)], rtol=1e-6)
 
 
+@pytest.mark.parametrize("E,k", [(128, 8), (256, 32), (8, 1), (64, 4), (37, 5)])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_route_block_kernel_bitwise_equals_warp_kernel(rng, monkeypatch, E, k, dtype, normalize):
+    """Few rows route with one block per row (top-k by ranks in shared memory), many rows with
+    one warp per row (k rounds of a warp arg-max): the same picks in the same order and the
+    same float operations, so bitwise the same ids and weights, ties (logits rounded to a
+    coarse grid) and NaN / infinite rows included."""
+    T = 40
+    logits = np.round(rng.standard_normal((T, E)) * 2) / 2  # many ties
+    logits[3, 1] = np.nan
+    logits[4, :] = -np.inf
+    logits[5, :2] = np.inf
+    logits[6, 0] = -np.inf
+    logits = mx.array(logits.astype(np.float32)).astype(dtype)
+
+    def run(rows_max):
+        monkeypatch.setenv("MLX_MOE_CUDA_ROUTE_BLOCK_MAX_ROWS", str(rows_max))
+        ids, w = mlx_moe.route(logits, k, normalize, stream=mx.gpu)
+        mx.eval(ids, w)
+        return np.array(ids), np.array(w)
+
+    (ib, wb), (iw, ww) = run(256), run(0)
+    assert np.array_equal(ib, iw)
+    assert np.array_equal(wb, ww, equal_nan=True)
+    ic, wc = mlx_moe.route(logits, k, normalize, stream=mx.cpu)
+    assert np.array_equal(ib, np.array(ic))
+
+
 @pytest.mark.parametrize("T,E,k,tile", [(1, 128, 8, 32), (4096, 128, 8, 64), (37, 64, 4, 16), (3, 5, 2, 1)])
 @pytest.mark.parametrize("id_dtype", [np.uint32, np.int32, np.int64])
 def test_bucket_gpu_vs_cpu(rng, T, E, k, tile, id_dtype):

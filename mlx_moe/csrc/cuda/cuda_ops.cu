@@ -160,6 +160,27 @@ std::vector<mx::array> row_major_inputs(cu::CommandEncoder& enc,
   return out;
 }
 
+// Routing kernel node: up to MLX_MOE_CUDA_ROUTE_BLOCK_MAX_ROWS rows (default 256; E <= 256,
+// k <= 32) one block per row (route_block_kernel: top-k by ranks, no dependent arg-max
+// rounds), else one warp per row (route_kernel). Bitwise the same ids and weights.
+void encode_route(cu::CommandEncoder& enc, const mx::array& logits, uint32_t rows, uint32_t E,
+                  uint32_t k, uint32_t norm, const mx::array& ids, const mx::array& w) {
+  const bool by_block = E <= ROUTE_BLOCK_MAX_E && k <= 32u &&
+                        rows <= env_u32("MLX_MOE_CUDA_ROUTE_BLOCK_MAX_ROWS", 256u);
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    if (by_block) {
+      launch(enc, {&logits}, {&ids, &w}, route_block_kernel<T>, dim3(rows), dim3(256), 0,
+             ptr<T>(logits), E, k, norm, ptr<uint32_t>(ids), ptr<float>(w));
+    } else {
+      launch(enc, {&logits}, {&ids, &w}, route_kernel<T>, dim3((rows + 3) / 4), dim3(128), 0,
+             ptr<T>(logits), rows, E, k, norm, ptr<uint32_t>(ids), ptr<float>(w));
+    }
+  };
+  if (logits.dtype() == mx::float64) go(double{});
+  else dispatch_float(logits.dtype(), go);
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------ route
@@ -174,15 +195,7 @@ void route(Route& p, const std::vector<mx::array>& inputs_in, std::vector<mx::ar
   const uint32_t E = uint32_t(logits.shape(-1));
   const uint32_t rows = E ? uint32_t(logits.size() / E) : 0;
   if (rows == 0) return;
-  const uint32_t k = uint32_t(p.k()), norm = p.normalize() ? 1u : 0u;
-  const dim3 grid((rows + 3) / 4), block(128);
-  auto go = [&](auto tag) {
-    using T = decltype(tag);
-    launch(enc, {&logits}, {&ids, &w}, route_kernel<T>, grid, block, 0, ptr<T>(logits), rows, E,
-           k, norm, ptr<uint32_t>(ids), ptr<float>(w));
-  };
-  if (logits.dtype() == mx::float64) go(double{});
-  else dispatch_float(logits.dtype(), go);
+  encode_route(enc, logits, rows, E, uint32_t(p.k()), p.normalize() ? 1u : 0u, ids, w);
 }
 
 // ------------------------------------------------------------------------------ bucket
@@ -389,14 +402,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
             pairs = scratch(enc, direct ? 1 : P);
   mx::array active = scratch(enc, direct ? 1 : E),
             tiles = scratch(enc, grouped ? size_t(2) * max_tiles : 1), meta = scratch(enc, 4);
-  if (fused_route) {
-    dispatch_float(logits.dtype(), [&](auto tag) {
-      using LT = decltype(tag);
-      launch(enc, {&logits}, {&ids, &rw}, route_kernel<LT>, dim3((T + 3) / 4), dim3(128), 0,
-             ptr<LT>(logits), T, E, k, uint32_t(p.route_normalize()), ptr<uint32_t>(ids),
-             ptr<float>(rw));
-    });
-  }
+  if (fused_route) encode_route(enc, logits, T, E, k, uint32_t(p.route_normalize()), ids, rw);
   if (!direct)
     encode_bucket(enc, ids, P, E, btile, counts, offsets, pairs, nullptr, &active,
                   grouped ? &tiles : nullptr, &meta);
