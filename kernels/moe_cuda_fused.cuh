@@ -43,8 +43,6 @@ struct OneArgs {
   uint32_t y_kind;
   uint32_t n_gu, n_dn;  // row slices of gate/up (16 * MTG rows) and of down (16 * MTD rows)
   uint32_t prefetch;    // 1: the first down item's bytes are prefetched to L2 after routing
-  uint32_t debug;       // timing experiments only (wrong results): 1 no routing, 2 no down
-                        // phase, 4 no gate/up compute
 };
 
 // Shared memory: the gate/up item (its split-K sums alias its weight rows), then the down
@@ -107,12 +105,7 @@ __global__ void __launch_bounds__(ONE_WARPS * 32, 2)
     s_claim[0] = atomicAdd(&next[0], 1u);
     s_claim[1] = atomicAdd(&next[1], 1u);
   }
-  if (a.debug & 1u) {
-    for (uint32_t i = tid; i < P; i += blockDim.x) {
-      s_ids[i] = (i * 37u) % E;
-      s_rw[i] = 1.f;
-    }
-  } else if (a.logits != nullptr) {
+  if (a.logits != nullptr) {
     if (E <= ROUTE_BLOCK_MAX_E && k <= 32u) {
       for (uint32_t r = 0; r < T; ++r) {
         switch (a.logits_kind) {
@@ -193,7 +186,7 @@ __global__ void __launch_bounds__(ONE_WARPS * 32, 2)
   while (gi < n_gu_items) {
     const uint32_t pair = gi / a.n_gu, n0 = (gi % a.n_gu) * 16u * MTG, e = s_ids[pair];
     if (tid == 0) s_claim[0] = atomicAdd(&next[0], 1u);
-    if (e < E && !(a.debug & 4u)) {
+    if (e < E) {
       const uint32_t ng = mm_issue<true, MTG, ONE_WARPS>(md, e, n0, sa);
       mm_compute<true, XT, SPLIT, MTG, ONE_WARPS, false>(md, ex, x, nullptr, nullptr, s_rw, pair,
                                                          pair + 1u, 1u, a.H, n0, sa, ng, 0u);
@@ -208,7 +201,7 @@ __global__ void __launch_bounds__(ONE_WARPS * 32, 2)
   // pair's hidden row cannot deadlock.
 
   // 2. down items, 3. combine
-  while (!(a.debug & 2u) && di < n_dn_items) {
+  while (di < n_dn_items) {
     const uint32_t pair = di / a.n_dn, e = s_ids[pair];
     const uint32_t s = di % a.n_dn, n0 = s * 16u * MTD;
     if (tid == 0) s_claim[1] = atomicAdd(&next[1], 1u);
@@ -253,7 +246,7 @@ __global__ void __launch_bounds__(ONE_WARPS * 32, 2)
   }
 }
 
-__global__ void zero_u32_kernel(uint32_t* p, uint32_t n) {
+static __global__ void zero_u32_kernel(uint32_t* p, uint32_t n) {
   for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) p[i] = 0u;
 }
 

@@ -93,7 +93,6 @@ bool moe_mlp_one_launch(cu::CommandEncoder& enc, int stream_key, const MlpDesc& 
     const uint32_t force_mtd = env_u32("MLX_MOE_CUDA_ONE_MTD", 0u);
     const uint32_t grid_cap = env_u32("MLX_MOE_CUDA_ONE_GRID", 0u);
     const uint32_t prefetch = env_u32("MLX_MOE_CUDA_ONE_PREFETCH", 1u) != 0u ? 1u : 0u;
-    const uint32_t debug = env_u32("MLX_MOE_CUDA_ONE_DEBUG", 0u);
     auto try_mtd = [&](auto mtg_tag, auto mtd_tag) -> bool {
       constexpr int MTG = decltype(mtg_tag)::value;
       constexpr int MTD = decltype(mtd_tag)::value;
@@ -126,7 +125,6 @@ bool moe_mlp_one_launch(cu::CommandEncoder& enc, int stream_key, const MlpDesc& 
       a.n_gu = n_gu;
       a.n_dn = n_dn;
       a.prefetch = prefetch;
-      a.debug = debug;
       launch(enc, {&x, logits, ids, rw, &ctr}, {&out, &H, &Yp, &ctr}, kernel, dim3(grid),
              dim3(ONE_WARPS * 32), L.total, md, ptr<XT>(x), a);
       return true;
