@@ -1518,6 +1518,7 @@ __device__ __forceinline__ MmSmem mm_smem_at(unsigned char* base, const MmLayout
   MmSmem s;
   s.Ws = base;
   s.Ss = reinterpret_cast<float*>(base + L.sb_off);
+  s.Bs = s.Ss + (L.x_off - L.sb_off) / 8u;  // the second half of [2][NP][rows][G] floats
   s.Xs = base + L.x_off;
   s.XSum = reinterpret_cast<float*>(base + L.xs_off);
   s.Red = reinterpret_cast<float*>(base + L.red_off);
@@ -1820,8 +1821,7 @@ __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 2 : 4)
   const uint32_t units = w0.K / 32u;
   const uint32_t G = GATEUP ? max(md.gate.groups, md.up.groups) : w0.groups;
   const MmLayout L = mm_layout(units, G, maxt, NP, NS, MT, MM_WARPS);
-  MmSmem sm = mm_smem_at(mm_smem, L, G);
-  sm.Bs = sm.Ss + NP * 16 * MT * G;
+  const MmSmem sm = mm_smem_at(mm_smem, L, G);
   const uint32_t n0 = blockIdx.y * 16u * MT;
   if (work) {
     const uint32_t ngroups = mm_issue<GATEUP, MT, MM_WARPS>(md, e, n0, sm);

@@ -106,40 +106,24 @@ __global__ void __launch_bounds__(ONE_WARPS * 32, 2)
     s_claim[1] = atomicAdd(&next[1], 1u);
   }
   if (a.logits != nullptr) {
-    if (E <= ROUTE_BLOCK_MAX_E && k <= 32u) {
-      for (uint32_t r = 0; r < T; ++r) {
-        switch (a.logits_kind) {
-          case 0:
-            route_row_block(static_cast<const float*>(a.logits) + int64_t(r) * E, E, k,
-                            a.normalize, s_ids + r * k, s_rw + r * k, s_p, s_w, s_id, &s_flag);
-            break;
-          case 1:
-            route_row_block(static_cast<const __half*>(a.logits) + int64_t(r) * E, E, k,
-                            a.normalize, s_ids + r * k, s_rw + r * k, s_p, s_w, s_id, &s_flag);
-            break;
-          default:
-            route_row_block(static_cast<const __nv_bfloat16*>(a.logits) + int64_t(r) * E, E, k,
-                            a.normalize, s_ids + r * k, s_rw + r * k, s_p, s_w, s_id, &s_flag);
-            break;
-        }
+    // Token rows routed in the block: one row at a time by the whole block (ranks) when it
+    // can, else one row per warp; bitwise the same either way.
+    auto route_as = [&](auto tag) {
+      using LT = decltype(tag);
+      const LT* lg = static_cast<const LT*>(a.logits);
+      if (E <= ROUTE_BLOCK_MAX_E && k <= 32u) {
+        for (uint32_t r = 0; r < T; ++r)
+          route_row_block(lg + int64_t(r) * E, E, k, a.normalize, s_ids + r * k, s_rw + r * k,
+                          s_p, s_w, s_id, &s_flag);
+      } else {
+        for (uint32_t r = warp; r < T; r += ONE_WARPS)
+          route_row(lg + int64_t(r) * E, E, k, a.normalize, s_ids + r * k, s_rw + r * k, lane);
       }
-    } else {
-      for (uint32_t r = warp; r < T; r += ONE_WARPS) {
-        switch (a.logits_kind) {
-          case 0:
-            route_row(static_cast<const float*>(a.logits) + int64_t(r) * E, E, k, a.normalize,
-                      s_ids + r * k, s_rw + r * k, lane);
-            break;
-          case 1:
-            route_row(static_cast<const __half*>(a.logits) + int64_t(r) * E, E, k, a.normalize,
-                      s_ids + r * k, s_rw + r * k, lane);
-            break;
-          default:
-            route_row(static_cast<const __nv_bfloat16*>(a.logits) + int64_t(r) * E, E, k,
-                      a.normalize, s_ids + r * k, s_rw + r * k, lane);
-            break;
-        }
-      }
+    };
+    switch (a.logits_kind) {
+      case 0: route_as(float{}); break;
+      case 1: route_as(__half{}); break;
+      default: route_as(__nv_bfloat16{}); break;
     }
   } else {
     for (uint32_t i = tid; i < P; i += blockDim.x) {
@@ -153,10 +137,8 @@ __global__ void __launch_bounds__(ONE_WARPS * 32, 2)
   const OneLayout L = one_layout(md, SPLIT ? 2 : 1, MTG, MTD);
   const uint32_t Ggu = md.gate.groups > md.up.groups ? md.gate.groups : md.up.groups;
   MmSmem sa = mm_smem_at(one_smem, L.gu, Ggu);
-  sa.Bs = sa.Ss + 2 * 16 * MTG * Ggu;
   sa.Red = nullptr;  // aliases the weight rows (one chunk)
-  MmSmem sb = mm_smem_at(one_smem, L.dn, md.down.groups);
-  sb.Bs = sb.Ss + 16 * MTD * md.down.groups;
+  const MmSmem sb = mm_smem_at(one_smem, L.dn, md.down.groups);
 
   DecExtra ex{};
   ex.direct = 1u;  // positions are pairs (mm_compute's dec_pair)
