@@ -991,6 +991,32 @@ __device__ __forceinline__ void store_out(void* y, uint32_t kind, int64_t i, flo
   }
 }
 
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
+
+// L2 prefetch of bytes [0, n) at p, 128-byte lines spread over the block's threads.
+__device__ __forceinline__ void prefetch_range(const void* p, uint64_t n) {
+  const uintptr_t a0 = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(127);
+  const uintptr_t a1 = reinterpret_cast<uintptr_t>(p) + n;
+  for (uintptr_t q = a0 + uintptr_t(threadIdx.x) * 128u; q < a1; q += uintptr_t(blockDim.x) * 128u)
+    prefetch_l2(reinterpret_cast<const void*>(q));
+}
+
+// L2 prefetch of rows [n0, n0 + rows) of expert e of an affine / mxfp4 projection: codes,
+// scales and biases (rows of one expert are contiguous in each).
+__device__ __forceinline__ void prefetch_rows(const WDesc& d, uint32_t e, uint32_t n0,
+                                              uint32_t rows) {
+  const int64_t r0 = int64_t(e) * d.N + n0;
+  prefetch_range(d.w + r0 * d.row_words, uint64_t(rows) * d.row_words * 4u);
+  const uint32_t es = d.scale_kind == 0u ? 4u : d.scale_kind == 3u ? 1u : 2u;
+  prefetch_range(static_cast<const unsigned char*>(d.scales) + r0 * d.groups * es,
+                 uint64_t(rows) * d.groups * es);
+  if (d.biases)
+    prefetch_range(static_cast<const unsigned char*>(d.biases) + r0 * d.groups * es,
+                   uint64_t(rows) * d.groups * es);
+}
+
 // Gate/up: block (0, 0) zeroes the down kernel's counters.
 __device__ __forceinline__ void dec_zero_counters(const DecExtra& ex) {
   if (ex.counters && blockIdx.x == 0 && blockIdx.y == 0)
@@ -1386,18 +1412,37 @@ constexpr int MM_WARPS_DN = 4;  // down blocks (K = F is short: 8 warps were slo
 constexpr int MM_MAXT = 8;
 
 struct MmLayout {
-  uint32_t wstride, w_bytes, sb_off, x_off, tstride, xs_off, red_off, total;
+  uint32_t wstride, w_bytes, sc_off, raw_off, x_off, tstride, xs_off, red_off, total;
 };
 
+// How a tensor-core decode item gets a projection's scales and biases into shared memory:
+// 0 = loaded and converted to fp32 pairs by copy_scales (mxfp4's E8M0, odd group counts);
+// 1 = raw fp32, copied straight into the pairs (cp.async); 2 = raw f16 / bf16 copied as
+// 4-byte words (an even number of groups per row) and converted to pairs in mm_compute.
+__host__ __device__ inline uint32_t mm_scale_copy(const WDesc& wd) {
+  if (wd.mode != 0u) return 0u;
+  if (wd.scale_kind == 0u) return 1u;
+  return (wd.scale_kind == 1u || wd.scale_kind == 2u) && wd.groups % 2u == 0u ? 2u : 0u;
+}
+
+template <bool GATEUP>
+__host__ __device__ inline bool mm_raw16(const MlpDesc& md) {
+  return GATEUP ? mm_scale_copy(md.gate) == 2u || mm_scale_copy(md.up) == 2u
+                : mm_scale_copy(md.down) == 2u;
+}
+
 // Shared-memory layout of mlp_mma_dec_kernel (host and device compute it the same way).
+// raw16: scales / biases copied raw as 16-bit values (mm_raw16), which need their own bytes
+// until they are converted.
 __host__ __device__ inline MmLayout mm_layout(uint32_t units, uint32_t G, uint32_t maxt, int NP,
-                                              int NS, int MT, int NW) {
+                                              int NS, int MT, int NW, bool raw16) {
   MmLayout l;
   const uint32_t rows = 16u * MT;
   l.wstride = (units + ((units & 1u) ? 2u : 1u)) * 16u;  // an odd number of 16-byte slots
   l.w_bytes = NP * rows * l.wstride;
-  l.sb_off = l.w_bytes;                                  // [2][NP][rows][G] floats
-  l.x_off = l.sb_off + 2u * NP * rows * G * 4u;
+  l.sc_off = l.w_bytes;                                  // [NP][rows][G] float2 {s, b}
+  l.raw_off = l.sc_off + NP * rows * G * 8u;             // [2][NP][rows][G] 16-bit (raw16)
+  l.x_off = l.raw_off + (raw16 ? NP * rows * G * 4u : 0u);
   l.tstride = units * 64u + 16u;                         // per token: [units][4] uint4
   l.xs_off = l.x_off + NS * maxt * l.tstride;
   l.red_off = l.xs_off + ((maxt * units * 4u + 15u) & ~15u);
@@ -1419,11 +1464,15 @@ __device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
                : "r"(addr));
 }
 
+__device__ __forceinline__ __nv_bfloat162 bf16x2_bits(uint32_t v) {
+  return *reinterpret_cast<__nv_bfloat162*>(&v);
+}
+
 // Nibbles s and s + 4 of w as exact bf16 values (low half: nibble s).
 __device__ __forceinline__ uint32_t nib2_bf16(uint32_t w, int s) {
   uint32_t v;
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(v) : "r"(w >> (4 * s)), "r"(0x000F000Fu), "r"(0x43004300u));
-  __nv_bfloat162 b = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&v), __floats2bfloat162_rn(128.f, 128.f));
+  __nv_bfloat162 b = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&v), bf16x2_bits(0x43004300u));
   return *reinterpret_cast<uint32_t*>(&b);
 }
 
@@ -1441,7 +1490,7 @@ __device__ __forceinline__ uint32_t fp4_pair_bf16(uint32_t w, uint32_t lo4, uint
   const uint32_t t = __byte_perm(lo4, hi4, uint32_t(s) | (uint32_t(4 + s) << 8));
   uint32_t v;
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(v) : "r"(t), "r"(0x00FF00FFu), "r"(0x43004300u));
-  __nv_bfloat162 b = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&v), __floats2bfloat162_rn(128.f, 128.f));
+  __nv_bfloat162 b = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&v), bf16x2_bits(0x43004300u));
   return *reinterpret_cast<uint32_t*>(&b) | ((w << (12 - 4 * s)) & 0x80008000u);
 }
 
@@ -1476,8 +1525,8 @@ __device__ __forceinline__ void cp_async_wait_pending(uint32_t n) {
 }
 
 // Scales and biases of `valid` consecutive groups (rows of one expert are contiguous) into
-// shared memory as fp32, zero past `valid`; 8 loads of each in flight per thread.
-__device__ __forceinline__ void copy_scales(float* ds, float* db, const WDesc& wd, int64_t base,
+// shared memory as fp32 {s, b} pairs, zero past `valid`; 8 loads of each in flight per thread.
+__device__ __forceinline__ void copy_scales(float2* dsb, const WDesc& wd, int64_t base,
                                             uint32_t total, uint32_t valid) {
   constexpr int B = 8;
   for (uint32_t c0 = threadIdx.x; c0 < total; c0 += B * blockDim.x) {
@@ -1493,10 +1542,7 @@ __device__ __forceinline__ void copy_scales(float* ds, float* db, const WDesc& w
 #pragma unroll
     for (int j = 0; j < B; ++j) {
       const uint32_t c = c0 + j * blockDim.x;
-      if (c < total) {
-        ds[c] = sv[j];
-        db[c] = bv[j];
-      }
+      if (c < total) dsb[c] = make_float2(sv[j], bv[j]);
     }
   }
 }
@@ -1506,8 +1552,8 @@ __device__ __forceinline__ void copy_scales(float* ds, float* db, const WDesc& w
 // Where the item's operands live in shared memory.
 struct MmSmem {
   unsigned char* Ws;  // [NP][ROWS] x wstride: packed weight rows, all of K
-  float* Ss;          // [NP][ROWS][G] scales (fp32, or raw 16-bit pairs, see skind)
-  float* Bs;          // biases, as Ss
+  float2* SC;         // [NP][ROWS][G] {scale, bias} as fp32: row r's group g at r * groups + g
+  unsigned char* Raw; // raw 16-bit scales [NP][ROWS][G], then biases (mm_raw16 only)
   unsigned char* Xs;  // [NS][maxt] x tstride: activations, bf16 hi (+ lo), permuted k order
   float* XSum;        // [maxt][units]: per-unit activation sums
   float* Red;         // [warp][NP][MT][4][32]: split-K partial sums; null: alias Ws (single chunk)
@@ -1517,8 +1563,8 @@ struct MmSmem {
 __device__ __forceinline__ MmSmem mm_smem_at(unsigned char* base, const MmLayout& L, uint32_t G) {
   MmSmem s;
   s.Ws = base;
-  s.Ss = reinterpret_cast<float*>(base + L.sb_off);
-  s.Bs = s.Ss + (L.x_off - L.sb_off) / 8u;  // the second half of [2][NP][rows][G] floats
+  s.SC = reinterpret_cast<float2*>(base + L.sc_off);
+  s.Raw = base + L.raw_off;
   s.Xs = base + L.x_off;
   s.XSum = reinterpret_cast<float*>(base + L.xs_off);
   s.Red = reinterpret_cast<float*>(base + L.red_off);
@@ -1526,19 +1572,6 @@ __device__ __forceinline__ MmSmem mm_smem_at(unsigned char* base, const MmLayout
   s.tstride = L.tstride;
   s.G = G;
   return s;
-}
-
-// Scale kinds as the item reads them back (load_scale kinds): raw copies keep theirs.
-template <bool GATEUP>
-__device__ __forceinline__ void mm_skinds(const MlpDesc& md, uint32_t (&skind)[GATEUP ? 2 : 1]) {
-  constexpr int NP = GATEUP ? 2 : 1;
-#pragma unroll
-  for (int p = 0; p < NP; ++p) {
-    const WDesc& wd = GATEUP ? (p == 1 ? md.up : md.gate) : md.down;
-    const bool raw = wd.mode == 0u && (wd.scale_kind == 0u || ((wd.scale_kind == 1u || wd.scale_kind == 2u) &&
-                                                               (wd.groups % 2u) == 0u));
-    skind[p] = raw ? wd.scale_kind : 0u;
-  }
 }
 
 // Issues the item's copies (expert e, rows n0 ..): raw scales/biases as one commit group,
@@ -1555,22 +1588,25 @@ __device__ __forceinline__ uint32_t mm_issue(const MlpDesc& md, uint32_t e, uint
   const uint32_t per_w = (((units + MM_WARPS - 1) / MM_WARPS) + 1u) & ~1u;
   const uint32_t ua = min(units, warp * per_w), ub = min(units, ua + per_w);
   const uint32_t ngroups = (ub - ua + MM_GRP - 1) / MM_GRP;
-  uint32_t skind[NP];
-  mm_skinds<GATEUP>(md, skind);
   const uint32_t vrows = min(uint32_t(ROWS), N - n0);
 #pragma unroll
   for (int p = 0; p < NP; ++p) {
     const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
-    if (skind[p] != wd.scale_kind || (skind[p] == 0u && wd.scale_kind != 0u)) continue;
-    const uint32_t es = wd.scale_kind == 0u ? 4u : 2u;  // bytes per value
+    const uint32_t how = mm_scale_copy(wd);
+    if (how == 0u) continue;
+    const uint32_t es = how == 1u ? 4u : 2u;  // bytes per value
     const uint32_t words = ROWS * wd.groups * es / 4u, vwords = vrows * wd.groups * es / 4u;
     const int64_t base = (int64_t(e) * N + n0) * wd.groups * es;  // bytes
+    // fp32: value c into pair c; 16-bit: word c (two values) into the raw arrays
+    const uint32_t ds0 = how == 1u ? smem_u32(sm.SC + p * ROWS * G) : smem_u32(sm.Raw + p * ROWS * G * 2u);
+    const uint32_t db0 = how == 1u ? ds0 + 4u : smem_u32(sm.Raw + (NP + p) * ROWS * G * 2u);
+    const uint32_t step = how == 1u ? 8u : 4u;
+    const unsigned char* ss = static_cast<const unsigned char*>(wd.scales);
+    const unsigned char* sb = static_cast<const unsigned char*>(wd.biases);
     for (uint32_t c = tid; c < words; c += blockDim.x) {
       const bool ok = c < vwords;
-      const unsigned char* ss = static_cast<const unsigned char*>(wd.scales);
-      const unsigned char* sb = static_cast<const unsigned char*>(wd.biases);
-      cp_async4(smem_u32(reinterpret_cast<unsigned char*>(sm.Ss + p * ROWS * G) + c * 4u), ok ? ss + base + c * 4u : ss, ok ? 4u : 0u);
-      cp_async4(smem_u32(reinterpret_cast<unsigned char*>(sm.Bs + p * ROWS * G) + c * 4u), ok ? sb + base + c * 4u : sb, ok ? 4u : 0u);
+      cp_async4(ds0 + c * step, ok ? ss + base + c * 4u : ss, ok ? 4u : 0u);
+      cp_async4(db0 + c * step, ok ? sb + base + c * 4u : sb, ok ? 4u : 0u);
     }
   }
   asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -1596,9 +1632,9 @@ __device__ __forceinline__ uint32_t mm_issue(const MlpDesc& md, uint32_t e, uint
 #pragma unroll
   for (int p = 0; p < NP; ++p) {
     const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
-    if (skind[p] == wd.scale_kind) continue;
-    copy_scales(sm.Ss + p * ROWS * G, sm.Bs + p * ROWS * G, wd, (int64_t(e) * N + n0) * wd.groups,
-                ROWS * wd.groups, vrows * wd.groups);
+    if (mm_scale_copy(wd) != 0u) continue;
+    copy_scales(sm.SC + p * ROWS * G, wd, (int64_t(e) * N + n0) * wd.groups, ROWS * wd.groups,
+                vrows * wd.groups);
   }
   return ngroups;
 }
@@ -1621,24 +1657,23 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
   const WDesc& w0 = GATEUP ? md.gate : md.down;
   const uint32_t N = w0.N, Kd = w0.K, units = Kd / 32u, G = sm.G;
   unsigned char* Ws = sm.Ws;
-  const float* Ss = sm.Ss;
-  const float* Bs = sm.Bs;
   unsigned char* Xs = sm.Xs;
   float* XSum = sm.XSum;
   const uint32_t tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
   const uint32_t gid = lane >> 2, t4 = lane & 3u;
   const uint32_t per_w = (((units + MM_WARPS - 1) / MM_WARPS) + 1u) & ~1u;
   const uint32_t ua = min(units, warp * per_w), ub = min(units, ua + per_w);
-  uint32_t skind[NP];
-  mm_skinds<GATEUP>(md, skind);
-
-  uint32_t gsu[NP], gst[NP];
-  bool fp4[NP];
+  // Group of unit u: u >> gsh when the group size is a power-of-two number of units (MLX's
+  // 32 / 64 / 128), else u / gsu.
+  uint32_t gsu[NP], gst[NP], gsh[NP];
+  bool fp4[NP], pow2[NP];
 #pragma unroll
   for (int p = 0; p < NP; ++p) {
     fp4[p] = ((GATEUP && p == 1) ? md.up : w0).mode == 1u;
     gsu[p] = ((GATEUP && p == 1) ? md.up : w0).gs_units;
     gst[p] = ((GATEUP && p == 1) ? md.up : w0).groups;
+    gsh[p] = uint32_t(__ffs(int(gsu[p])) - 1);
+    pow2[p] = (gsu[p] & (gsu[p] - 1u)) == 0u;
   }
 
   for (uint32_t c0 = first; c0 < last; c0 += maxt) {
@@ -1675,6 +1710,21 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
     // every thread's visible.
     cp_async_wait_pending(ngroups + extra);
     __syncthreads();
+    if (c0 == first && mm_raw16<GATEUP>(md)) {
+      // Raw 16-bit scales and biases to fp32 {s, b} pairs, once per item: the unit loop reads
+      // one 8-byte word per row and group, with no per-kind branches.
+#pragma unroll
+      for (int p = 0; p < NP; ++p) {
+        const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
+        if (mm_scale_copy(wd) != 2u) continue;
+        const void* rs = sm.Raw + p * ROWS * G * 2u;
+        const void* rb = sm.Raw + (NP + p) * ROWS * G * 2u;
+        for (uint32_t i = tid; i < ROWS * gst[p]; i += blockDim.x)
+          sm.SC[p * ROWS * G + i] = make_float2(load_scale(rs, wd.scale_kind, i),
+                                                load_scale(rb, wd.scale_kind, i));
+      }
+      __syncthreads();
+    }
 
     float acc[NP][MT][4];
 #pragma unroll
@@ -1710,7 +1760,7 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
         const float xs1 = (2u * t4 + 1u < nt) ? XSum[(2u * t4 + 1u) * units + uu] : 0.f;
 #pragma unroll
         for (int p = 0; p < NP; ++p) {
-          const uint32_t g = uu / gsu[p];
+          const uint32_t g = pow2[p] ? uu >> gsh[p] : uu / gsu[p];
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             const uint32_t wa = fr[p][mt][2 * h2], wb = fr[p][mt][2 * h2 + 1];
@@ -1744,15 +1794,12 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
                 mma_bf16(tmp, af[h], b);
               }
             }
-            const uint32_t si = (mt * 16 + gid) * gst[p] + g;
-            const float* sp_ = Ss + p * ROWS * G;
-            const float* bp_ = Bs + p * ROWS * G;
-            const float s0 = load_scale(sp_, skind[p], si), s1 = load_scale(sp_, skind[p], si + 8 * gst[p]);
-            const float b0 = load_scale(bp_, skind[p], si), b1 = load_scale(bp_, skind[p], si + 8 * gst[p]);
-            acc[p][mt][0] += s0 * tmp[0] + b0 * xs0;
-            acc[p][mt][1] += s0 * tmp[1] + b0 * xs1;
-            acc[p][mt][2] += s1 * tmp[2] + b1 * xs0;
-            acc[p][mt][3] += s1 * tmp[3] + b1 * xs1;
+            const float2* sc = sm.SC + p * ROWS * G + (mt * 16 + gid) * gst[p] + g;
+            const float2 sb0 = sc[0], sb1 = sc[8 * gst[p]];
+            acc[p][mt][0] += sb0.x * tmp[0] + sb0.y * xs0;
+            acc[p][mt][1] += sb0.x * tmp[1] + sb0.y * xs1;
+            acc[p][mt][2] += sb1.x * tmp[2] + sb1.y * xs0;
+            acc[p][mt][3] += sb1.x * tmp[3] + sb1.y * xs1;
           }
         }
       }
@@ -1820,7 +1867,7 @@ __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 2 : 4)
   const WDesc& w0 = GATEUP ? md.gate : md.down;
   const uint32_t units = w0.K / 32u;
   const uint32_t G = GATEUP ? max(md.gate.groups, md.up.groups) : w0.groups;
-  const MmLayout L = mm_layout(units, G, maxt, NP, NS, MT, MM_WARPS);
+  const MmLayout L = mm_layout(units, G, maxt, NP, NS, MT, MM_WARPS, mm_raw16<GATEUP>(md));
   const MmSmem sm = mm_smem_at(mm_smem, L, G);
   const uint32_t n0 = blockIdx.y * 16u * MT;
   if (work) {

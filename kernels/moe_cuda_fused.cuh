@@ -55,8 +55,8 @@ struct OneLayout {
 __host__ __device__ inline OneLayout one_layout(const MlpDesc& md, int ns_gu, int mtg, int mtd) {
   OneLayout o;
   const uint32_t Ggu = md.gate.groups > md.up.groups ? md.gate.groups : md.up.groups;
-  o.gu = mm_layout(md.D / 32u, Ggu, 1u, 2, ns_gu, mtg, ONE_WARPS);
-  o.dn = mm_layout(md.F / 32u, md.down.groups, 1u, 1, 2, mtd, MM_WARPS_DN);
+  o.gu = mm_layout(md.D / 32u, Ggu, 1u, 2, ns_gu, mtg, ONE_WARPS, mm_raw16<true>(md));
+  o.dn = mm_layout(md.F / 32u, md.down.groups, 1u, 1, 2, mtd, MM_WARPS_DN, mm_raw16<false>(md));
   const uint32_t red_bytes = o.gu.total - o.gu.red_off;  // may run past the weight rows
   uint32_t t = o.gu.red_off > red_bytes ? o.gu.red_off : red_bytes;  // into dead bytes
   t = t > o.dn.total ? t : o.dn.total;
@@ -68,18 +68,6 @@ __device__ __forceinline__ uint32_t ld_acquire_u32(const uint32_t* p) {
   uint32_t v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
   return v;
-}
-
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
-}
-
-// L2 prefetch of bytes [0, n) at p, 128-byte lines spread over the block's threads.
-__device__ __forceinline__ void prefetch_range(const void* p, uint64_t n) {
-  const uintptr_t a0 = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(127);
-  const uintptr_t a1 = reinterpret_cast<uintptr_t>(p) + n;
-  for (uintptr_t q = a0 + uintptr_t(threadIdx.x) * 128u; q < a1; q += uintptr_t(blockDim.x) * 128u)
-    prefetch_l2(reinterpret_cast<const void*>(q));
 }
 
 template <typename XT, bool SPLIT, int MTG, int MTD>
@@ -150,16 +138,8 @@ __global__ void __launch_bounds__(ONE_WARPS * 32, 2)
   if (a.prefetch && di < n_dn_items) {
     const uint32_t e = s_ids[di / a.n_dn];
     if (e < E) {
-      const WDesc& d = md.down;
-      const uint32_t n0 = (di % a.n_dn) * 16u * MTD, rows = min(16u * MTD, d.N - n0);
-      const int64_t r0 = int64_t(e) * d.N + n0;
-      prefetch_range(d.w + r0 * d.row_words, uint64_t(rows) * d.row_words * 4u);
-      const uint32_t es = d.scale_kind == 0u ? 4u : d.scale_kind == 3u ? 1u : 2u;
-      prefetch_range(static_cast<const unsigned char*>(d.scales) + r0 * d.groups * es,
-                     uint64_t(rows) * d.groups * es);
-      if (d.biases)
-        prefetch_range(static_cast<const unsigned char*>(d.biases) + r0 * d.groups * es,
-                       uint64_t(rows) * d.groups * es);
+      const uint32_t n0 = (di % a.n_dn) * 16u * MTD;
+      prefetch_rows(md.down, e, n0, min(16u * MTD, md.down.N - n0));
     }
   }
 

@@ -422,12 +422,13 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
       };
       // Tensor-core kernel: tokens per chunk (one block per pair when direct), shrunk while
       // the block's shared memory is large (fewer blocks per SM).
-      auto mm_smem = [&](uint32_t units, uint32_t G, int NP, int NS, int MT, int NW, uint32_t& maxt) {
+      auto mm_smem = [&](uint32_t units, uint32_t G, int NP, int NS, int MT, int NW, bool raw16,
+                         uint32_t& maxt) {
         maxt = direct ? 1u : std::min<uint32_t>(MM_MAXT, P);
-        MmLayout l = mm_layout(units, G, maxt, NP, NS, MT, NW);
+        MmLayout l = mm_layout(units, G, maxt, NP, NS, MT, NW, raw16);
         while (maxt > 1 && l.total > 76u * 1024u) {
           maxt = (maxt + 1) / 2;
-          l = mm_layout(units, G, maxt, NP, NS, MT, NW);
+          l = mm_layout(units, G, maxt, NP, NS, MT, NW, raw16);
         }
         return l.total;
       };
@@ -444,12 +445,12 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
       constexpr bool xsplit = !std::is_same_v<XT, __nv_bfloat16>;
       if (gu_mm) {
         sm1 = mm_smem(D / 32, std::max(md.gate.groups, md.up.groups), 2, xsplit ? 2 : 1, 1,
-                      MM_WARPS_GU, mt1);
+                      MM_WARPS_GU, mm_raw16<true>(md), mt1);
       } else {
         sm1 = smem_for(D, DEC_MAXT, mt1);
       }
       if (dn_mm) {
-        sm2 = mm_smem(F / 32, md.down.groups, 1, 2, 2, MM_WARPS_DN, mt2);
+        sm2 = mm_smem(F / 32, md.down.groups, 1, 2, 2, MM_WARPS_DN, mm_raw16<false>(md), mt2);
       } else {
         sm2 = smem_for(F, DEC_MAXT, mt2);
       }
