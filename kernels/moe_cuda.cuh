@@ -934,6 +934,14 @@ struct DecExtra {
   uint32_t ncounters;
   void* y;             // combine output
   uint32_t y_kind;     // 0 f32, 1 f16, 2 bf16
+  // Direct tensor-core decode with the router folded into the gate/up kernel (logits !=
+  // null): every block routes its pair's token with route_row_block (what route_block_kernel
+  // computes, bitwise) and block (p, 0) writes pair p's id and weight for the down kernel.
+  const void* logits;
+  uint32_t logits_kind;  // 0 f32, 1 f16, 2 bf16
+  uint32_t route_norm;
+  uint32_t* route_ids;   // [P]
+  float* route_w;        // [P]
 };
 
 // The block's expert and its range of bucketed positions [first, last); false: no work.
@@ -956,6 +964,37 @@ __device__ __forceinline__ bool dec_setup(const MlpDesc& md, const DecExtra& ex,
   e = active[j];
   first = offsets[e];
   last = offsets[e + 1];
+  return true;
+}
+
+// dec_setup for the direct path with the router folded in (DecExtra::logits): block x is
+// pair x of token x / k. Every thread of the block must call it (route_row_block syncs).
+__device__ __forceinline__ bool dec_route(const MlpDesc& md, const DecExtra& ex, uint32_t& e,
+                                          uint32_t& first, uint32_t& last) {
+  __shared__ float r_p[ROUTE_BLOCK_MAX_E];
+  __shared__ float r_sw[32], r_w[32];
+  __shared__ uint32_t r_id[32], r_state;
+  const uint32_t j = blockIdx.x, k = md.k, E = md.E;
+  const int64_t row = int64_t(j / k) * E;
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    route_row_block(static_cast<const T*>(ex.logits) + row, E, k, ex.route_norm, r_id, r_w, r_p,
+                    r_sw, r_id, &r_state);
+  };
+  switch (ex.logits_kind) {
+    case 0: go(float{}); break;
+    case 1: go(__half{}); break;
+    default: go(__nv_bfloat16{}); break;
+  }
+  const uint32_t id = r_id[j % k];
+  if (blockIdx.y == 0 && threadIdx.x == 0) {
+    ex.route_ids[j] = id;
+    ex.route_w[j] = r_w[j % k];
+  }
+  if (id >= E) return false;
+  e = id;
+  first = j;
+  last = j + 1;
   return true;
 }
 
@@ -1610,20 +1649,33 @@ __device__ __forceinline__ uint32_t mm_issue(const MlpDesc& md, uint32_t e, uint
     }
   }
   asm volatile("cp.async.commit_group;\n" ::: "memory");
-  // This warp's slice of the block's rows (zero-filled past N), in commit groups.
+  // This warp's slice of the block's rows (zero-filled past N), in commit groups: lane copies
+  // unit ua + q * MM_GRP + lane % MM_GRP of rows lane / MM_GRP + j * (32 / MM_GRP). Addresses
+  // are set up once and stepped by a group per commit (rows past N keep the base pointer).
+  constexpr int RSTEP = 32 / MM_GRP, CPL = ROWS / RSTEP;
+  static_assert(ROWS % RSTEP == 0, "rows per block");
+  const uint32_t lu = ua + lane % MM_GRP, lr = lane / MM_GRP;
+  const uint32_t* src[NP][CPL];
+  uint32_t dst[NP][CPL], nb[NP][CPL];
+#pragma unroll
+  for (int p = 0; p < NP; ++p) {
+    const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
+#pragma unroll
+    for (int j = 0; j < CPL; ++j) {
+      const uint32_t r = lr + j * RSTEP, n = n0 + r;
+      nb[p][j] = n < N ? 16u : 0u;
+      src[p][j] = n < N ? wd.w + (int64_t(e) * N + n) * wd.row_words + lu * 4u : wd.w;
+      dst[p][j] = smem_u32(sm.Ws + (p * ROWS + r) * sm.wstride + lu * 16u);
+    }
+  }
   for (uint32_t q = 0; q < ngroups; ++q) {
+    if (lu + q * MM_GRP < ub) {
 #pragma unroll
-    for (int p = 0; p < NP; ++p) {
-      const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
+      for (int p = 0; p < NP; ++p)
 #pragma unroll
-      for (uint32_t c = lane; c < uint32_t(ROWS * MM_GRP); c += 32u) {
-        const uint32_t r = c / MM_GRP, u = ua + q * MM_GRP + c % MM_GRP;
-        if (u >= ub) continue;
-        const uint32_t n = n0 + r;
-        const bool ok = n < N;
-        const uint32_t* src = ok ? wd.w + (int64_t(e) * N + n) * wd.row_words + u * 4u : wd.w;
-        cp_async16(smem_u32(sm.Ws + (p * ROWS + r) * sm.wstride + u * 16u), src, ok ? 16u : 0u);
-      }
+        for (int j = 0; j < CPL; ++j)
+          cp_async16(dst[p][j] + q * (MM_GRP * 16u), src[p][j] + (nb[p][j] ? q * (MM_GRP * 4u) : 0u),
+                     nb[p][j]);
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
   }
@@ -1733,18 +1785,32 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int c = 0; c < 4; ++c) acc[p][mt][c] = 0.f;
+    // Per-thread operand addresses at unit ua, stepped by the unit offset du in the loop.
     const uint32_t lrow = (lane & 7u) + ((lane >> 3) & 1u) * 8u, lunit = lane >> 4;
-    for (uint32_t u = ua; u < ub; u += 2u) {
-      if ((u - ua) % MM_GRP == 0u) {  // this group's copies (and the earlier ones) have landed
-        cp_async_wait_pending(ngroups - 1u - (u - ua) / MM_GRP + extra);
+    uint32_t wq[NP][MT];  // ldmatrix rows
+#pragma unroll
+    for (int p = 0; p < NP; ++p)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        wq[p][mt] = smem_u32(Ws + (p * ROWS + mt * 16 + lrow) * sm.wstride + (ua + lunit) * 16u);
+    const unsigned char* xq = Xs + gid * sm.tstride + ua * 64u + t4 * 16u;  // B operand
+    const uint32_t xlo = maxt * sm.tstride;                                   // its lo half
+    const float* xsq = XSum + (2u * t4) * units + ua;
+    const bool bx = gid < nt, bs0 = 2u * t4 < nt, bs1 = 2u * t4 + 1u < nt;
+    const float2* scq[NP];  // row gid's {s, b} pairs
+#pragma unroll
+    for (int p = 0; p < NP; ++p) scq[p] = sm.SC + p * ROWS * G + gid * gst[p];
+    for (uint32_t du = 0; ua + du < ub; du += 2u) {
+      const uint32_t u = ua + du;
+      if (du % MM_GRP == 0u) {  // this group's copies (and the earlier ones) have landed
+        cp_async_wait_pending(ngroups - 1u - du / MM_GRP + extra);
         __syncwarp();
       }
       uint32_t fr[NP][MT][4];
 #pragma unroll
       for (int p = 0; p < NP; ++p)
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-          ldsm_x4(smem_u32(Ws + (p * ROWS + mt * 16 + lrow) * sm.wstride + (u + lunit) * 16u), fr[p][mt]);
+        for (int mt = 0; mt < MT; ++mt) ldsm_x4(wq[p][mt] + du * 16u, fr[p][mt]);
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) {
         const uint32_t uu = u + h2;
@@ -1753,11 +1819,11 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
 #pragma unroll
         for (int sp = 0; sp < NS; ++sp) {
           uint4 bv = make_uint4(0u, 0u, 0u, 0u);
-          if (gid < nt) bv = *reinterpret_cast<const uint4*>(Xs + (sp * maxt + gid) * sm.tstride + uu * 64u + t4 * 16u);
+          if (bx) bv = *reinterpret_cast<const uint4*>(xq + sp * xlo + (du + h2) * 64u);
           bf[sp][0] = bv.x; bf[sp][1] = bv.y; bf[sp][2] = bv.z; bf[sp][3] = bv.w;
         }
-        const float xs0 = (2u * t4 < nt) ? XSum[(2u * t4) * units + uu] : 0.f;
-        const float xs1 = (2u * t4 + 1u < nt) ? XSum[(2u * t4 + 1u) * units + uu] : 0.f;
+        const float xs0 = bs0 ? xsq[du + h2] : 0.f;
+        const float xs1 = bs1 ? xsq[units + du + h2] : 0.f;
 #pragma unroll
         for (int p = 0; p < NP; ++p) {
           const uint32_t g = pow2[p] ? uu >> gsh[p] : uu / gsu[p];
@@ -1794,8 +1860,8 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
                 mma_bf16(tmp, af[h], b);
               }
             }
-            const float2* sc = sm.SC + p * ROWS * G + (mt * 16 + gid) * gst[p] + g;
-            const float2 sb0 = sc[0], sb1 = sc[8 * gst[p]];
+            const float2* sc = scq[p] + mt * 16u * gst[p] + g;
+            const float2 sb0 = sc[0], sb1 = sc[8u * gst[p]];
             acc[p][mt][0] += sb0.x * tmp[0] + sb0.y * xs0;
             acc[p][mt][1] += sb0.x * tmp[1] + sb0.y * xs1;
             acc[p][mt][2] += sb1.x * tmp[2] + sb1.y * xs0;
@@ -1863,7 +1929,8 @@ __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 2 : 4)
   __shared__ uint32_t s_flag;
   if (GATEUP) dec_zero_counters(ex);
   uint32_t e = 0, first = 0, last = 0;
-  const bool work = dec_setup(md, ex, offsets, active, meta, e, first, last);
+  const bool work = (GATEUP && ex.logits) ? dec_route(md, ex, e, first, last)
+                                          : dec_setup(md, ex, offsets, active, meta, e, first, last);
   const WDesc& w0 = GATEUP ? md.gate : md.down;
   const uint32_t units = w0.K / 32u;
   const uint32_t G = GATEUP ? max(md.gate.groups, md.up.groups) : w0.groups;

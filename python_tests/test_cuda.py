@@ -470,13 +470,14 @@ def test_unevaluated_and_strided_inputs_without_copy_nodes(rng, tmp_path):
 
 
 @pytest.mark.parametrize("T", [1, 4, 16, 200])  # 8 / 32 pairs: direct; 128 / 1600: bucketed
-@pytest.mark.parametrize("ldtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("ldtype", [mx.float32, mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_router_folded_into_moe_mlp(rng, monkeypatch, tmp_path, T, ldtype, normalize):
     """On a CUDA stream, moe_mlp over the two outputs of an unevaluated route() routes inside
-    its own primitive (no route node in the graph). Its result is bitwise that of route()
-    evaluated first and moe_mlp over its outputs (the same kernel routes), with
-    MLX_MOE_CUDA_FUSED_ROUTE=0 too, and agrees with the CPU path."""
+    its own primitive (no route node in the graph; with few pairs inside its gate/up kernel).
+    Its result is bitwise that of route() evaluated first and moe_mlp over its outputs (the
+    same routing function), with MLX_MOE_CUDA_ROUTE_IN_GU=0 (a router kernel inside the
+    primitive) and MLX_MOE_CUDA_FUSED_ROUTE=0 too, and agrees with the CPU path."""
     E, D, F, k = 128, 256, 128, 8
     experts = experts_for(rng, E, D, F, "affine", (4, 4, 4), 64, mx.float16)
     x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(mx.bfloat16)
@@ -497,10 +498,14 @@ def test_router_folded_into_moe_mlp(rng, monkeypatch, tmp_path, T, ldtype, norma
         ids, w = mlx_moe.route(logits, k, normalize=normalize)
         mx.eval(ids, w)  # evaluated: moe_mlp takes them as inputs
         y_sep = mlx_moe.moe_mlp(x, ids, w, experts)
+    monkeypatch.setenv("MLX_MOE_CUDA_ROUTE_IN_GU", "0")
+    y_kernel = layer()
+    mx.eval(y_kernel)
     monkeypatch.setenv("MLX_MOE_CUDA_FUSED_ROUTE", "0")
     y_off = layer()
     mx.eval(y, y_sep, y_off)
     assert np.array_equal(to_np(y), to_np(y_sep))
+    assert np.array_equal(to_np(y_kernel), to_np(y_sep))
     assert np.array_equal(to_np(y_off), to_np(y_sep))
     assert_mlp_gpu_close_to_cpu(x, ids, w, experts, mx.bfloat16)
 

@@ -30,35 +30,6 @@ const mx::array& one_counters(cu::CommandEncoder& enc, int stream_key) {
   return *a;
 }
 
-// Blocks of `kernel` that fit on the device at once with `smem` bytes each.
-template <typename K>
-uint32_t capacity(K kernel, uint32_t smem) {
-  static std::mutex mu;
-  static std::map<std::tuple<const void*, int, uint32_t>, uint32_t> known;
-  int dev = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  std::lock_guard<std::mutex> lock(mu);
-  auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), dev, smem);
-  auto it = known.find(key);
-  if (it != known.end()) return it->second;
-  // Raise the kernel's dynamic shared memory limit if needed, never lower it (launch() keeps
-  // its own record of the limit it set).
-  cudaFuncAttributes fa{};
-  check(cudaFuncGetAttributes(&fa, reinterpret_cast<const void*>(kernel)), "cudaFuncGetAttributes");
-  if (fa.maxDynamicSharedSizeBytes < int(smem)) {
-    check(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-          "cudaFuncSetAttribute");
-  }
-  int occ = 0, sms = 0;
-  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, ONE_WARPS * 32, smem),
-        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-  const uint32_t cap = uint32_t(std::max(occ, 0)) * uint32_t(std::max(sms, 0));
-  known[key] = cap;
-  return cap;
-}
-
 template <typename XT, int MTG, int MTD>
 constexpr auto one_kernel() {
   return mlp_one_kernel<XT, !std::is_same_v<XT, __nv_bfloat16>, MTG, MTD>;
@@ -100,7 +71,7 @@ bool moe_mlp_one_launch(cu::CommandEncoder& enc, int stream_key, const MlpDesc& 
       const OneLayout L = one_layout(md, ns_gu, MTG, MTD);
       if (L.total > 227u * 1024u) return false;
       auto kernel = one_kernel<XT, MTG, MTD>();
-      const uint32_t cap = capacity(kernel, L.total);
+      const uint32_t cap = capacity(kernel, ONE_WARPS * 32, L.total);
       const uint32_t n_gu = (md.F + 16u * MTG - 1u) / (16u * MTG);
       const uint32_t n_dn = (md.D + 16u * MTD - 1u) / (16u * MTD);
       if (cap == 0 || md.P + n_dn + 3u > ONE_CTR_WORDS) return false;

@@ -402,7 +402,16 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
             pairs = scratch(enc, direct ? 1 : P);
   mx::array active = scratch(enc, direct ? 1 : E),
             tiles = scratch(enc, grouped ? size_t(2) * max_tiles : 1), meta = scratch(enc, 4);
-  if (fused_route) encode_route(enc, logits, T, E, k, uint32_t(p.route_normalize()), ids, rw);
+  // Direct tensor-core decode with the router folded in: the gate/up kernel may route (one
+  // launch less per layer; decided below; MLX_MOE_CUDA_ROUTE_IN_GU=0: never).
+  const bool route_in_gu_ok =
+      fused_route && direct && mma_on && affine4(md.gate) && affine4(md.up) &&
+      E <= ROUTE_BLOCK_MAX_E && E <= uint32_t(MM_WARPS_GU * 32) && k <= 32u &&
+      (logits.dtype() == mx::float32 || logits.dtype() == mx::float16 ||
+       logits.dtype() == mx::bfloat16) &&
+      env_u32("MLX_MOE_CUDA_ROUTE_IN_GU", 1u) != 0u;
+  if (fused_route && !route_in_gu_ok)
+    encode_route(enc, logits, T, E, k, uint32_t(p.route_normalize()), ids, rw);
   if (!direct)
     encode_bucket(enc, ids, P, E, btile, counts, offsets, pairs, nullptr, &active,
                   grouped ? &tiles : nullptr, &meta);
@@ -465,7 +474,22 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
       const dim3 grid_gu(gx, (F + rows_gu - 1) / rows_gu), grid_d(gx, gy_d);
       auto gu_kernel = gu_mm ? mlp_mma_dec_kernel<true, XT, xsplit, 1, MM_WARPS_GU>
                              : mlp_decode_kernel<true, XT>;
-      launch(enc, {&x, &ids, &pairs, &offsets, &active, &meta}, {&H, &counters}, gu_kernel,
+      // Routing in the gate/up kernel costs each block ~3 us before its weight loads can
+      // start: only while the whole grid is resident at once (one wave; measured 1.3 us/layer
+      // faster at 8 pairs, equal at 16, slower at 32, where every wave pays it).
+      const bool route_in_gu =
+          route_in_gu_ok && uint64_t(grid_gu.x) * grid_gu.y <= capacity(gu_kernel, MM_WARPS_GU * 32, sm1);
+      if (route_in_gu_ok && !route_in_gu)
+        encode_route(enc, logits, T, E, k, uint32_t(p.route_normalize()), ids, rw);
+      if (route_in_gu) {
+        ex.logits = ptr<void>(logits);
+        ex.logits_kind = logits.dtype() == mx::float32 ? 0u : logits.dtype() == mx::float16 ? 1u : 2u;
+        ex.route_norm = uint32_t(p.route_normalize());
+        ex.route_ids = ptr<uint32_t>(ids);
+        ex.route_w = ptr<float>(rw);
+      }
+      launch(enc, {&x, route_in_gu ? &logits : &ids, &pairs, &offsets, &active, &meta},
+             {&H, &counters, route_in_gu ? &ids : nullptr, route_in_gu ? &rw : nullptr}, gu_kernel,
              grid_gu, dim3(gu_mm ? MM_WARPS_GU * 32 : DEC_WARPS * 32), sm1, md, xp,
              static_cast<const float*>(nullptr), ptr<uint32_t>(pairs), ptr<uint32_t>(offsets),
              ptr<uint32_t>(active), ptr<uint32_t>(meta), ptr<float>(rw), mt1, ptr<float>(H), ex);

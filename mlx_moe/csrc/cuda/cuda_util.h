@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -96,6 +97,35 @@ void dispatch_float(mx::Dtype d, F&& f) {
     case mx::bfloat16: f(__nv_bfloat16{}); break;
     default: throw std::invalid_argument("mlx_moe CUDA: unsupported float dtype");
   }
+}
+
+// Blocks of `kernel` (`threads` each) that fit on the device at once with `smem` bytes each.
+template <typename K>
+uint32_t capacity(K kernel, int threads, uint32_t smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int, uint32_t>, uint32_t> known;
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(mu);
+  auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), dev, threads, smem);
+  auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  // Raise the kernel's dynamic shared memory limit if needed, never lower it (launch() keeps
+  // its own record of the limit it set).
+  cudaFuncAttributes fa{};
+  check(cudaFuncGetAttributes(&fa, reinterpret_cast<const void*>(kernel)), "cudaFuncGetAttributes");
+  if (fa.maxDynamicSharedSizeBytes < int(smem)) {
+    check(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+          "cudaFuncSetAttribute");
+  }
+  int occ = 0, sms = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, threads, smem),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  const uint32_t cap = uint32_t(std::max(occ, 0)) * uint32_t(std::max(sms, 0));
+  known[key] = cap;
+  return cap;
 }
 
 inline uint32_t env_u32(const char* name, uint32_t dflt) {
