@@ -967,35 +967,39 @@ __device__ __forceinline__ bool dec_setup(const MlpDesc& md, const DecExtra& ex,
   return true;
 }
 
-// dec_setup for the direct path with the router folded in (DecExtra::logits): block x is
-// pair x of token x / k. Every thread of the block must call it (route_row_block syncs).
-__device__ __forceinline__ bool dec_route(const MlpDesc& md, const DecExtra& ex, uint32_t& e,
-                                          uint32_t& first, uint32_t& last) {
-  __shared__ float r_p[ROUTE_BLOCK_MAX_E];
-  __shared__ float r_sw[32], r_w[32];
-  __shared__ uint32_t r_id[32], r_state;
-  const uint32_t j = blockIdx.x, k = md.k, E = md.E;
+// The direct path's dec_setup with the router folded in (DecExtra::logits): block x is pair
+// x of token x / k; returns its expert (>= E: none). The row is first converted to fp32 in
+// shared memory (exact), so that one routing copy serves every logits dtype with the same
+// bits as route_block_kernel; not inlined, to keep the kernel's hot code compact. Scratch:
+// DEC_ROUTE_SCRATCH bytes of the block's dynamic shared memory, free again on return (no
+// static shared memory: it would cost some shapes a block per SM). Every thread of the
+// block must call it (it syncs).
+constexpr uint32_t DEC_ROUTE_SCRATCH = (2u * ROUTE_BLOCK_MAX_E + 3u * 32u + 1u) * 4u;
+static __device__ __noinline__ uint32_t dec_route(const void* logits, uint32_t kind, uint32_t E,
+                                                  uint32_t k, uint32_t norm, uint32_t* ids_out,
+                                                  float* w_out, float* scratch) {
+  float* r_l = scratch;
+  float* r_p = r_l + ROUTE_BLOCK_MAX_E;
+  float* r_sw = r_p + ROUTE_BLOCK_MAX_E;
+  float* r_w = r_sw + 32;
+  uint32_t* r_id = reinterpret_cast<uint32_t*>(r_w + 32);
+  uint32_t* r_state = r_id + 32;
+  const uint32_t j = blockIdx.x;
   const int64_t row = int64_t(j / k) * E;
-  auto go = [&](auto tag) {
-    using T = decltype(tag);
-    route_row_block(static_cast<const T*>(ex.logits) + row, E, k, ex.route_norm, r_id, r_w, r_p,
-                    r_sw, r_id, &r_state);
-  };
-  switch (ex.logits_kind) {
-    case 0: go(float{}); break;
-    case 1: go(__half{}); break;
-    default: go(__nv_bfloat16{}); break;
+  for (uint32_t i = threadIdx.x; i < E; i += blockDim.x) {
+    r_l[i] = kind == 0u   ? static_cast<const float*>(logits)[row + i]
+             : kind == 1u ? __half2float(static_cast<const __half*>(logits)[row + i])
+                          : __bfloat162float(static_cast<const __nv_bfloat16*>(logits)[row + i]);
   }
+  __syncthreads();
+  route_row_block(static_cast<const float*>(r_l), E, k, norm, r_id, r_w, r_p, r_sw, r_id, r_state);
   const uint32_t id = r_id[j % k];
   if (blockIdx.y == 0 && threadIdx.x == 0) {
-    ex.route_ids[j] = id;
-    ex.route_w[j] = r_w[j % k];
+    ids_out[j] = id;
+    w_out[j] = r_w[j % k];
   }
-  if (id >= E) return false;
-  e = id;
-  first = j;
-  last = j + 1;
-  return true;
+  __syncthreads();  // every thread has read the scratch before the caller reuses it
+  return id;
 }
 
 __device__ __forceinline__ uint32_t dec_pair(const DecExtra& ex, const uint32_t* __restrict__ pairs,
@@ -1929,8 +1933,19 @@ __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 2 : 4)
   __shared__ uint32_t s_flag;
   if (GATEUP) dec_zero_counters(ex);
   uint32_t e = 0, first = 0, last = 0;
-  const bool work = (GATEUP && ex.logits) ? dec_route(md, ex, e, first, last)
-                                          : dec_setup(md, ex, offsets, active, meta, e, first, last);
+  bool work;
+  if (GATEUP && ex.logits) {
+    // the scratch is the start of the item's shared memory (the layout's split-K area
+    // alone is larger), free until mm_issue copies into it
+    static_assert(!GATEUP || DEC_ROUTE_SCRATCH <= 2u * 4u * 32u * 4u * MM_WARPS, "route scratch");
+    e = dec_route(ex.logits, ex.logits_kind, md.E, md.k, ex.route_norm, ex.route_ids, ex.route_w,
+                  reinterpret_cast<float*>(mm_smem));
+    work = e < md.E;
+    first = blockIdx.x;
+    last = first + 1;
+  } else {
+    work = dec_setup(md, ex, offsets, active, meta, e, first, last);
+  }
   const WDesc& w0 = GATEUP ? md.gate : md.down;
   const uint32_t units = w0.K / 32u;
   const uint32_t G = GATEUP ? max(md.gate.groups, md.up.groups) : w0.groups;
