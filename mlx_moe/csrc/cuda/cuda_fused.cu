@@ -45,13 +45,8 @@ bool moe_mlp_one_launch(cu::CommandEncoder& enc, int stream_key, const MlpDesc& 
   const uint32_t max_pairs = std::min(env_u32("MLX_MOE_CUDA_ONE_MAX_PAIRS", 0u), ONE_MAX_PAIRS);
   if (md.P == 0 || md.P > max_pairs) return false;
   if (md.D % 32u != 0u || md.F % 32u != 0u) return false;
-  uint32_t logits_kind = 0;
-  if (logits) {
-    if (logits->dtype() == mx::float32) logits_kind = 0;
-    else if (logits->dtype() == mx::float16) logits_kind = 1;
-    else if (logits->dtype() == mx::bfloat16) logits_kind = 2;
-    else return false;  // float64 logits: the route kernel
-  }
+  const int logits_kind = logits ? float_kind(logits->dtype()) : 0;
+  if (logits_kind < 0) return false;  // float64 logits: the route kernel
   const int ns_gu = x.dtype() == mx::bfloat16 ? 1 : 2;
   bool ok = false;
   dispatch_float(x.dtype(), [&](auto tag) {
@@ -83,7 +78,7 @@ bool moe_mlp_one_launch(cu::CommandEncoder& enc, int stream_key, const MlpDesc& 
       mx::array Yp = scratch(enc, size_t(md.P) * md.D);
       OneArgs a{};
       a.logits = logits ? ptr<void>(*logits) : nullptr;
-      a.logits_kind = logits_kind;
+      a.logits_kind = uint32_t(logits_kind);
       a.normalize = normalize;
       a.ids = ids ? ptr<void>(*ids) : nullptr;
       a.id_kind = id_kind;
@@ -92,7 +87,7 @@ bool moe_mlp_one_launch(cu::CommandEncoder& enc, int stream_key, const MlpDesc& 
       a.H = ptr<float>(H);
       a.Yp = ptr<float>(Yp);
       a.y = ptr<void>(out);
-      a.y_kind = std::is_same_v<XT, float> ? 0u : std::is_same_v<XT, __half> ? 1u : 2u;
+      a.y_kind = uint32_t(float_kind(x.dtype()));
       a.n_gu = n_gu;
       a.n_dn = n_dn;
       a.prefetch = prefetch;

@@ -407,9 +407,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   const bool route_in_gu_ok =
       fused_route && direct && mma_on && affine4(md.gate) && affine4(md.up) &&
       E <= ROUTE_BLOCK_MAX_E && E <= uint32_t(MM_WARPS_GU * 32) && k <= 32u &&
-      (logits.dtype() == mx::float32 || logits.dtype() == mx::float16 ||
-       logits.dtype() == mx::bfloat16) &&
-      env_u32("MLX_MOE_CUDA_ROUTE_IN_GU", 1u) != 0u;
+      float_kind(logits.dtype()) >= 0 && env_u32("MLX_MOE_CUDA_ROUTE_IN_GU", 1u) != 0u;
   if (fused_route && !route_in_gu_ok)
     encode_route(enc, logits, T, E, k, uint32_t(p.route_normalize()), ids, rw);
   if (!direct)
@@ -470,7 +468,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
       ex.counters = fused_combine ? ptr<uint32_t>(counters) : nullptr;
       ex.ncounters = gy_d;
       ex.y = ptr<void>(out);
-      ex.y_kind = std::is_same_v<XT, float> ? 0u : std::is_same_v<XT, __half> ? 1u : 2u;
+      ex.y_kind = uint32_t(float_kind(x.dtype()));
       const dim3 grid_gu(gx, (F + rows_gu - 1) / rows_gu), grid_d(gx, gy_d);
       auto gu_kernel = gu_mm ? mlp_mma_dec_kernel<true, XT, xsplit, 1, MM_WARPS_GU>
                              : mlp_decode_kernel<true, XT>;
@@ -483,7 +481,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
         encode_route(enc, logits, T, E, k, uint32_t(p.route_normalize()), ids, rw);
       if (route_in_gu) {
         ex.logits = ptr<void>(logits);
-        ex.logits_kind = logits.dtype() == mx::float32 ? 0u : logits.dtype() == mx::float16 ? 1u : 2u;
+        ex.logits_kind = uint32_t(float_kind(logits.dtype()));
         ex.route_norm = uint32_t(p.route_normalize());
         ex.route_ids = ptr<uint32_t>(ids);
         ex.route_w = ptr<float>(rw);

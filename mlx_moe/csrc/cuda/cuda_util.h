@@ -128,6 +128,12 @@ uint32_t capacity(K kernel, int threads, uint32_t smem) {
   return cap;
 }
 
+// The kernels' code of a float dtype (store_out's y_kind, the in-kernel routers'
+// logits_kind): 0 f32, 1 f16, 2 bf16; -1 for any other dtype.
+inline int float_kind(mx::Dtype d) {
+  return d == mx::float32 ? 0 : d == mx::float16 ? 1 : d == mx::bfloat16 ? 2 : -1;
+}
+
 inline uint32_t env_u32(const char* name, uint32_t dflt) {
   const char* v = std::getenv(name);
   return v && *v ? uint32_t(std::atoi(v)) : dflt;
