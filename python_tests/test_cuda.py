@@ -404,9 +404,27 @@ def _gg_check(rng, T, E, D, F, k, fmt, bits, gs, dtype, sdt=None, bad_ids=False)
     return err, bound
 
 
+# Every grouped case runs twice: with the sm_90a kernels (mlp_wg_kernel, wgmma; taken for
+# affine 4-bit and mxfp4 projections on compute capability 9.0) and with MLX_MOE_CUDA_WGMMA=0
+# (mlp_gg_kernel, mma.sync). Both dequantize to the same values and accumulate in fp32, so
+# the same bound holds for both (their fp32 sums differ in order only).
+@pytest.fixture(params=["wgmma", "mma"])
+def gg_kernel(request, monkeypatch):
+    monkeypatch.setenv("MLX_MOE_CUDA_WGMMA", "1" if request.param == "wgmma" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("fmt,bits,gs", [("affine", (4, 4, 4), 64), ("mxfp4", (4, 4, 4), 32)])
-def test_moe_mlp_grouped_qwen3_4096(rng, fmt, bits, gs):
+def test_moe_mlp_grouped_qwen3_4096(rng, gg_kernel, fmt, bits, gs):
     _gg_check(rng, 4096, 128, 2048, 768, 8, fmt, bits, gs, mx.bfloat16)
+
+
+@pytest.mark.parametrize("D,sdt", [(2048, mx.bfloat16), (2560, mx.bfloat16), (2048, mx.float32)])
+def test_moe_mlp_grouped_large_scale_blocks(rng, gg_kernel, D, sdt):
+    """Group 32, where the gate/up block's scales and biases take the most shared memory:
+    D = 2048 with bf16 scales puts the sm_90a kernel exactly at the 227 KB limit (4 raw
+    stages), D = 2560 leaves it 3 stages, and fp32 scales do not fit it (mma.sync kernel)."""
+    _gg_check(rng, 600, 16, D, 256, 4, "affine", (4, 4, 4), 32, mx.bfloat16, sdt)
 
 
 @pytest.mark.parametrize(
@@ -425,14 +443,14 @@ def test_moe_mlp_grouped_qwen3_4096(rng, fmt, bits, gs):
     ],
 )
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-def test_moe_mlp_grouped_odd_shapes(rng, T, E, D, F, k, fmt, bits, gs, sdt, dtype):
+def test_moe_mlp_grouped_odd_shapes(rng, gg_kernel, T, E, D, F, k, fmt, bits, gs, sdt, dtype):
     if sdt == "other":
         sdt = mx.float16 if dtype == mx.bfloat16 else mx.bfloat16
     _gg_check(rng, T, E, D, F, k, fmt, bits, gs, dtype, sdt)
 
 
 @pytest.mark.parametrize("fmt", ["affine", "mxfp4"])
-def test_moe_mlp_grouped_bad_ids_and_repeat(rng, fmt):
+def test_moe_mlp_grouped_bad_ids_and_repeat(rng, gg_kernel, fmt):
     _gg_check(rng, 700, 16, 160, 96, 4, fmt, (4, 4, 4), 32, mx.bfloat16, bad_ids=True)
 
 

@@ -17,6 +17,7 @@
 #include "mlx/backend/cuda/device.h"
 #include "mlx/backend/cuda/utils.h"
 #include "cuda_util.h"
+#include "gg_wgmma.h"
 #include "moe_cuda.cuh"
 #include "moe_mlp.h"
 #include "route.h"
@@ -269,6 +270,47 @@ auto gg_kernel(int fmt, int sk) {
   }
 }
 
+// Whether the sm_90a grouped kernels (gg_wgmma.h) are built and the current device runs them
+// (compute capability 9.0; MLX_MOE_CUDA_WGMMA=0: off).
+bool wg_available() {
+#if defined(MLX_MOE_SM90A)
+  if (env_u32("MLX_MOE_CUDA_WGMMA", 1u) == 0u) return false;
+  static std::mutex mu;
+  static std::map<int, bool> known;
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find(dev);
+  if (it != known.end()) return it->second;
+  int major = 0, minor = 0;
+  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+  check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
+  return known[dev] = major == 9 && minor == 0;
+#else
+  return false;
+#endif
+}
+
+// The grouped kernel of one projection: mlp_wg_kernel (4 raw stages, else 3, as shared memory
+// allows) where wg_available() and the format is affine 4-bit or mxfp4, else mlp_gg_kernel.
+// smem: its dynamic shared memory.
+template <bool GATEUP, typename XT>
+GgKernel<XT> gg_pick(bool wg, int fmt, int sk, const WDesc& a, const WDesc& b, uint32_t& smem) {
+#if defined(MLX_MOE_SM90A)
+  if (wg && (fmt == GG_A4 || fmt == GG_FP4)) {
+    for (int stages : {4, 3}) {
+      const uint32_t bytes = wg_smem(fmt, stages, a, b);
+      if (bytes <= 227u * 1024u) {
+        smem = bytes;
+        return wg_kernel<XT>(GATEUP, fmt, sk, stages);
+      }
+    }
+  }
+#endif
+  smem = gg_smem_bytes(fmt, a, b);
+  return gg_kernel<GATEUP, XT>(fmt, sk);
+}
+
 // cuda_fused.cu: false when the one-launch kernel does not apply.
 bool moe_mlp_one_launch(cu::CommandEncoder& enc, int stream_key, const MlpDesc& md,
                         const mx::array& x, const mx::array* logits, uint32_t normalize,
@@ -512,13 +554,17 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
       if constexpr (!std::is_same_v<XT, float>) {
         XT* Hx = reinterpret_cast<XT*>(ptr<uint32_t>(H));
         XT* Ypx = reinterpret_cast<XT*>(ptr<uint32_t>(Yp));
-        launch(enc, {&x, &pairs, &offsets, &tiles, &meta}, {&H}, gg_kernel<true, XT>(gg_fgu, gg_sk_gu),
-               dim3((F + GG_TN - 1) / GG_TN, max_tiles), dim3(GG_THREADS), gg_sm_gu, md, xp,
+        const bool wg = wg_available();
+        uint32_t sm_gu = 0, sm_dn = 0;
+        const auto k_gu = gg_pick<true, XT>(wg, gg_fgu, gg_sk_gu, md.gate, md.up, sm_gu);
+        const auto k_dn = gg_pick<false, XT>(wg, gg_fdn, gg_sk_dn, md.down, md.down, sm_dn);
+        launch(enc, {&x, &pairs, &offsets, &tiles, &meta}, {&H}, k_gu,
+               dim3((F + GG_TN - 1) / GG_TN, max_tiles), dim3(GG_THREADS), sm_gu, md, xp,
                ptr<uint32_t>(pairs), ptr<uint32_t>(offsets), ptr<uint32_t>(tiles),
                ptr<uint32_t>(meta), ptr<float>(rw), Hx, uint32_t(gg_sc_gu == 2));
         launch(enc, {&H, &pairs, &offsets, &tiles, &meta, &rw}, {&Yp},
-               gg_kernel<false, XT>(gg_fdn, gg_sk_dn), dim3((D + 2 * GG_TN - 1) / (2 * GG_TN), max_tiles),
-               dim3(GG_THREADS), gg_sm_dn, md, static_cast<const XT*>(Hx), ptr<uint32_t>(pairs),
+               k_dn, dim3((D + 2 * GG_TN - 1) / (2 * GG_TN), max_tiles),
+               dim3(GG_THREADS), sm_dn, md, static_cast<const XT*>(Hx), ptr<uint32_t>(pairs),
                ptr<uint32_t>(offsets), ptr<uint32_t>(tiles), ptr<uint32_t>(meta), ptr<float>(rw),
                Ypx, uint32_t(gg_sc_dn == 2));
         const uint64_t n8 = uint64_t(T) * (D / 8);

@@ -1,0 +1,363 @@
+// Grouped expert MLP on sm_90a (H100 / H200): the tile of mlp_gg_kernel (moe_cuda_grouped.cuh:
+// 128 bucketed pairs x 256 weight rows, K steps of 64, the same arguments and outputs), with
+// the products on the asynchronous warpgroup tensor-core instruction (wgmma) instead of
+// mma.sync. Compiled only in mlx_moe/csrc/cuda/sm90a/gg_wgmma.cu (-arch sm_90a); the host
+// takes it on devices of compute capability 9.0 (cuda_ops.cu, MLX_MOE_CUDA_WGMMA=0: off).
+//
+// Per K step (one block, 2 warpgroups = 256 threads):
+//   - the gathered activation rows (128 x 64 XT) and the packed weight rows (256 x 32 bytes)
+//     arrive by cp.async in a WG_STAGES-deep ring, as in mlp_gg_kernel; the activations
+//     land in the 128-byte-swizzled K-major layout wgmma reads (16-byte chunk c of row r at
+//     chunk c ^ (r & 7); 8-row atoms of 1024 bytes);
+//   - each thread dequantizes one weight row of the *next* step (s * q + b rounded once to XT,
+//     the same values as mlp_gg_kernel) into one of two XT tiles of 256 x 64 in that layout,
+//     while the tensor cores run this step's four m64n256k16 wgmma per warpgroup (warpgroup w
+//     takes activation rows 64w .. 64w+63 and all 256 weight rows);
+//   - fence.proxy.async + one barrier hand the new tile to the next step's wgmma.
+// So every weight is dequantized once per block (mlp_gg_kernel's 2 x 4 warps dequantized
+// each twice, in registers, between their mma.sync) and the dequantization overlaps the
+// products. Scales / biases of the block's rows for all of K are copied once (4-byte
+// cp.async) into rows padded to an odd number of words (each thread reads its own row's
+// group: conflict-free).
+#pragma once
+
+#include "moe_cuda.cuh"
+
+namespace mlx_moe::cuda {
+
+constexpr uint32_t WG_BTILE = 256u * 128u;  // one dequantized weight tile: 256 rows x 64 XT
+
+// Words per padded scale row of d (odd: the 32 threads of a warp read 32 rows' words in
+// distinct banks).
+__host__ __device__ inline uint32_t wg_sc_words(const WDesc& d) {
+  return ((d.groups * gg_scale_elem(d.scale_kind) + 3u) / 4u) | 1u;
+}
+__host__ __device__ inline uint32_t wg_panel_bytes(const WDesc& d) {
+  return (d.mode == 1u ? 1u : 2u) * uint32_t(GG_TN) * wg_sc_words(d) * 4u;
+}
+// Dynamic shared memory of the wgmma kernel with S raw stages (1024: alignment of the base).
+__host__ __device__ inline uint32_t wg_smem_bytes(int fmt, int S, const WDesc& p0, const WDesc& p1) {
+  return 1024u + 2u * WG_BTILE + uint32_t(S) * gg_stage_bytes(fmt) + wg_panel_bytes(p0) +
+         wg_panel_bytes(p1);
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row atoms 1024 bytes apart.
+__device__ __forceinline__ uint64_t wg_desc(uint32_t saddr) {
+  return uint64_t((saddr & 0x3FFFFu) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024u >> 4) << 32) |
+         (uint64_t(1) << 62);
+}
+
+#define WG_ACC_REGS \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}"
+#define WG_ACC_OPERANDS(d) \
+      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
+      "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
+      "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
+      "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
+      "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), \
+      "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), \
+      "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
+      "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
+      "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+
+// d[64 x 256] += A[64 x 16] . B[256 x 16]^T, both K-major in shared memory.
+template <typename XT>
+__device__ __forceinline__ void wg_mma(float (&d)[128], uint64_t da, uint64_t db) {
+  if constexpr (std::is_same_v<XT, __half>) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 " WG_ACC_REGS
+                 ", %128, %129, p, 1, 1, 0, 0;\n}\n"
+                 : WG_ACC_OPERANDS(d)
+                 : "l"(da), "l"(db));
+  } else {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " WG_ACC_REGS
+                 ", %128, %129, p, 1, 1, 0, 0;\n}\n"
+                 : WG_ACC_OPERANDS(d)
+                 : "l"(da), "l"(db));
+  }
+}
+
+// Keeps the compiler from moving accumulator accesses across the asynchronous products.
+__device__ __forceinline__ void wg_fence_acc(float (&d)[128]) {
+  asm volatile("" : WG_ACC_OPERANDS(d)::"memory");
+}
+#undef WG_ACC_REGS
+#undef WG_ACC_OPERANDS
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Scale / bias pair (broadcast XT halves) of padded row r, group g (see gg_scale).
+template <typename XT, int FMT, int SK>
+__device__ __forceinline__ void wg_scale(uint32_t ss, uint32_t sb, uint32_t r, uint32_t g,
+                                         uint32_t& s2, uint32_t& b2) {
+  if constexpr (FMT == GG_FP4) {
+    uint32_t v;
+    asm volatile("ld.shared.u8 %0, [%1];\n" : "=r"(v) : "r"(ss + r + g));
+    const float f = moe_e8m0_scale(v) * 0.5f;
+    s2 = gg_pack<XT>(f, f);
+    b2 = 0u;
+  } else if constexpr (SK == 1) {
+    float a, b;
+    asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(a) : "r"(ss + r + 4u * g));
+    asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(b) : "r"(sb + r + 4u * g));
+    s2 = gg_pack<XT>(a, a);
+    b2 = gg_pack<XT>(b, b);
+  } else {
+    uint32_t a, b;
+    asm volatile("ld.shared.u16 %0, [%1];\n" : "=r"(a) : "r"(ss + r + 2u * g));
+    asm volatile("ld.shared.u16 %0, [%1];\n" : "=r"(b) : "r"(sb + r + 2u * g));
+    s2 = __byte_perm(a, 0u, 0x1010u);
+    b2 = __byte_perm(b, 0u, 0x1010u);
+  }
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+// One projection of the grouped MLP (see the top of this file and mlp_gg_kernel: the same
+// arguments, grid and outputs). S: raw stages in the cp.async ring (3 or 4, by shared memory).
+template <bool GATEUP, typename XT, int FMT, int SK, int S>
+__global__ void __launch_bounds__(GG_THREADS, 1)
+    mlp_wg_kernel(MlpDesc md, const XT* __restrict__ A, const uint32_t* __restrict__ pairs,
+                  const uint32_t* __restrict__ offsets, const uint32_t* __restrict__ tiles,
+                  const uint32_t* __restrict__ meta, const float* __restrict__ rw,
+                  XT* __restrict__ out, uint32_t) {
+  static_assert(FMT == GG_A4 || FMT == GG_FP4, "wgmma grouped kernel: 4-bit formats");
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (other targets: an empty body, never launched)
+  extern __shared__ __align__(1024) unsigned char wg_shared[];
+  const uint32_t tile = blockIdx.y;
+  if (tile >= meta[1]) return;  // grid sized for the worst case; the rest exit at once
+  const uint32_t e = tiles[2 * tile], row0 = tiles[2 * tile + 1];
+  const uint32_t rows = min(uint32_t(GG_TM), offsets[e + 1] - row0);
+  const WDesc& wd0 = GATEUP ? md.gate : md.down;
+  const WDesc& wd1 = GATEUP ? md.up : md.down;
+  const uint32_t N = wd0.N, K = wd0.K;
+  // First weight row of panel p (gate/up: gate and up rows of the same 128 columns; down:
+  // 256 consecutive rows).
+  const uint32_t nb = blockIdx.x * (GATEUP ? GG_TN : 2 * GG_TN);
+  const uint32_t n0[2] = {nb, GATEUP ? nb : nb + uint32_t(GG_TN)};
+  const uint32_t tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
+  constexpr uint32_t STAGE = gg_stage_bytes(FMT), ABYTES = uint32_t(GG_TM) * GG_BK * 2u;
+  const uint32_t smem0 = (smem_u32(wg_shared) + 1023u) & ~1023u;
+  const uint32_t bt0 = smem0, ring = smem0 + 2u * WG_BTILE;
+  // padded raw scales / biases: [panel][128 rows][sw[p] words]
+  uint32_t scp[2], bip[2], sw[2];
+  {
+    uint32_t off = ring + uint32_t(S) * STAGE;
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const WDesc& wd = p ? wd1 : wd0;
+      sw[p] = wg_sc_words(wd);
+      scp[p] = off;
+      off += GG_TN * sw[p] * 4u;
+      bip[p] = off;
+      if (wd.mode != 1u) off += GG_TN * sw[p] * 4u;
+    }
+  }
+
+  // A loader: thread -> 16-byte chunk c = tid & 7 (8 k) of rows (tid >> 3) + 32 j.
+  const XT* arow[4];
+  bool aok[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t r = (tid >> 3) + 32u * j;
+    aok[j] = r < rows;
+    const uint32_t i = row0 + (aok[j] ? r : 0u);
+    arow[j] = A + int64_t(GATEUP ? pairs[i] / md.k : i) * K;
+  }
+  // Weight loader / dequantizer: thread -> weight row R = tid (panel R >> 7).
+  const uint32_t R = tid, rp = R >> 7, rr = R & 127u;
+  const WDesc& wdr = rp ? wd1 : wd0;
+  const uint32_t nrow = (rp ? n0[1] : n0[0]) + rr;
+  const bool rok = nrow < N;
+  const uint32_t* wrow = wdr.w + (int64_t(e) * N + (rok ? nrow : 0u)) * wdr.row_words;
+  const uint32_t rsc = rr * (rp ? sw[1] : sw[0]) * 4u;  // byte offset of the row's scales
+  const uint32_t ssr = rp ? scp[1] : scp[0], sbr = rp ? bip[1] : bip[0];
+  const uint32_t gsu = wdr.gs_units, G = wdr.groups;
+  const uint32_t KT = (K + GG_BK - 1) / GG_BK;
+
+  auto load_stage = [&](uint32_t kt, uint32_t slot) {
+    const uint32_t k0 = kt * GG_BK;
+    const uint32_t sa = ring + slot * STAGE, sbw = sa + ABYTES;
+    const uint32_t c = tid & 7u;
+    const bool kok = k0 + 8u * c < K;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t r = (tid >> 3) + 32u * j;
+      const bool ok = aok[j] && kok;
+      cp_async16(sa + r * 128u + ((c ^ (r & 7u)) << 4), ok ? arow[j] + k0 + 8u * c : A,
+                 ok ? 16u : 0u);
+    }
+    // raw weight row R: 32 bytes (64 4-bit codes), chunks swapped on bit 2 of R
+#pragma unroll
+    for (uint32_t ch = 0; ch < 2; ++ch) {
+      const bool ok = rok && k0 + 32u * ch < K;
+      cp_async16(sbw + R * 32u + ((ch ^ ((R >> 2) & 1u)) << 4),
+                 ok ? wrow + (k0 >> 3) + 4u * ch : wdr.w, ok ? 16u : 0u);
+    }
+  };
+  auto load_scales = [&]() {
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const WDesc& wd = p ? wd1 : wd0;
+      const uint32_t per_row = wd.groups * gg_scale_elem(wd.scale_kind) / 4u;  // words
+      const uint32_t vrows = n0[p] < N ? min(uint32_t(GG_TN), N - n0[p]) : 0u;
+      const int64_t base = (int64_t(e) * N + n0[p]) * per_row;
+      for (int a = 0; a < (FMT == GG_FP4 ? 1 : 2); ++a) {
+        const uint32_t* src = static_cast<const uint32_t*>(a ? wd.biases : wd.scales);
+        const uint32_t dst = a ? bip[p] : scp[p];
+        for (uint32_t q = tid; q < GG_TN * per_row; q += GG_THREADS) {
+          const uint32_t r = q / per_row, c = q - r * per_row;
+          const bool ok = r < vrows;
+          cp_async4(dst + (r * sw[p] + c) * 4u, ok ? src + base + q : src, ok ? 4u : 0u);
+        }
+      }
+    }
+  };
+  // Dequantize the raw weight row R of stage kt (ring slot) into tile buffer b.
+  auto dequant = [&](uint32_t kt, uint32_t slot, uint32_t b) {
+    const uint32_t sbw = ring + slot * STAGE + ABYTES + R * 32u;
+    uint32_t w[8];
+#pragma unroll
+    for (uint32_t ch = 0; ch < 2; ++ch)
+      asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                   : "=r"(w[4 * ch]), "=r"(w[4 * ch + 1]), "=r"(w[4 * ch + 2]), "=r"(w[4 * ch + 3])
+                   : "r"(sbw + ((ch ^ ((R >> 2) & 1u)) << 4)));
+    uint32_t s2[2], b2[2];
+#pragma unroll
+    for (uint32_t u = 0; u < 2; ++u)
+      wg_scale<XT, FMT, SK>(ssr, sbr, rsc, min((2u * kt + u) / gsu, G - 1u), s2[u], b2[u]);
+    const uint32_t dst = bt0 + b * WG_BTILE + R * 128u;
+#pragma unroll
+    for (uint32_t c = 0; c < 8; ++c) {
+      const uint32_t wc = w[c], u = c >> 2;
+      uint32_t v[4];
+      if constexpr (FMT == GG_A4) {
+        const uint32_t w4 = wc >> 4;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] = gg_fma2<XT>(gg_a4_pair<XT>(wc, w4, j), s2[u], b2[u]);
+      } else {
+        uint32_t lo4, hi4;
+        fp4_mag2(wc, lo4, hi4);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] = gg_fma2<XT>(gg_fp4_pair<XT>(wc, lo4, hi4, j), s2[u], b2[u]);
+      }
+      asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(dst + ((c ^ (R & 7u)) << 4)),
+                   "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]));
+    }
+  };
+
+  float acc[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (uint32_t(s) < KT) load_stage(s, s);
+    if (s == 0) load_scales();
+    cp_async_commit();
+  }
+  cp_async_wait<S - 2>();
+  __syncthreads();
+  dequant(0, 0, 0);
+  fence_proxy_async();
+  __syncthreads();
+
+  const uint32_t wgrp = warp >> 2;  // warpgroup: activation rows 64 wgrp ..
+  // A warpgroup whose 64 rows are all padding (tiles of <= 64 pairs: an expert's last tile,
+  // every tile at a few hundred tokens) issues no products: the other one gets the SM's
+  // tensor cores to itself.
+  const bool busy = wgrp * 64u < rows;
+  // Step kt: issue its products, then (while they run, queued behind step kt-1's) wait for
+  // step kt-1's, refill the ring slot they read and dequantize step kt+1 into the tile they
+  // read. The tensor cores stay busy while one barrier + dequantization + one barrier take
+  // less than a step's products.
+  for (uint32_t kt = 0; kt < KT; ++kt) {
+    const uint32_t sa = ring + (kt % S) * STAGE + wgrp * 8192u, sb = bt0 + (kt & 1u) * WG_BTILE;
+    if (busy) {
+      wg_fence_acc(acc);
+      wg_fence();
+#pragma unroll
+      for (uint32_t kk = 0; kk < 4; ++kk) wg_mma<XT>(acc, wg_desc(sa + 32u * kk), wg_desc(sb + 32u * kk));
+      wg_commit();
+    }
+    wg_wait<1>();  // step kt-1's products (this warpgroup's) are done
+    wg_fence_acc(acc);
+    cp_async_wait<S - 3>();  // stage kt+1 landed (this thread's copies)
+    __syncthreads();  // both warpgroups past step kt-1; everyone's copies of stage kt+1 landed
+    if (kt + 1 < KT) {
+      dequant(kt + 1, (kt + 1) % S, (kt + 1) & 1u);  // into the tile step kt-1 read
+      fence_proxy_async();
+    }
+    // The next copies go out after the fence (it waits for this thread's outstanding memory
+    // operations: issued before it, they cost a memory round trip per step, 795 -> 735 us
+    // of gate/up at 4096 tokens), into the ring slot step kt-1 read.
+    {
+      const uint32_t nk = kt + S - 1;
+      if (nk < KT) load_stage(nk, nk % S);
+      cp_async_commit();
+    }
+    __syncthreads();  // the tile of step kt+1 is complete
+  }
+  wg_wait<0>();
+  wg_fence_acc(acc);
+  cp_async_wait<0>();
+
+  // ---- epilogue: acc[4 j + 2 h + c] = (row 64 wgrp + 16 (warp & 3) + gid + 8 h,
+  // column 8 j + 2 t4 + c) of the block's 64 x 256 (weight rows: panel 0 then panel 1)
+  const uint32_t gid = lane >> 2, t4 = lane & 3u;
+  const bool even = (N & 1u) == 0u;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t r = wgrp * 64u + (warp & 3u) * 16u + gid + 8u * h;
+    if (r >= rows) continue;
+    const uint32_t i = row0 + r;
+    float scale = 1.f;
+    int64_t orow = i;
+    if (!GATEUP) {
+      const uint32_t pair = pairs[i];
+      scale = rw[pair];
+      orow = pair;
+    }
+#pragma unroll
+    for (int j = 0; j < (GATEUP ? 16 : 32); ++j) {
+      const uint32_t n = nb + 8u * j + 2u * t4;
+      if (n >= N) continue;
+      float v[2];
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const float a = acc[4 * j + 2 * h + c];
+        v[c] = GATEUP ? silu(a) * acc[4 * (j + 16) + 2 * h + c] : scale * a;
+      }
+      XT* o = out + orow * N + n;
+      if (even) {
+        *reinterpret_cast<uint32_t*>(o) = gg_pack<XT>(v[0], v[1]);
+      } else {
+        o[0] = from_f<XT>(v[0]);
+        if (n + 1u < N) o[1] = from_f<XT>(v[1]);
+      }
+    }
+  }
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+}  // namespace mlx_moe::cuda

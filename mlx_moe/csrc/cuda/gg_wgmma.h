@@ -1,0 +1,27 @@
+// The sm_90a build of the grouped expert MLP (kernels/moe_cuda_wgmma.cuh), compiled in its
+// own translation unit (sm90a/gg_wgmma.cu, -arch sm_90a: wgmma exists only there); the
+// host code of cuda_ops.cu picks its kernels through these two functions (it does not
+// include the kernel header).
+#pragma once
+
+#include <cstdint>
+
+#include "moe_cuda.cuh"
+
+namespace mlx_moe::cuda {
+
+// The signature of mlp_gg_kernel and mlp_wg_kernel.
+template <typename XT>
+using GgKernel = void (*)(MlpDesc, const XT*, const uint32_t*, const uint32_t*, const uint32_t*,
+                          const uint32_t*, const float*, XT*, uint32_t);
+
+// mlp_wg_kernel of (gate/up or down, weight format GG_*, scale kind, raw stages 3 or 4), or
+// nullptr where it has none (formats other than affine 4-bit and mxfp4).
+template <typename XT>
+GgKernel<XT> wg_kernel(bool gateup, int fmt, int sk, int stages);
+
+// Its dynamic shared memory for the projections' weight descriptors (gate/up: gate, up;
+// down: down twice).
+uint32_t wg_smem(int fmt, int stages, const WDesc& p0, const WDesc& p1);
+
+}  // namespace mlx_moe::cuda

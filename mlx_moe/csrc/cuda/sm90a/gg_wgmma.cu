@@ -1,0 +1,34 @@
+// The sm_90a kernels of the grouped expert MLP (kernels/moe_cuda_wgmma.cuh). CMake compiles
+// this file alone with -arch sm_90a (the rest of the CUDA code keeps the project's
+// architectures); cuda_ops.cu launches these kernels only on compute capability 9.0.
+#include "../gg_wgmma.h"
+#include "moe_cuda_wgmma.cuh"
+
+namespace mlx_moe::cuda {
+
+template <typename XT, bool GATEUP, int FMT, int SK>
+GgKernel<XT> wg_pick_stages(int stages) {
+  return stages == 3 ? mlp_wg_kernel<GATEUP, XT, FMT, SK, 3> : mlp_wg_kernel<GATEUP, XT, FMT, SK, 4>;
+}
+
+template <typename XT, bool GATEUP>
+GgKernel<XT> wg_pick(int fmt, int sk, int stages) {
+  if (fmt == GG_A4)
+    return sk ? wg_pick_stages<XT, GATEUP, GG_A4, 1>(stages) : wg_pick_stages<XT, GATEUP, GG_A4, 0>(stages);
+  if (fmt == GG_FP4) return wg_pick_stages<XT, GATEUP, GG_FP4, 0>(stages);
+  return nullptr;
+}
+
+template <typename XT>
+GgKernel<XT> wg_kernel(bool gateup, int fmt, int sk, int stages) {
+  return gateup ? wg_pick<XT, true>(fmt, sk, stages) : wg_pick<XT, false>(fmt, sk, stages);
+}
+
+uint32_t wg_smem(int fmt, int stages, const WDesc& p0, const WDesc& p1) {
+  return wg_smem_bytes(fmt, stages, p0, p1);
+}
+
+template GgKernel<__half> wg_kernel<__half>(bool, int, int, int);
+template GgKernel<__nv_bfloat16> wg_kernel<__nv_bfloat16>(bool, int, int, int);
+
+}  // namespace mlx_moe::cuda
