@@ -106,10 +106,13 @@ __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-// Scale / bias pair (broadcast XT halves) of padded row r, group g (see gg_scale).
+// Scale / bias of padded row r (byte offset), group g (see gg_scale): broadcast XT halves
+// (s2, b2), or fp32 (sf, bf) for affine 8-bit with bf16 activations, whose codes above 127
+// are not exact as 128-biased bf16 and are dequantized in fp32.
 template <typename XT, int FMT, int SK>
 __device__ __forceinline__ void wg_scale(uint32_t ss, uint32_t sb, uint32_t r, uint32_t g,
-                                         uint32_t& s2, uint32_t& b2) {
+                                         uint32_t& s2, uint32_t& b2, float& sf, float& bf) {
+  constexpr bool f32_math = FMT == GG_A8 && std::is_same_v<XT, __nv_bfloat16>;
   if constexpr (FMT == GG_FP4) {
     uint32_t v;
     asm volatile("ld.shared.u8 %0, [%1];\n" : "=r"(v) : "r"(ss + r + g));
@@ -120,18 +123,36 @@ __device__ __forceinline__ void wg_scale(uint32_t ss, uint32_t sb, uint32_t r, u
     float a, b;
     asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(a) : "r"(ss + r + 4u * g));
     asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(b) : "r"(sb + r + 4u * g));
-    s2 = gg_pack<XT>(a, a);
-    b2 = gg_pack<XT>(b, b);
+    if constexpr (f32_math) {
+      sf = a;
+      bf = b;
+    } else {
+      s2 = gg_pack<XT>(a, a);
+      b2 = gg_pack<XT>(b, b);
+    }
   } else {
     uint32_t a, b;
     asm volatile("ld.shared.u16 %0, [%1];\n" : "=r"(a) : "r"(ss + r + 2u * g));
     asm volatile("ld.shared.u16 %0, [%1];\n" : "=r"(b) : "r"(sb + r + 2u * g));
-    s2 = __byte_perm(a, 0u, 0x1010u);
-    b2 = __byte_perm(b, 0u, 0x1010u);
+    if constexpr (f32_math) {
+      sf = __uint_as_float(a << 16);
+      bf = __uint_as_float(b << 16);
+    } else {
+      s2 = __byte_perm(a, 0u, 0x1010u);
+      b2 = __byte_perm(b, 0u, 0x1010u);
+    }
   }
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+// Physical 16-byte chunk of logical chunk ch of raw weight row R in a stage: the 8 rows a
+// quarter warp reads at once (one per thread) land in distinct 16-byte bank groups (rows of
+// 32 bytes: swap on bit 2 of R; rows of 64 bytes: XOR with bits 1-2).
+template <int FMT>
+__device__ __forceinline__ uint32_t wg_raw_pos(uint32_t ch, uint32_t R) {
+  return FMT == GG_A8 ? ch ^ ((R >> 1) & 3u) : ch ^ ((R >> 2) & 1u);
+}
 
 // One projection of the grouped MLP (see the top of this file and mlp_gg_kernel: the same
 // arguments, grid and outputs). S: raw stages in the cp.async ring (3 or 4, by shared memory).
@@ -141,8 +162,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
                   const uint32_t* __restrict__ offsets, const uint32_t* __restrict__ tiles,
                   const uint32_t* __restrict__ meta, const float* __restrict__ rw,
                   XT* __restrict__ out, uint32_t) {
-  static_assert(FMT == GG_A4 || FMT == GG_FP4, "wgmma grouped kernel: 4-bit formats");
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (other targets: an empty body, never launched)
+  #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (other targets: an empty body, never launched)
   extern __shared__ __align__(1024) unsigned char wg_shared[];
   const uint32_t tile = blockIdx.y;
   if (tile >= meta[1]) return;  // grid sized for the worst case; the rest exit at once
@@ -157,6 +177,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
   const uint32_t n0[2] = {nb, GATEUP ? nb : nb + uint32_t(GG_TN)};
   const uint32_t tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
   constexpr uint32_t STAGE = gg_stage_bytes(FMT), ABYTES = uint32_t(GG_TM) * GG_BK * 2u;
+  constexpr uint32_t BROW = gg_brow(FMT), BPR = BROW / 16u, KPC = FMT == GG_A8 ? 16u : 32u;
   const uint32_t smem0 = (smem_u32(wg_shared) + 1023u) & ~1023u;
   const uint32_t bt0 = smem0, ring = smem0 + 2u * WG_BTILE;
   // padded raw scales / biases: [panel][128 rows][sw[p] words]
@@ -207,12 +228,12 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
       cp_async16(sa + r * 128u + ((c ^ (r & 7u)) << 4), ok ? arow[j] + k0 + 8u * c : A,
                  ok ? 16u : 0u);
     }
-    // raw weight row R: 32 bytes (64 4-bit codes), chunks swapped on bit 2 of R
+    // raw weight row R: BROW bytes (64 codes), 16-byte chunks permuted by wg_raw_pos
 #pragma unroll
-    for (uint32_t ch = 0; ch < 2; ++ch) {
-      const bool ok = rok && k0 + 32u * ch < K;
-      cp_async16(sbw + R * 32u + ((ch ^ ((R >> 2) & 1u)) << 4),
-                 ok ? wrow + (k0 >> 3) + 4u * ch : wdr.w, ok ? 16u : 0u);
+    for (uint32_t ch = 0; ch < BPR; ++ch) {
+      const bool ok = rok && k0 + KPC * ch < K;
+      cp_async16(sbw + R * BROW + (wg_raw_pos<FMT>(ch, R) << 4),
+                 ok ? wrow + (k0 * wdr.bits) / 32u + 4u * ch : wdr.w, ok ? 16u : 0u);
     }
   };
   auto load_scales = [&]() {
@@ -233,33 +254,48 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
       }
     }
   };
-  // Dequantize the raw weight row R of stage kt (ring slot) into tile buffer b.
+  // Dequantize the raw weight row R of stage kt (ring slot) into tile buffer b: 16-byte
+  // chunk c of the tile = k 8c .. 8c+7 = 4-bit word c (byte j: codes 2j, 2j+1) or 8-bit
+  // words 2c, 2c+1.
   auto dequant = [&](uint32_t kt, uint32_t slot, uint32_t b) {
-    const uint32_t sbw = ring + slot * STAGE + ABYTES + R * 32u;
-    uint32_t w[8];
+    const uint32_t sbw = ring + slot * STAGE + ABYTES + R * BROW;
+    uint32_t w[4 * BPR];
 #pragma unroll
-    for (uint32_t ch = 0; ch < 2; ++ch)
+    for (uint32_t ch = 0; ch < BPR; ++ch)
       asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
                    : "=r"(w[4 * ch]), "=r"(w[4 * ch + 1]), "=r"(w[4 * ch + 2]), "=r"(w[4 * ch + 3])
-                   : "r"(sbw + ((ch ^ ((R >> 2) & 1u)) << 4)));
+                   : "r"(sbw + (wg_raw_pos<FMT>(ch, R) << 4)));
     uint32_t s2[2], b2[2];
+    float sf[2], bf[2];
 #pragma unroll
     for (uint32_t u = 0; u < 2; ++u)
-      wg_scale<XT, FMT, SK>(ssr, sbr, rsc, min((2u * kt + u) / gsu, G - 1u), s2[u], b2[u]);
+      wg_scale<XT, FMT, SK>(ssr, sbr, rsc, min((2u * kt + u) / gsu, G - 1u), s2[u], b2[u], sf[u], bf[u]);
     const uint32_t dst = bt0 + b * WG_BTILE + R * 128u;
 #pragma unroll
     for (uint32_t c = 0; c < 8; ++c) {
-      const uint32_t wc = w[c], u = c >> 2;
+      const uint32_t u = c >> 2;
       uint32_t v[4];
       if constexpr (FMT == GG_A4) {
-        const uint32_t w4 = wc >> 4;
+        const uint32_t wc = w[c], w4 = wc >> 4;
 #pragma unroll
         for (int j = 0; j < 4; ++j) v[j] = gg_fma2<XT>(gg_a4_pair<XT>(wc, w4, j), s2[u], b2[u]);
-      } else {
+      } else if constexpr (FMT == GG_FP4) {
+        const uint32_t wc = w[c];
         uint32_t lo4, hi4;
         fp4_mag2(wc, lo4, hi4);
 #pragma unroll
         for (int j = 0; j < 4; ++j) v[j] = gg_fma2<XT>(gg_fp4_pair<XT>(wc, lo4, hi4, j), s2[u], b2[u]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint32_t wc = w[2 * c + (j >> 1)], jb = j & 1;
+          if constexpr (std::is_same_v<XT, __half>) {
+            v[j] = gg_fma2<XT>(gg_a8_pair_f16(wc, jb), s2[u], b2[u]);
+          } else {
+            v[j] = gg_pack<XT>(fmaf(sf[u], gg_a8_code(wc, 2 * jb), bf[u]),
+                               fmaf(sf[u], gg_a8_code(wc, 2 * jb + 1), bf[u]));
+          }
+        }
       }
       asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(dst + ((c ^ (R & 7u)) << 4)),
                    "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]));

@@ -292,18 +292,20 @@ bool wg_available() {
 }
 
 // The grouped kernel of one projection: mlp_wg_kernel (4 raw stages, else 3, as shared memory
-// allows) where wg_available() and the format is affine 4-bit or mxfp4, else mlp_gg_kernel.
+// allows) where wg_available(), else mlp_gg_kernel.
 // smem: its dynamic shared memory.
 template <bool GATEUP, typename XT>
 GgKernel<XT> gg_pick(bool wg, int fmt, int sk, const WDesc& a, const WDesc& b, uint32_t& smem) {
 #if defined(MLX_MOE_SM90A)
-  if (wg && (fmt == GG_A4 || fmt == GG_FP4)) {
+  if (wg) {
     for (int stages : {4, 3}) {
       const uint32_t bytes = wg_smem(fmt, stages, a, b);
-      if (bytes <= 227u * 1024u) {
+      if (bytes > 227u * 1024u) continue;
+      if (auto k = wg_kernel<XT>(GATEUP, fmt, sk, stages)) {
         smem = bytes;
-        return wg_kernel<XT>(GATEUP, fmt, sk, stages);
+        return k;
       }
+      break;
     }
   }
 #endif
