@@ -157,27 +157,29 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// Scale and bias of row r (of the panel's 128), group g, from the raw copies (32-bit shared
-// addresses), branch-free by format: affine scales / biases are in the activation type
+// Scale and bias of group g of the raw scale / bias row at byte offset r of ss / sb (32-bit
+// shared addresses), branch-free by format: affine scales / biases are in the activation type
 // (SK = 0) or fp32 (SK = 1: rounded to the activation type here), broadcast to both halves
-// (s2, b2), or kept as fp32 (sf, bf: affine 8-bit with bf16 activations is dequantized in
-// fp32); mxfp4: E8M0 halved (the decoder gives 2v), no bias.
+// (s2, b2), or kept as fp32 (sf, bf: affine 8-bit with bf16 activations, whose codes above 127
+// are not exact as 128-biased bf16, is dequantized in fp32); mxfp4: E8M0 halved (the decoder
+// gives 2v), no bias.
+template <int FMT, int SK>
+constexpr uint32_t gg_sc_bytes() { return FMT == GG_FP4 ? 1u : SK == 1 ? 4u : 2u; }
+
 template <typename XT, int FMT, int SK>
-__device__ __forceinline__ void gg_scale(uint32_t ss, uint32_t sb, uint32_t groups, uint32_t r,
-                                         uint32_t g, uint32_t& s2, uint32_t& b2, float& sf,
-                                         float& bf) {
-  const uint32_t i = r * groups + g;
+__device__ __forceinline__ void gg_scale(uint32_t ss, uint32_t sb, uint32_t r, uint32_t g,
+                                         uint32_t& s2, uint32_t& b2, float& sf, float& bf) {
   constexpr bool f32_math = FMT == GG_A8 && std::is_same_v<XT, __nv_bfloat16>;
   if constexpr (FMT == GG_FP4) {
     uint32_t v;
-    asm volatile("ld.shared.u8 %0, [%1];\n" : "=r"(v) : "r"(ss + i));
+    asm volatile("ld.shared.u8 %0, [%1];\n" : "=r"(v) : "r"(ss + r + g));
     const float f = moe_e8m0_scale(v) * 0.5f;
     s2 = gg_pack<XT>(f, f);
     b2 = 0u;
   } else if constexpr (SK == 1) {
     float a, b;
-    asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(a) : "r"(ss + 4u * i));
-    asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(b) : "r"(sb + 4u * i));
+    asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(a) : "r"(ss + r + 4u * g));
+    asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(b) : "r"(sb + r + 4u * g));
     if constexpr (f32_math) {
       sf = a;
       bf = b;
@@ -187,8 +189,8 @@ __device__ __forceinline__ void gg_scale(uint32_t ss, uint32_t sb, uint32_t grou
     }
   } else {
     uint32_t a, b;
-    asm volatile("ld.shared.u16 %0, [%1];\n" : "=r"(a) : "r"(ss + 2u * i));
-    asm volatile("ld.shared.u16 %0, [%1];\n" : "=r"(b) : "r"(sb + 2u * i));
+    asm volatile("ld.shared.u16 %0, [%1];\n" : "=r"(a) : "r"(ss + r + 2u * g));
+    asm volatile("ld.shared.u16 %0, [%1];\n" : "=r"(b) : "r"(sb + r + 2u * g));
     if constexpr (f32_math) {
       sf = __uint_as_float(a << 16);
       bf = __uint_as_float(b << 16);
@@ -196,6 +198,84 @@ __device__ __forceinline__ void gg_scale(uint32_t ss, uint32_t sb, uint32_t grou
       s2 = __byte_perm(a, 0u, 0x1010u);
       b2 = __byte_perm(b, 0u, 0x1010u);
     }
+  }
+}
+
+
+// The block's tile of bucketed pairs (blockIdx.y: expert e, first row row0, rows of it) and
+// its projection's sizes and first weight row nb (blockIdx.x); false past the tile count
+// (grids are sized for the worst case).
+struct GgTile {
+  uint32_t e, row0, rows, N, K, nb;
+};
+template <bool GATEUP>
+__device__ __forceinline__ bool gg_tile(const MlpDesc& md, const uint32_t* tiles,
+                                        const uint32_t* offsets, const uint32_t* meta, GgTile& t) {
+  const uint32_t tile = blockIdx.y;
+  if (tile >= meta[1]) return false;
+  t.e = tiles[2 * tile];
+  t.row0 = tiles[2 * tile + 1];
+  t.rows = min(uint32_t(GG_TM), offsets[t.e + 1] - t.row0);
+  const WDesc& wd = GATEUP ? md.gate : md.down;
+  t.N = wd.N;
+  t.K = wd.K;
+  t.nb = blockIdx.x * (GATEUP ? GG_TN : 2 * GG_TN);
+  return true;
+}
+
+// The activation rows this thread copies: rows (tid >> 3) + 32 j of the tile (gate/up: row
+// pairs[i] / k of x; down: row i of H), aok[j]: the row is one of the tile's.
+template <bool GATEUP, typename XT>
+__device__ __forceinline__ void gg_arows(const XT* A, const uint32_t* pairs, uint32_t k,
+                                         const GgTile& t, uint32_t tid, const XT* (&arow)[4],
+                                         bool (&aok)[4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t r = (tid >> 3) + 32u * j;
+    aok[j] = r < t.rows;
+    const uint32_t i = t.row0 + (aok[j] ? r : 0u);
+    arow[j] = A + int64_t(GATEUP ? pairs[i] / k : i) * t.K;
+  }
+}
+
+// Copies this thread's activation chunks of K step kt (chunk c = tid & 7, 8 k, of its 4 rows;
+// zero-filled past the tile or K) to row r * 128 + 16 * SWZ(c, r) of sa.
+template <typename XT, typename Swz>
+__device__ __forceinline__ void gg_copy_act(uint32_t sa, const XT* A, const XT* const (&arow)[4],
+                                            const bool (&aok)[4], uint32_t kt, uint32_t K,
+                                            uint32_t tid, Swz swz) {
+  const uint32_t k0 = kt * GG_BK, c = tid & 7u;
+  const bool kok = k0 + 8u * c < K;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t r = (tid >> 3) + 32u * j;
+    const bool ok = aok[j] && kok;
+    cp_async16(sa + r * 128u + (swz(c, r) << 4), ok ? arow[j] + k0 + 8u * c : A, ok ? 16u : 0u);
+  }
+}
+
+// Output row of bucketed row i and its factor: gate/up: row i of H, 1; down: row pairs[i] of
+// Yp, its routing weight.
+template <bool GATEUP>
+__device__ __forceinline__ int64_t gg_out_row(const uint32_t* pairs, const float* rw, uint32_t i,
+                                              float& scale) {
+  if (GATEUP) {
+    scale = 1.f;
+    return i;
+  }
+  const uint32_t pair = pairs[i];
+  scale = rw[pair];
+  return pair;
+}
+
+// Stores columns n, n + 1 (< N) of an output row in XT: one 32-bit store where N is even.
+template <typename XT>
+__device__ __forceinline__ void gg_store2(XT* o, uint32_t N, uint32_t n, float v0, float v1) {
+  if ((N & 1u) == 0u) {
+    *reinterpret_cast<uint32_t*>(o) = gg_pack<XT>(v0, v1);
+  } else {
+    o[0] = from_f<XT>(v0);
+    if (n + 1u < N) o[1] = from_f<XT>(v1);
   }
 }
 
@@ -209,14 +289,11 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
                   const uint32_t* __restrict__ meta, const float* __restrict__ rw,
                   XT* __restrict__ out, uint32_t sc16) {
   extern __shared__ __align__(16) unsigned char gg_smem[];
-  const uint32_t tile = blockIdx.y;
-  if (tile >= meta[1]) return;  // grid sized for the worst case; the rest exit at once
-  const uint32_t e = tiles[2 * tile], row0 = tiles[2 * tile + 1];
-  const uint32_t rows = min(uint32_t(GG_TM), offsets[e + 1] - row0);
+  GgTile t;
+  if (!gg_tile<GATEUP>(md, tiles, offsets, meta, t)) return;
+  const uint32_t e = t.e, row0 = t.row0, rows = t.rows, N = t.N, K = t.K, nb = t.nb;
   const WDesc& wd0 = GATEUP ? md.gate : md.down;
   const WDesc& wd1 = GATEUP ? md.up : md.down;
-  const uint32_t N = wd0.N, K = wd0.K;
-  const uint32_t nb = blockIdx.x * (GATEUP ? GG_TN : 2 * GG_TN);
 #define GG_N0(p) (nb + ((GATEUP || (p) == 0) ? 0u : uint32_t(GG_TN)))
   const uint32_t tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
   const uint32_t gid = lane >> 2, t4 = lane & 3u;
@@ -237,30 +314,16 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
     bip[1] = off;
   }
 
-  // A loader: thread -> chunk c = tid & 7 (8 k) of rows (tid >> 3) + 32 j.
+  // activation copies: 16-byte chunks XOR-swizzled by row parity
   const XT* arow[4];
   bool aok[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t r = (tid >> 3) + 32u * j;
-    aok[j] = r < rows;
-    const uint32_t i = row0 + (aok[j] ? r : 0u);
-    arow[j] = A + int64_t(GATEUP ? pairs[i] / md.k : i) * K;
-  }
+  gg_arows<GATEUP>(A, pairs, md.k, t, tid, arow, aok);
   const uint32_t KT = (K + GG_BK - 1) / GG_BK;
 
   auto load_stage = [&](uint32_t kt, uint32_t slot) {
     const uint32_t k0 = kt * GG_BK;
     const uint32_t sa = smem0 + slot * STAGE, sbw = sa + ABYTES;
-    const uint32_t c = tid & 7u;
-    const bool kok = k0 + 8u * c < K;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t r = (tid >> 3) + 32u * j;
-      const bool ok = aok[j] && kok;
-      cp_async16(sa + r * 128u + ((c ^ ((r & 1u) << 2)) << 4), ok ? arow[j] + k0 + 8u * c : A,
-                 ok ? 16u : 0u);
-    }
+    gg_copy_act(sa, A, arow, aok, kt, K, tid, [](uint32_t c, uint32_t r) { return c ^ ((r & 1u) << 2); });
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
       const WDesc& wd = p ? wd1 : wd0;
@@ -384,8 +447,8 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
         const uint32_t g = min((k0 / 32u + u) / (p ? gsu1 : gsu0), G - 1u);
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt)
-          gg_scale<XT, FMT, SK>(scp[p], bip[p], G, wn + nt * 8u + gid, g, s2[p][nt], b2[p][nt],
-                            sf[p][nt], bfv[p][nt]);
+          gg_scale<XT, FMT, SK>(scp[p], bip[p], (wn + nt * 8u + gid) * G * gg_sc_bytes<FMT, SK>(), g,
+                                s2[p][nt], b2[p][nt], sf[p][nt], bfv[p][nt]);
       }
       // activations: [m-tile][row gid / gid+8] x 4 words (k 8*t4 .. 8*t4+7 of this unit)
       uint32_t af[4][2][4];
@@ -448,21 +511,14 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
   cp_async_wait<0>();
 
   // ---- epilogue: stored in XT (pairs of columns where N is even)
-  const bool even = (N & 1u) == 0u;
 #pragma unroll
   for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const uint32_t r = wm + mt * 16u + gid + hr * 8u;
       if (r >= rows) continue;
-      const uint32_t i = row0 + r;
-      float scale = 1.f;
-      int64_t orow = i;
-      if (!GATEUP) {
-        const uint32_t pair = pairs[i];
-        scale = rw[pair];
-        orow = pair;
-      }
+      float scale;
+      const int64_t orow = gg_out_row<GATEUP>(pairs, rw, row0 + r, scale);
 #pragma unroll
       for (int p = 0; p < (GATEUP ? 1 : 2); ++p)
 #pragma unroll
@@ -478,13 +534,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
               v[c] = scale * acc[p][mt][nt][hr * 2 + c];
             }
           }
-          XT* o = out + orow * N + n;
-          if (even) {
-            *reinterpret_cast<uint32_t*>(o) = gg_pack<XT>(v[0], v[1]);
-          } else {
-            o[0] = from_f<XT>(v[0]);
-            if (n + 1u < N) o[1] = from_f<XT>(v[1]);
-          }
+          gg_store2<XT>(out + orow * N + n, N, n, v[0], v[1]);
         }
     }
 }

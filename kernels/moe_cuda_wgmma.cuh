@@ -106,44 +106,6 @@ __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-// Scale / bias of padded row r (byte offset), group g (see gg_scale): broadcast XT halves
-// (s2, b2), or fp32 (sf, bf) for affine 8-bit with bf16 activations, whose codes above 127
-// are not exact as 128-biased bf16 and are dequantized in fp32.
-template <typename XT, int FMT, int SK>
-__device__ __forceinline__ void wg_scale(uint32_t ss, uint32_t sb, uint32_t r, uint32_t g,
-                                         uint32_t& s2, uint32_t& b2, float& sf, float& bf) {
-  constexpr bool f32_math = FMT == GG_A8 && std::is_same_v<XT, __nv_bfloat16>;
-  if constexpr (FMT == GG_FP4) {
-    uint32_t v;
-    asm volatile("ld.shared.u8 %0, [%1];\n" : "=r"(v) : "r"(ss + r + g));
-    const float f = moe_e8m0_scale(v) * 0.5f;
-    s2 = gg_pack<XT>(f, f);
-    b2 = 0u;
-  } else if constexpr (SK == 1) {
-    float a, b;
-    asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(a) : "r"(ss + r + 4u * g));
-    asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(b) : "r"(sb + r + 4u * g));
-    if constexpr (f32_math) {
-      sf = a;
-      bf = b;
-    } else {
-      s2 = gg_pack<XT>(a, a);
-      b2 = gg_pack<XT>(b, b);
-    }
-  } else {
-    uint32_t a, b;
-    asm volatile("ld.shared.u16 %0, [%1];\n" : "=r"(a) : "r"(ss + r + 2u * g));
-    asm volatile("ld.shared.u16 %0, [%1];\n" : "=r"(b) : "r"(sb + r + 2u * g));
-    if constexpr (f32_math) {
-      sf = __uint_as_float(a << 16);
-      bf = __uint_as_float(b << 16);
-    } else {
-      s2 = __byte_perm(a, 0u, 0x1010u);
-      b2 = __byte_perm(b, 0u, 0x1010u);
-    }
-  }
-}
-
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 // Physical 16-byte chunk of logical chunk ch of raw weight row R in a stage: the 8 rows a
@@ -162,18 +124,15 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
                   const uint32_t* __restrict__ offsets, const uint32_t* __restrict__ tiles,
                   const uint32_t* __restrict__ meta, const float* __restrict__ rw,
                   XT* __restrict__ out, uint32_t) {
-  #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (other targets: an empty body, never launched)
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (other targets: an empty body, never launched)
   extern __shared__ __align__(1024) unsigned char wg_shared[];
-  const uint32_t tile = blockIdx.y;
-  if (tile >= meta[1]) return;  // grid sized for the worst case; the rest exit at once
-  const uint32_t e = tiles[2 * tile], row0 = tiles[2 * tile + 1];
-  const uint32_t rows = min(uint32_t(GG_TM), offsets[e + 1] - row0);
+  GgTile t;
+  if (!gg_tile<GATEUP>(md, tiles, offsets, meta, t)) return;
+  const uint32_t e = t.e, row0 = t.row0, rows = t.rows, N = t.N, K = t.K, nb = t.nb;
   const WDesc& wd0 = GATEUP ? md.gate : md.down;
   const WDesc& wd1 = GATEUP ? md.up : md.down;
-  const uint32_t N = wd0.N, K = wd0.K;
   // First weight row of panel p (gate/up: gate and up rows of the same 128 columns; down:
   // 256 consecutive rows).
-  const uint32_t nb = blockIdx.x * (GATEUP ? GG_TN : 2 * GG_TN);
   const uint32_t n0[2] = {nb, GATEUP ? nb : nb + uint32_t(GG_TN)};
   const uint32_t tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
   constexpr uint32_t STAGE = gg_stage_bytes(FMT), ABYTES = uint32_t(GG_TM) * GG_BK * 2u;
@@ -195,16 +154,10 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
     }
   }
 
-  // A loader: thread -> 16-byte chunk c = tid & 7 (8 k) of rows (tid >> 3) + 32 j.
+  // activation copies: straight into wgmma's 128-byte-swizzled layout
   const XT* arow[4];
   bool aok[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t r = (tid >> 3) + 32u * j;
-    aok[j] = r < rows;
-    const uint32_t i = row0 + (aok[j] ? r : 0u);
-    arow[j] = A + int64_t(GATEUP ? pairs[i] / md.k : i) * K;
-  }
+  gg_arows<GATEUP>(A, pairs, md.k, t, tid, arow, aok);
   // Weight loader / dequantizer: thread -> weight row R = tid (panel R >> 7).
   const uint32_t R = tid, rp = R >> 7, rr = R & 127u;
   const WDesc& wdr = rp ? wd1 : wd0;
@@ -219,15 +172,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
   auto load_stage = [&](uint32_t kt, uint32_t slot) {
     const uint32_t k0 = kt * GG_BK;
     const uint32_t sa = ring + slot * STAGE, sbw = sa + ABYTES;
-    const uint32_t c = tid & 7u;
-    const bool kok = k0 + 8u * c < K;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t r = (tid >> 3) + 32u * j;
-      const bool ok = aok[j] && kok;
-      cp_async16(sa + r * 128u + ((c ^ (r & 7u)) << 4), ok ? arow[j] + k0 + 8u * c : A,
-                 ok ? 16u : 0u);
-    }
+    gg_copy_act(sa, A, arow, aok, kt, K, tid, [](uint32_t c, uint32_t r) { return c ^ (r & 7u); });
     // raw weight row R: BROW bytes (64 codes), 16-byte chunks permuted by wg_raw_pos
 #pragma unroll
     for (uint32_t ch = 0; ch < BPR; ++ch) {
@@ -269,7 +214,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
     float sf[2], bf[2];
 #pragma unroll
     for (uint32_t u = 0; u < 2; ++u)
-      wg_scale<XT, FMT, SK>(ssr, sbr, rsc, min((2u * kt + u) / gsu, G - 1u), s2[u], b2[u], sf[u], bf[u]);
+      gg_scale<XT, FMT, SK>(ssr, sbr, rsc, min((2u * kt + u) / gsu, G - 1u), s2[u], b2[u], sf[u], bf[u]);
     const uint32_t dst = bt0 + b * WG_BTILE + R * 128u;
 #pragma unroll
     for (uint32_t c = 0; c < 8; ++c) {
@@ -361,19 +306,12 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
   // ---- epilogue: acc[4 j + 2 h + c] = (row 64 wgrp + 16 (warp & 3) + gid + 8 h,
   // column 8 j + 2 t4 + c) of the block's 64 x 256 (weight rows: panel 0 then panel 1)
   const uint32_t gid = lane >> 2, t4 = lane & 3u;
-  const bool even = (N & 1u) == 0u;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const uint32_t r = wgrp * 64u + (warp & 3u) * 16u + gid + 8u * h;
     if (r >= rows) continue;
-    const uint32_t i = row0 + r;
-    float scale = 1.f;
-    int64_t orow = i;
-    if (!GATEUP) {
-      const uint32_t pair = pairs[i];
-      scale = rw[pair];
-      orow = pair;
-    }
+    float scale;
+    const int64_t orow = gg_out_row<GATEUP>(pairs, rw, row0 + r, scale);
 #pragma unroll
     for (int j = 0; j < (GATEUP ? 16 : 32); ++j) {
       const uint32_t n = nb + 8u * j + 2u * t4;
@@ -384,13 +322,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
         const float a = acc[4 * j + 2 * h + c];
         v[c] = GATEUP ? silu(a) * acc[4 * (j + 16) + 2 * h + c] : scale * a;
       }
-      XT* o = out + orow * N + n;
-      if (even) {
-        *reinterpret_cast<uint32_t*>(o) = gg_pack<XT>(v[0], v[1]);
-      } else {
-        o[0] = from_f<XT>(v[0]);
-        if (n + 1u < N) o[1] = from_f<XT>(v[1]);
-      }
+      gg_store2<XT>(out + orow * N + n, N, n, v[0], v[1]);
     }
   }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
