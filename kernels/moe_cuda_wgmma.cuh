@@ -5,15 +5,16 @@
 // takes it on devices of compute capability 9.0 (cuda_ops.cu, MLX_MOE_CUDA_WGMMA=0: off).
 //
 // Per K step (one block, 2 warpgroups = 256 threads):
-//   - the gathered activation rows (128 x 64 XT) and the packed weight rows (256 x 32 bytes)
-//     arrive by cp.async in a WG_STAGES-deep ring, as in mlp_gg_kernel; the activations
+//   - the gathered activation rows (128 x 64 XT) and the packed weight rows (256 x 32 bytes,
+//     8-bit: 64) arrive by cp.async in an S-deep ring, as in mlp_gg_kernel; the activations
 //     land in the 128-byte-swizzled K-major layout wgmma reads (16-byte chunk c of row r at
 //     chunk c ^ (r & 7); 8-row atoms of 1024 bytes);
 //   - each thread dequantizes one weight row of the *next* step (s * q + b rounded once to XT,
 //     the same values as mlp_gg_kernel) into one of two XT tiles of 256 x 64 in that layout,
 //     while the tensor cores run this step's four m64n256k16 wgmma per warpgroup (warpgroup w
 //     takes activation rows 64w .. 64w+63 and all 256 weight rows);
-//   - fence.proxy.async + one barrier hand the new tile to the next step's wgmma.
+//   - fence.proxy.async + a barrier hand the new tile to the next step's wgmma; the next
+//     copies go out after the fence (which waits for the thread's outstanding copies).
 // So every weight is dequantized once per block (mlp_gg_kernel's 2 x 4 warps dequantized
 // each twice, in registers, between their mma.sync) and the dequantization overlaps the
 // products. Scales / biases of the block's rows for all of K are copied once (4-byte

@@ -404,8 +404,8 @@ def _gg_check(rng, T, E, D, F, k, fmt, bits, gs, dtype, sdt=None, bad_ids=False)
     return err, bound
 
 
-# Every grouped case runs twice: with the sm_90a kernels (mlp_wg_kernel, wgmma; taken for
-# affine 4-bit and mxfp4 projections on compute capability 9.0) and with MLX_MOE_CUDA_WGMMA=0
+# Every grouped case runs twice: with the sm_90a kernels (mlp_wg_kernel, wgmma; taken on
+# compute capability 9.0 where the scales leave room for its stages) and with MLX_MOE_CUDA_WGMMA=0
 # (mlp_gg_kernel, mma.sync). Both dequantize to the same values and accumulate in fp32, so
 # the same bound holds for both (their fp32 sums differ in order only).
 @pytest.fixture(params=["wgmma", "mma"])

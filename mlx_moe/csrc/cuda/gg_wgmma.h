@@ -16,7 +16,7 @@ using GgKernel = void (*)(MlpDesc, const XT*, const uint32_t*, const uint32_t*, 
                           const uint32_t*, const float*, XT*, uint32_t);
 
 // mlp_wg_kernel of (gate/up or down, weight format GG_*, scale kind, raw stages 3 or 4), or
-// nullptr where it has none (formats other than affine 4-bit and mxfp4).
+// nullptr where it has none (a format the grouped kernels do not cover).
 template <typename XT>
 GgKernel<XT> wg_kernel(bool gateup, int fmt, int sk, int stages);
 
