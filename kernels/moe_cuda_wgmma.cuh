@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
     for (uint32_t ch = 0; ch < BPR; ++ch) {
       const bool ok = rok && k0 + KPC * ch < K;
       cp_async16(sbw + R * BROW + (wg_raw_pos<FMT>(ch, R) << 4),
-                 ok ? wrow + (k0 * wdr.bits) / 32u + 4u * ch : wdr.w, ok ? 16u : 0u);
+                 ok ? wrow + (k0 * (FMT == GG_A8 ? 8u : 4u)) / 32u + 4u * ch : wdr.w, ok ? 16u : 0u);
     }
   };
   auto load_scales = [&]() {
