@@ -53,6 +53,11 @@ __device__ __forceinline__ float load_scale(const void* p, uint32_t kind, int64_
   }
 }
 
+// Bytes of one scale / bias value of that kind.
+__host__ __device__ inline uint32_t scale_elem_bytes(uint32_t kind) {
+  return kind == 0u ? 4u : kind == 3u ? 1u : 2u;
+}
+
 // Exact float of a small unsigned code (q < 2^23): one OR, one add.
 __device__ __forceinline__ float code_to_float(uint32_t q) {
   return __uint_as_float(0x4B000000u | q) - 8388608.f;
@@ -1052,7 +1057,7 @@ __device__ __forceinline__ void prefetch_rows(const WDesc& d, uint32_t e, uint32
                                               uint32_t rows) {
   const int64_t r0 = int64_t(e) * d.N + n0;
   prefetch_range(d.w + r0 * d.row_words, uint64_t(rows) * d.row_words * 4u);
-  const uint32_t es = d.scale_kind == 0u ? 4u : d.scale_kind == 3u ? 1u : 2u;
+  const uint32_t es = scale_elem_bytes(d.scale_kind);
   prefetch_range(static_cast<const unsigned char*>(d.scales) + r0 * d.groups * es,
                  uint64_t(rows) * d.groups * es);
   if (d.biases)

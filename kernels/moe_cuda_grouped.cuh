@@ -39,12 +39,9 @@ __host__ __device__ constexpr uint32_t gg_brow(int fmt) { return fmt == GG_A8 ? 
 __host__ __device__ constexpr uint32_t gg_stage_bytes(int fmt) {
   return uint32_t(GG_TM) * GG_BK * 2u + 2u * GG_TN * gg_brow(fmt);
 }
-__host__ __device__ inline uint32_t gg_scale_elem(uint32_t kind) {
-  return kind == 0u ? 4u : kind == 3u ? 1u : 2u;
-}
 // Shared memory of the block's raw scales (and biases) of one panel (16-byte multiple).
 __host__ __device__ inline uint32_t gg_panel_sc_bytes(const WDesc& d) {
-  return (uint32_t(GG_TN) * d.groups * gg_scale_elem(d.scale_kind) + 15u) & ~15u;
+  return (uint32_t(GG_TN) * d.groups * scale_elem_bytes(d.scale_kind) + 15u) & ~15u;
 }
 __host__ __device__ inline uint32_t gg_smem_bytes(int fmt, const WDesc& p0, const WDesc& p1) {
   const uint32_t nb0 = p0.mode == 1u ? 1u : 2u, nb1 = p1.mode == 1u ? 1u : 2u;
@@ -346,7 +343,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
       const WDesc& wd = p ? wd1 : wd0;
-      const uint32_t es = gg_scale_elem(wd.scale_kind);
+      const uint32_t es = scale_elem_bytes(wd.scale_kind);
       const uint32_t per_row = wd.groups * es;  // bytes, a multiple of 4
       const uint32_t n0p = GG_N0(p);
       const uint32_t vrows = n0p < N ? min(uint32_t(GG_TN), N - n0p) : 0u;

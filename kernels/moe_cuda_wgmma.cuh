@@ -31,7 +31,7 @@ constexpr uint32_t WG_BTILE = 256u * 128u;  // one dequantized weight tile: 256 
 // Words per padded scale row of d (odd: the 32 threads of a warp read 32 rows' words in
 // distinct banks).
 __host__ __device__ inline uint32_t wg_sc_words(const WDesc& d) {
-  return ((d.groups * gg_scale_elem(d.scale_kind) + 3u) / 4u) | 1u;
+  return ((d.groups * scale_elem_bytes(d.scale_kind) + 3u) / 4u) | 1u;
 }
 __host__ __device__ inline uint32_t wg_panel_bytes(const WDesc& d) {
   return (d.mode == 1u ? 1u : 2u) * uint32_t(GG_TN) * wg_sc_words(d) * 4u;
@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
       const WDesc& wd = p ? wd1 : wd0;
-      const uint32_t per_row = wd.groups * gg_scale_elem(wd.scale_kind) / 4u;  // words
+      const uint32_t per_row = wd.groups * scale_elem_bytes(wd.scale_kind) / 4u;  // words
       const uint32_t vrows = n0[p] < N ? min(uint32_t(GG_TN), N - n0[p]) : 0u;
       const int64_t base = (int64_t(e) * N + n0[p]) * per_row;
       for (int a = 0; a < (FMT == GG_FP4 ? 1 : 2); ++a) {

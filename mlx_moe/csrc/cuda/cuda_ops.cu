@@ -254,7 +254,7 @@ int gg_format(const WDesc& d) {
 // Whether the raw scales (and biases) of d can be copied with cp.async: 4-byte rows
 // (return 1), 16-byte rows and pointers (return 2); 0: not eligible.
 int gg_scale_copy(const WDesc& d) {
-  const uint32_t row = d.groups * gg_scale_elem(d.scale_kind);
+  const uint32_t row = d.groups * scale_elem_bytes(d.scale_kind);
   auto al = [](const void* p, uintptr_t a) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) % a) == 0; };
   if (row % 4u != 0u || !al(d.scales, 4) || !al(d.biases, 4)) return 0;
   return (row % 16u == 0u && al(d.scales, 16) && al(d.biases, 16)) ? 2 : 1;
