@@ -33,6 +33,7 @@ namespace mlx_moe::cuda {
 
 constexpr int GG_TM = 128, GG_TN = 128, GG_BK = 64, GG_STAGES = 4, GG_THREADS = 256;
 constexpr int GG_A4 = 0, GG_A8 = 1, GG_FP4 = 2;  // weight formats of the grouped kernel
+constexpr int GG_TR = 3;  // trellis k-bit: the sm_90a kernel only (moe_cuda_wgmma.cuh)
 
 // Bytes of one packed weight row per K step.
 __host__ __device__ constexpr uint32_t gg_brow(int fmt) { return fmt == GG_A8 ? 64u : 32u; }

@@ -6,8 +6,9 @@ bucket bitwise; dequantize bitwise (trellis too: both evaluate common/trellis.h'
 product in the same order); moe_mlp within the fp32-accumulation tolerance of the
 CPU suite (different summation orders; the large-batch path multiplies on tensor cores
 with exact codes and split activations), except the grouped path for bf16/fp16 activations
-(affine 4/8-bit, mxfp4), which rounds weights, H and the per-slot outputs to the activation
-type: it is checked against a float64 reference with a derived error bound (below)."""
+(affine 4/8-bit, mxfp4; trellis on sm_90a), which rounds weights, H and the per-slot outputs
+to the activation type: it is checked against a float64 reference with a derived error bound
+(below)."""
 
 import numpy as np
 import pytest
@@ -183,14 +184,17 @@ def test_moe_mlp_gpu_vs_cpu(rng, T, E, D, F, k, fmt, bits, gs, dtype):
     [
         (1, 32, 2048, 768, 8, (4, 3, 2)),    # Qwen3 widths, decode
         (16, 32, 2048, 768, 8, (2, 4, 3)),   # 128 pairs
-        (64, 16, 256, 128, 4, (6, 2, 3)),    # 256 pairs: trellis stays on the decode kernels
+        (64, 16, 256, 128, 4, (6, 2, 3)),    # 256 pairs
         (37, 8, 128, 64, 2, (8, 5, 7)),
     ],
 )
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_moe_mlp_trellis_gpu_vs_cpu(rng, T, E, D, F, k, bits, dtype):
-    # Bits differ per projection; up has no sv; same tolerance as the affine case above (the
-    # GPU decodes the same fp32 weight values as the CPU and differs in summation order only).
+def test_moe_mlp_trellis_gpu_vs_cpu(rng, monkeypatch, T, E, D, F, k, bits, dtype):
+    # The fp32 decode kernels (the grouped sm_90a kernel, which rounds the weights to the
+    # activation type, is kept off here and checked below with the grouped cases). Bits differ
+    # per projection; up has no sv; same tolerance as the affine case above (the GPU decodes
+    # the same fp32 weight values as the CPU and differs in summation order only).
+    monkeypatch.setenv("MLX_MOE_CUDA_TR_GG_MIN_PAIRS", str(1 << 30))
     projs = [random_trellis(rng, E, n, kk, b, group_size=64, su=True, sv=(i != 1))
              for i, ((n, kk), b) in enumerate(zip(((F, D), (F, D), (D, F)), bits))]
     experts = mlx_moe.Experts(*projs)
@@ -312,8 +316,25 @@ def _codes(words, bits, K):
     return ((w[..., None] >> sh) & np.uint32((1 << bits) - 1)).reshape(*w.shape[:-1], K)
 
 
-def _gg_projection(rng, shape, fmt, bits, gs, sdt):
+def _tr_indices(w, bits, N, K):
+    """Codebook indices [N, K] of one expert's trellis tiles w [K/16, ceil(N/16), 32*bits]
+    (docs/FORMATS.md: element (k, n) is number (n % 16) * 16 + k % 16 of its tile, bits LSB
+    first)."""
+    TK, TN = w.shape[:2]
+    b = np.unpackbits(np.asarray(w), axis=-1, bitorder="little").reshape(TK, TN, 256, bits)
+    idx = (b.astype(np.int64) << np.arange(bits)).sum(-1).reshape(TK, TN, 16, 16)  # [kt, nt, n, k]
+    return idx.transpose(1, 2, 0, 3).reshape(TN * 16, TK * 16)[:N, :K]
+
+
+def _gg_projection(rng, shape, fmt, bits, gs, sdt, tr=None):
     E, N, K = shape
+    if fmt == "trellis":
+        su, sv, pe, gdt = tr
+        q = random_trellis(rng, E, N, K, bits, group_size=gs, su=su, sv=sv, per_expert_grid=pe,
+                           scale_dtype=sdt, grid_dtype=gdt)
+        f64 = lambda a: None if a is None else to_np(a).astype(np.float64)
+        raw = ("trellis", bits, gs, np.array(q.w), f64(q.scales), (f64(q.grid), f64(q.su), f64(q.sv)))
+        return q, raw
     if fmt == "affine":
         w, s, b = random_affine(rng, shape, bits, gs, sdt)
         q = mlx_moe.QuantizedWeight(w, s, b, mode="affine", bits=bits, group_size=gs)
@@ -328,6 +349,13 @@ def _gg_projection(rng, shape, fmt, bits, gs, sdt):
 def _gg_dense(raw, e, u, scales_exact):
     """Dense float64 weight of expert e and the bound of its dequantization error."""
     fmt, bits, gs, w, s, b = raw
+    if fmt == "trellis":  # value ((grid[idx] * scale) * su) * sv, exact in float64
+        grid, su, sv = b
+        N, K = s.shape[-1], s.shape[-2] * gs
+        idx = _tr_indices(w[e], bits, N, K)
+        W = (grid[e] if grid.ndim == 2 else grid)[idx] * np.repeat(s[e].T, gs, axis=-1)
+        W = W * (su[e][None, :] if su is not None else 1.0) * (sv[e][:, None] if sv is not None else 1.0)
+        return W, u * np.abs(W)  # one rounding to the activation type (the fp32 product: ~2^-22)
     K = w.shape[-1] * 32 // bits
     q = _codes(w[e], bits, K).astype(np.float64)
     if fmt == "affine":
@@ -374,11 +402,13 @@ def _gg_ref_bound(x, ids, rw, raws, E, u, scales_exact):
     return y, dy + u * np.abs(y)
 
 
-def _gg_check(rng, T, E, D, F, k, fmt, bits, gs, dtype, sdt=None, bad_ids=False):
-    sdt = sdt or dtype
+def _gg_check(rng, T, E, D, F, k, fmt, bits, gs, dtype, sdt=None, bad_ids=False, tr=None):
+    sdt = sdt or (mx.float16 if fmt == "trellis" else dtype)
     u = 2.0 ** -8 if dtype == mx.bfloat16 else 2.0 ** -11
-    projs, raws = zip(*(_gg_projection(rng, s, fmt, b, gs, sdt)
-                        for s, b in zip(((E, F, D), (E, F, D), (E, D, F)), bits)))
+    # trellis: (su, sv, per-expert grid, grid dtype) of each projection
+    tr = tr or [(True, True, False, mx.float32)] * 3
+    projs, raws = zip(*(_gg_projection(rng, s, fmt, b, gs, sdt, t)
+                        for s, b, t in zip(((E, F, D), (E, F, D), (E, D, F)), bits, tr)))
     experts = mlx_moe.Experts(*projs)
     x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(dtype)
     ids, w = mlx_moe.route(random_logits(rng, T, E), k, stream=mx.cpu)
@@ -391,7 +421,7 @@ def _gg_check(rng, T, E, D, F, k, fmt, bits, gs, dtype, sdt=None, bad_ids=False)
     mx.eval(yg, y2)
     yg, y2 = to_np(yg).astype(np.float64), to_np(y2).astype(np.float64)
     assert np.array_equal(yg, y2)  # deterministic
-    exact = sdt == dtype or fmt != "affine"
+    exact = sdt == dtype or fmt != "affine"  # (affine scales not exact in the activation type)
     y, bound = _gg_ref_bound(x, ids, w, raws, E, u, exact)
     err = np.abs(yg - y)
     scale = np.abs(y).max()
@@ -449,9 +479,34 @@ def test_moe_mlp_grouped_odd_shapes(rng, gg_kernel, T, E, D, F, k, fmt, bits, gs
     _gg_check(rng, T, E, D, F, k, fmt, bits, gs, dtype, sdt)
 
 
-@pytest.mark.parametrize("fmt", ["affine", "mxfp4"])
+@pytest.mark.parametrize("fmt", ["affine", "mxfp4", "trellis"])
 def test_moe_mlp_grouped_bad_ids_and_repeat(rng, gg_kernel, fmt):
     _gg_check(rng, 700, 16, 160, 96, 4, fmt, (4, 4, 4), 32, mx.bfloat16, bad_ids=True)
+
+
+# Trellis on the grouped path: the sm_90a kernel only (with MLX_MOE_CUDA_WGMMA=0, or where
+# its shared memory does not fit, these run on the fp32 decode kernels, which the same bound
+# covers). The cases cover every bit width, gate/up of different widths, su / sv present or
+# not, per-expert and fp16 codebooks, bf16 / fp32 scales, group sizes 32-128, K % 64 == 32
+# (a half step) and N below one block. Per projection: (su, sv, per-expert codebook, its dtype).
+_T = mx.float32
+
+
+@pytest.mark.parametrize(
+    "T,E,D,F,k,bits,gs,sdt,tr",
+    [
+        (1024, 128, 2048, 768, 8, (4, 4, 4), 128, mx.float16, None),  # Qwen3 widths
+        (700, 16, 160, 96, 4, (6, 2, 3), 32, mx.float16,
+         [(True, False, False, _T), (False, True, True, _T), (False, False, False, mx.float16)]),
+        (700, 16, 192, 128, 4, (5, 7, 8), 64, mx.bfloat16,
+         [(False, True, False, _T), (True, True, False, mx.float16), (True, False, True, _T)]),
+        (300, 16, 2048, 320, 4, (3, 3, 2), 64, mx.float32, None),
+        (1500, 64, 128, 64, 6, (8, 8, 4), 32, mx.float16, None),
+    ],
+)
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_moe_mlp_grouped_trellis(rng, gg_kernel, T, E, D, F, k, bits, gs, sdt, tr, dtype):
+    _gg_check(rng, T, E, D, F, k, "trellis", bits, gs, dtype, sdt, tr=tr)
 
 
 def test_unevaluated_and_strided_inputs_without_copy_nodes(rng, tmp_path):

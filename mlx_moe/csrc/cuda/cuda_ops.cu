@@ -243,11 +243,13 @@ void dequantize(Dequantize& p, const std::vector<mx::array>& inputs_in,
 }
 
 // ------------------------------------------------------------------------------ moe_mlp
-// Grouped-kernel format of a projection (GG_A4 / GG_A8 / GG_FP4), -1 when it has none.
+// Grouped-kernel format of a projection (GG_A4 / GG_A8 / GG_FP4 / GG_TR), -1 when it has
+// none (GG_TR: the sm_90a kernel only).
 int gg_format(const WDesc& d) {
   if (d.mode == 0u && d.bits == 4u) return GG_A4;
   if (d.mode == 0u && d.bits == 8u) return GG_A8;
   if (d.mode == 1u && d.fp4_quarter == 0u) return GG_FP4;
+  if (d.mode == 2u) return GG_TR;
   return -1;
 }
 
@@ -309,6 +311,7 @@ GgKernel<XT> gg_pick(bool wg, int fmt, int sk, const WDesc& a, const WDesc& b, u
     }
   }
 #endif
+  if (fmt == GG_TR) throw std::logic_error("mlx_moe (CUDA): trellis grouped kernel unavailable");
   smem = gg_smem_bytes(fmt, a, b);
   return gg_kernel<GATEUP, XT>(fmt, sk);
 }
@@ -380,8 +383,6 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // kernel also combines (one launch less; measured neutral at 1 token and 2-7% slower from 4
   // tokens up, where the last block's serial combine outweighs the separate launch).
   const bool fused_combine = T <= env_u32("MLX_MOE_CUDA_FUSED_COMBINE", 1u);
-  // Trellis weights take the fp32 decode kernels at every size (their codebook values are
-  // not exact in bf16, which the tensor-core kernel's weight operand needs).
   // Affine 4-bit and mxfp4 projections take the tensor-core decode kernel
   // (MLX_MOE_CUDA_MMA_DECODE=0: the fp32 decode kernel for every format), up to
   // MLX_MOE_CUDA_MMA_MAX_PAIRS pairs when all three projections are such.
@@ -391,47 +392,62 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   };
   const bool mma_all = mma_on && affine4(md.gate) && affine4(md.up) && affine4(md.down);
   const uint32_t mma_max_pairs = env_u32("MLX_MOE_CUDA_MMA_MAX_PAIRS", 1024u);
-  const bool grouped = P > (mma_all ? std::max(mma_max_pairs, decode_max_pairs) : decode_max_pairs) &&
-                       !any_trellis;
+  // Grouped tensor-core kernels (bf16 / fp16 activations; gate/up of one format among affine
+  // 4-bit, 8-bit, mxfp4 and trellis, down of one of them; MLX_MOE_CUDA_GG=0: the older
+  // fp32-rescale kernel): mlp_gg_kernel (moe_cuda_grouped.cuh) / mlp_wg_kernel
+  // (moe_cuda_wgmma.cuh), tiles of GG_TM pairs. Trellis has only the sm_90a kernel; without
+  // it, trellis weights take the fp32 decode kernels at every size.
+  // Trellis: grouped from MLX_MOE_CUDA_TR_GG_MIN_PAIRS pairs (default 1: always) when the
+  // sm_90a kernel takes it (measured faster than the fp32 decode kernels from 1 token up:
+  // Qwen3 layer 159 vs 220 us at 1 token, 676 vs 1944 at 16; docs/PERFORMANCE.md).
+  const uint32_t tr_gg_min = env_u32("MLX_MOE_CUDA_TR_GG_MIN_PAIRS", 1u);
+  int gg_fgu = -1, gg_fdn = -1, gg_sc_gu = 0, gg_sc_dn = 0, gg_sk_gu = 0, gg_sk_dn = 0;
+  bool gg_ok = false;
+  if ((any_trellis ? P >= tr_gg_min : P > decode_max_pairs) &&
+      (x.dtype() == mx::bfloat16 || x.dtype() == mx::float16) &&
+      env_u32("MLX_MOE_CUDA_GG", 1u) != 0u) {
+    gg_fgu = gg_format(md.gate);
+    gg_fdn = gg_format(md.down);
+    auto sc_of = [](const WDesc& d) { return d.mode == 2u ? 2 : gg_scale_copy(d); };
+    gg_sc_gu = std::min(sc_of(md.gate), sc_of(md.up));
+    gg_sc_dn = sc_of(md.down);
+    auto al16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) % 16) == 0; };
+    // Affine scales / biases in the activation type (what mlx-community checkpoints have;
+    // broadcast as they are) or fp32 (rounded to it); other scale dtypes keep the older kernel.
+    const uint32_t xkind = x.dtype() == mx::bfloat16 ? 2u : 1u;
+    auto sk_of = [&](const WDesc& d) {
+      return d.mode != 0u ? 0 : d.scale_kind == xkind ? 0 : d.scale_kind == 0u ? 1 : -1;
+    };
+    gg_sk_gu = sk_of(md.gate);
+    gg_sk_dn = sk_of(md.down);
+    gg_ok = gg_fgu >= 0 && gg_fgu == gg_format(md.up) && gg_fdn >= 0 && gg_sc_gu > 0 &&
+            gg_sk_gu >= 0 && gg_sk_gu == sk_of(md.up) && gg_sk_dn >= 0 &&
+            gg_sc_dn > 0 && al16(ptr<void>(x)) && al16(md.gate.w) && al16(md.up.w) &&
+            al16(md.down.w);
+    // Shared memory: the mma.sync kernel's (every format but trellis; the sm_90a kernel falls
+    // back to it when its own stages do not fit), the sm_90a kernel's with 3 stages (trellis).
+    auto fits = [&](int fmt, const WDesc& a, const WDesc& b) {
+      if (fmt != GG_TR) return gg_smem_bytes(fmt, a, b) <= 227u * 1024u;
+#if defined(MLX_MOE_SM90A)
+      return wg_available() && wg_smem(GG_TR, 3, a, b) <= 227u * 1024u;
+#else
+      return false;
+#endif
+    };
+    if (gg_ok) gg_ok = fits(gg_fgu, md.gate, md.up) && fits(gg_fdn, md.down, md.down);
+  }
+  const uint32_t max_active = std::min(E, P);
+  const bool gg_tiles_ok = (P + GG_TM - 1) / GG_TM + max_active <= 65535u;  // grid.y
+  const bool grouped =
+      any_trellis ? gg_ok && gg_tiles_ok && P >= tr_gg_min
+                  : P > (mma_all ? std::max(mma_max_pairs, decode_max_pairs) : decode_max_pairs);
+  const bool gg = grouped && gg_ok && gg_tiles_ok;
   const bool direct = !grouped && P <= direct_max_pairs;
   const int ik = id_kind(ids.dtype());
 
   // Bucketing (device-side; no host sync). Grids below are sized for the worst case and
   // read the actual counts (meta) on the device, exiting early (CUDA graphs: no indirect
   // dispatch).
-  const uint32_t max_active = std::min(E, P);
-  // Grouped path, bf16 / fp16 activations, gate/up of one format among affine 4-bit, 8-bit
-  // and mxfp4 and down of one of them (MLX_MOE_CUDA_GG=0: the older fp32-rescale kernel):
-  // mlp_gg_kernel (moe_cuda_grouped.cuh), tiles of GG_TM pairs.
-  int gg_fgu = -1, gg_fdn = -1, gg_sc_gu = 0, gg_sc_dn = 0, gg_sk_gu = 0, gg_sk_dn = 0;
-  uint32_t gg_sm_gu = 0, gg_sm_dn = 0;
-  bool gg = false;
-  if (grouped && (x.dtype() == mx::bfloat16 || x.dtype() == mx::float16) &&
-      env_u32("MLX_MOE_CUDA_GG", 1u) != 0u) {
-    gg_fgu = gg_format(md.gate);
-    gg_fdn = gg_format(md.down);
-    gg_sc_gu = std::min(gg_scale_copy(md.gate), gg_scale_copy(md.up));
-    gg_sc_dn = gg_scale_copy(md.down);
-    auto al16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) % 16) == 0; };
-    // Affine scales / biases in the activation type (what mlx-community checkpoints have;
-    // broadcast as they are) or fp32 (rounded to it); other scale dtypes keep the older kernel.
-    const uint32_t xkind = x.dtype() == mx::bfloat16 ? 2u : 1u;
-    auto sk_of = [&](const WDesc& d) {
-      return d.mode == 1u ? 0 : d.scale_kind == xkind ? 0 : d.scale_kind == 0u ? 1 : -1;
-    };
-    gg_sk_gu = sk_of(md.gate);
-    gg_sk_dn = sk_of(md.down);
-    gg = gg_fgu >= 0 && gg_fgu == gg_format(md.up) && gg_fdn >= 0 && gg_sc_gu > 0 &&
-         gg_sk_gu >= 0 && gg_sk_gu == sk_of(md.up) && gg_sk_dn >= 0 &&
-         gg_sc_dn > 0 && al16(ptr<void>(x)) && al16(md.gate.w) && al16(md.up.w) &&
-         al16(md.down.w);
-    if (gg) {
-      gg_sm_gu = gg_smem_bytes(gg_fgu, md.gate, md.up);
-      gg_sm_dn = gg_smem_bytes(gg_fdn, md.down, md.down);
-      const uint32_t tiles_max = (P + GG_TM - 1) / GG_TM + max_active;
-      gg = std::max(gg_sm_gu, gg_sm_dn) <= 227u * 1024u && tiles_max <= 65535u;
-    }
-  }
   const uint32_t btile = gg ? uint32_t(GG_TM) : uint32_t(G_TM);
   const uint32_t max_tiles = (P + btile - 1) / btile + max_active;
   // Few pairs, affine 4-bit / mxfp4: the whole layer as one kernel (cuda_fused.cu), opt-in:

@@ -18,6 +18,7 @@ GgKernel<XT> wg_pick(int fmt, int sk, int stages) {
   if (fmt == GG_A8)
     return sk ? wg_pick_stages<XT, GATEUP, GG_A8, 1>(stages) : wg_pick_stages<XT, GATEUP, GG_A8, 0>(stages);
   if (fmt == GG_FP4) return wg_pick_stages<XT, GATEUP, GG_FP4, 0>(stages);
+  if (fmt == GG_TR) return wg_pick_stages<XT, GATEUP, GG_TR, 0>(stages);
   return nullptr;
 }
 
