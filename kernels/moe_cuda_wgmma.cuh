@@ -133,9 +133,9 @@ __device__ __forceinline__ void fence_proxy_async() {
 // k-tile 0 of the stage; scf: the row's scale of group 0 (groups 128 floats apart); suf: su[0]
 // (has_su); lv: shared address of the codebook (1024-aligned: a level's address is one OR of
 // the shifted, masked index); k0: the step's first k; gsh: log2(gs) when gs is a power of two,
-// else 32. The row's sv multiplies its scale once
-// per run: ((grid[idx] * (scale * sv)) * su), a different fp32 rounding order than
-// common/trellis.h's (exactly the same product when sv is +-1), before the rounding to XT.
+// else 32. The row's sv multiplies its scale once per run: (grid[idx] * (scale * sv)) * su, a
+// different fp32 rounding order than common/trellis.h's (exactly the same product when sv is
+// +-1), before the rounding to XT.
 template <uint32_t BITS, typename XT>
 __device__ __forceinline__ void wg_tr_dequant(const unsigned char* sm, uint32_t raw, uint32_t dst,
                                               uint32_t R, const float* scf, const float* suf,
@@ -375,14 +375,14 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
       }
     }
   };
-  // Dequantize the raw weight row R of stage kt (ring slot) into tile buffer b: 16-byte
-  // chunk c of the tile = k 8c .. 8c+7 = 4-bit word c (byte j: codes 2j, 2j+1) or 8-bit
-  // words 2c, 2c+1.
-  // trellis: the row's sv (1 when absent or a padding row)
+  // trellis: the row's sv (1 when absent or a padding row); log2 of a power-of-two group size
   const float svr = FMT == GG_TR && wdr.has_sv && rok
                         ? load_scale(wdr.sv, wdr.sv_kind, int64_t(moe_trellis_sv_index(e, nrow, N)))
                         : 1.f;
   const uint32_t gsh = (wdr.group_size & (wdr.group_size - 1u)) == 0u ? __ffs(wdr.group_size) - 1u : 32u;
+  // Dequantize the raw weight row R of stage kt (ring slot) into tile buffer b: 16-byte
+  // chunk c of the tile = k 8c .. 8c+7 = 4-bit word c (byte j: codes 2j, 2j+1) or 8-bit
+  // words 2c, 2c+1 (trellis: wg_tr_dequant).
   auto dequant = [&](uint32_t kt, uint32_t slot, uint32_t b) {
     if constexpr (FMT == GG_TR) {
       const uint32_t s0 = smem_u32(wg_shared);

@@ -399,7 +399,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // it, trellis weights take the fp32 decode kernels at every size.
   // Trellis: grouped from MLX_MOE_CUDA_TR_GG_MIN_PAIRS pairs (default 1: always) when the
   // sm_90a kernel takes it (measured faster than the fp32 decode kernels from 1 token up:
-  // Qwen3 layer 159 vs 220 us at 1 token, 676 vs 1944 at 16; docs/PERFORMANCE.md).
+  // Qwen3 layer 137 vs 219 us at 1 token, 567 vs 1938 at 16; docs/PERFORMANCE.md).
   const uint32_t tr_gg_min = env_u32("MLX_MOE_CUDA_TR_GG_MIN_PAIRS", 1u);
   int gg_fgu = -1, gg_fdn = -1, gg_sc_gu = 0, gg_sc_dn = 0, gg_sk_gu = 0, gg_sk_dn = 0;
   bool gg_ok = false;
