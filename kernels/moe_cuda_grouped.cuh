@@ -1,5 +1,6 @@
 // Grouped (many tokens per expert) expert MLP for bf16 / fp16 activations and affine 4-bit,
-// affine 8-bit or mxfp4 weights: the large-batch path of moe_mlp on CUDA. Included from
+// affine 8-bit, mxfp4 or trellis weights: the large-batch path of moe_mlp on CUDA (trellis:
+// from a few tokens up; the gg_tr_* helpers below). Included from
 // moe_cuda.cuh (uses its helpers: WDesc, MlpDesc, load_scale, fp4_mag2, cp_async16,
 // cp_async4, ldsm_x4, smem_u32, silu). Host dispatch: mlx_moe/csrc/cuda/cuda_ops.cu.
 //
@@ -33,7 +34,7 @@ namespace mlx_moe::cuda {
 
 constexpr int GG_TM = 128, GG_TN = 128, GG_BK = 64, GG_STAGES = 4, GG_THREADS = 256;
 constexpr int GG_A4 = 0, GG_A8 = 1, GG_FP4 = 2;  // weight formats of the grouped kernel
-constexpr int GG_TR = 3;  // trellis k-bit: the sm_90a kernel only (moe_cuda_wgmma.cuh)
+constexpr int GG_TR = 3;  // trellis k-bit (helpers below: gg_tr_*)
 
 // Bytes of one packed weight row per K step.
 __host__ __device__ constexpr uint32_t gg_brow(int fmt) { return fmt == GG_A8 ? 64u : 32u; }
@@ -44,7 +45,12 @@ __host__ __device__ constexpr uint32_t gg_stage_bytes(int fmt) {
 __host__ __device__ inline uint32_t gg_panel_sc_bytes(const WDesc& d) {
   return (uint32_t(GG_TN) * d.groups * scale_elem_bytes(d.scale_kind) + 15u) & ~15u;
 }
+__host__ __device__ inline uint32_t gg_tr_stage_bytes(const WDesc& p0, const WDesc& p1);
+__host__ __device__ inline uint32_t gg_tr_table_bytes(const WDesc& d);
 __host__ __device__ inline uint32_t gg_smem_bytes(int fmt, const WDesc& p0, const WDesc& p1) {
+  if (fmt == GG_TR)  // + 1024 to align the codebooks
+    return GG_STAGES * gg_tr_stage_bytes(p0, p1) + 1024u + 2048u + gg_tr_table_bytes(p0) +
+           gg_tr_table_bytes(p1);
   const uint32_t nb0 = p0.mode == 1u ? 1u : 2u, nb1 = p1.mode == 1u ? 1u : 2u;
   return GG_STAGES * gg_stage_bytes(fmt) + nb0 * gg_panel_sc_bytes(p0) + nb1 * gg_panel_sc_bytes(p1);
 }
@@ -200,6 +206,174 @@ __device__ __forceinline__ void gg_scale(uint32_t ss, uint32_t sb, uint32_t r, u
 }
 
 
+// ---- trellis (GG_TR) in the grouped kernels (mlp_gg_kernel, mlp_wg_kernel) ----------------
+// A stage's raw weights of a panel (128 rows) are, for each of the step's 4 k-tiles, the
+// panel's 8 tiles of 16x16 exactly as they lie in w (256 * bits contiguous bytes; the 8
+// n-tiles of a k-tile are consecutive, n-tile fastest), copied by 16-byte cp.async: the run
+// of 16 codes of panel row rr in k-tile j is the 2 * bits bytes at
+// bits * (256 j + 32 (rr >> 4) + 2 (rr & 15)) of the panel. The block's tables, fp32 in
+// shared memory: per panel scale * sv [group][128 rows] and su [K] (when present), and a
+// 1024-aligned codebook of 1024 bytes per panel (a level's address is one OR of the shifted,
+// masked index). Values: (grid[idx] * (scale * sv)) * su in fp32, rounded once to the
+// activation type (common/trellis.h's product; the scale * sv product first: the same value
+// when sv is +-1, else within one fp32 rounding).
+
+// Bytes of one raw stage (activations + both panels' packed weights of one K step).
+__host__ __device__ inline uint32_t gg_tr_stage_bytes(const WDesc& p0, const WDesc& p1) {
+  return uint32_t(GG_TM) * GG_BK * 2u + 1024u * (p0.bits + p1.bits);
+}
+// Bytes of a panel's scale and su tables (the codebooks: 2048 more, 1024-aligned).
+__host__ __device__ inline uint32_t gg_tr_table_bytes(const WDesc& d) {
+  return 4u * (d.groups * uint32_t(GG_TN) + (d.has_su ? d.K : 0u));
+}
+
+// This thread's 16-byte chunks q = tid + 256 i (i < 2: a panel has 64 * bits <= 512 per step)
+// of panel p, as (k-tile j << 30) | byte offset from the panel's first tile of the step, or
+// ~0u (no chunk, or a tile past N). Computed once per block.
+__device__ __forceinline__ void gg_tr_copy_plan(const WDesc& w0, const WDesc& w1, const uint32_t (&n0)[2],
+                                                uint32_t N, uint32_t tid, uint32_t (&trq)[2][2]) {
+  const uint32_t TNt = (N + 15u) / 16u;
+#pragma unroll
+  for (int p = 0; p < 2; ++p)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint32_t bits = (p ? w1 : w0).bits, cpj = 16u * bits, q = tid + GG_THREADS * i;
+      const uint32_t j = q / cpj, c = q - j * cpj;
+      const bool ok = q < 4u * cpj && (n0[p] >> 4) + c / (2u * bits) < TNt;
+      trq[p][i] = ok ? (j << 30) | (j * TNt * 32u * bits + 16u * c) : ~0u;
+    }
+}
+
+// Copies both panels' packed weights of the step at k0 into sbw (panel 1 at 1024 * w0.bits).
+__device__ __forceinline__ void gg_tr_copy_stage(uint32_t sbw, const WDesc& w0, const WDesc& w1,
+                                                 uint32_t e, uint32_t k0, const uint32_t (&n0)[2],
+                                                 uint32_t N, uint32_t K, uint32_t tid,
+                                                 const uint32_t (&trq)[2][2]) {
+  const uint32_t TKt = K / 16u, TNt = (N + 15u) / 16u;
+#pragma unroll
+  for (int p = 0; p < 2; ++p) {
+    const WDesc& wd = p ? w1 : w0;
+    const unsigned char* wb = reinterpret_cast<const unsigned char*>(wd.w);
+    const unsigned char* base = wb + ((int64_t(e) * TKt + k0 / 16u) * TNt + (n0[p] >> 4)) * (32u * wd.bits);
+    const uint32_t dst0 = sbw + (p ? 1024u * w0.bits : 0u);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint32_t t = trq[p][i], q = tid + GG_THREADS * i;
+      if (t == ~0u) {
+        if (q < 64u * wd.bits) cp_async16(dst0 + 16u * q, wb, 0u);  // a tile past N: zeros
+        continue;
+      }
+      const bool ok = k0 / 16u + (t >> 30) < TKt;
+      cp_async16(dst0 + 16u * q, ok ? base + (t & 0x3FFFFFFFu) : wb, ok ? 16u : 0u);
+    }
+  }
+}
+
+// Fills the block's tables (plain loads converted to fp32, 8 in flight per thread): sf, s0:
+// the shared window as floats and its 32-bit address; scp / sup / grp: per panel the shared
+// addresses of scale * sv [g][128], su [K], the codebook.
+__device__ __forceinline__ void gg_tr_load_tables(float* sf, uint32_t s0, const uint32_t (&scp)[2],
+                                                  const uint32_t (&sup)[2], const uint32_t (&grp)[2],
+                                                  const WDesc& w0, const WDesc& w1, uint32_t e,
+                                                  const uint32_t (&n0)[2], uint32_t N, uint32_t K,
+                                                  uint32_t tid) {
+#pragma unroll
+  for (int p = 0; p < 2; ++p) {
+    const WDesc& wd = p ? w1 : w0;
+    const uint32_t G = wd.groups;
+    // what = 0: scale * sv [g][r] (row n0 + r), 1: su [k], 2: codebook [level]
+    for (int what = 0; what < 3; ++what) {
+      if (what == 1 && !wd.has_su) continue;
+      const uint32_t total = what == 0 ? G * GG_TN : what == 1 ? K : 1u << wd.bits;
+      float* dst = sf + ((what == 0 ? scp[p] : what == 1 ? sup[p] : grp[p]) - s0) / 4u;
+      for (uint32_t q0 = tid; q0 < total; q0 += 8u * GG_THREADS) {
+        float v[8];
+#pragma unroll
+        for (uint32_t i = 0; i < 8; ++i) {
+          const uint32_t q = q0 + i * GG_THREADS;
+          v[i] = 0.f;
+          if (q >= total) continue;
+          if (what == 0) {
+            const uint32_t g = q / GG_TN, n = n0[p] + (q % GG_TN);
+            if (n < N) {
+              v[i] = load_scale(wd.scales, wd.scale_kind, int64_t(moe_trellis_scale_index(e, g, n, G, N)));
+              if (wd.has_sv) v[i] *= load_scale(wd.sv, wd.sv_kind, int64_t(moe_trellis_sv_index(e, n, N)));
+            }
+          } else if (what == 1) {
+            v[i] = load_scale(wd.su, wd.su_kind, int64_t(moe_trellis_su_index(e, q, K)));
+          } else {
+            v[i] = load_scale(wd.grid, wd.grid_kind, moe_trellis_grid_index(e, q, wd.bits, wd.grid_per_expert));
+          }
+        }
+#pragma unroll
+        for (uint32_t i = 0; i < 8; ++i)
+          if (q0 + i * GG_THREADS < total) dst[q0 + i * GG_THREADS] = v[i];
+      }
+    }
+  }
+}
+
+// NI consecutive codes of BITS bits starting at byte off (from sm) of a stage, any alignment
+// up to A (the largest off % 4 the caller can have), as f[i] = level * sc (* su[i] when su is
+// not null; su 16-byte aligned). lv: the codebook's shared address (1024-aligned).
+template <uint32_t BITS, uint32_t NI, uint32_t A>
+__device__ __forceinline__ void gg_tr_levels(const unsigned char* sm, uint32_t off, uint32_t lv,
+                                             float sc, const float* su, float (&f)[NI]) {
+  constexpr uint32_t M = (1u << BITS) - 1u;
+  constexpr uint32_t NW = (A + NI * BITS / 8u + 3u) / 4u;  // words covering the codes
+  const uint32_t* wp = reinterpret_cast<const uint32_t*>(sm + (off & ~3u));
+  uint32_t w[NW + 1];
+#pragma unroll
+  for (uint32_t i = 0; i < NW; ++i) w[i] = wp[i];
+  w[NW] = 0u;
+  if constexpr (A != 0u) {
+    const uint32_t sh = (off & 3u) * 8u;
+#pragma unroll
+    for (uint32_t i = 0; i < NW; ++i) w[i] = __funnelshift_r(w[i], w[i + 1], sh);
+  }
+#pragma unroll
+  for (uint32_t i = 0; i < NI; ++i) {
+    // index bits [s, s + BITS) to bits [2, 2 + BITS): the level's byte offset
+    const uint32_t bit = i * BITS, wi = bit >> 5, s = bit & 31u;
+    const uint32_t t = s < 2u ? w[wi] << (2u - s)
+                       : s + BITS <= 32u ? w[wi] >> (s - 2u)
+                                         : __funnelshift_r(w[wi], w[wi + 1], s - 2u);
+    float l;
+    asm("ld.shared.f32 %0, [%1];\n" : "=f"(l) : "r"((t & (M << 2)) | lv));  // (codebook: constant)
+    f[i] = l * sc;
+  }
+  if (su != nullptr) {
+#pragma unroll
+    for (uint32_t i = 0; i < NI / 4u; ++i) {
+      const float4 u = reinterpret_cast<const float4*>(su)[i];
+      f[4 * i] *= u.x;
+      f[4 * i + 1] *= u.y;
+      f[4 * i + 2] *= u.z;
+      f[4 * i + 3] *= u.w;
+    }
+  }
+}
+
+// Shared memory of the trellis tables' layout: grp (2 x 1024, 1024-aligned), then per panel
+// scp, sup; off: the first free byte (32-bit shared address); returns the next free one.
+__device__ __forceinline__ uint32_t gg_tr_layout(uint32_t off, const WDesc& w0, const WDesc& w1,
+                                                 uint32_t K, uint32_t (&scp)[2], uint32_t (&sup)[2],
+                                                 uint32_t (&grp)[2]) {
+  off = (off + 1023u) & ~1023u;
+  grp[0] = off;
+  grp[1] = off + 1024u;
+  off += 2048u;
+#pragma unroll
+  for (int p = 0; p < 2; ++p) {
+    const WDesc& wd = p ? w1 : w0;
+    scp[p] = off;
+    off += 4u * wd.groups * GG_TN;
+    sup[p] = off;
+    off += wd.has_su ? 4u * K : 0u;
+  }
+  return off;
+}
+
 // The block's tile of bucketed pairs (blockIdx.y: expert e, first row row0, rows of it) and
 // its projection's sizes and first weight row nb (blockIdx.x); false past the tile count
 // (grids are sized for the worst case).
@@ -296,14 +470,21 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
   const uint32_t tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
   const uint32_t gid = lane >> 2, t4 = lane & 3u;
   const uint32_t wm = (warp >> 2) * 64u, wn = (warp & 3u) * 32u;
-  constexpr uint32_t BROW = gg_brow(FMT), STAGE = gg_stage_bytes(FMT);
+  constexpr uint32_t BROW = gg_brow(FMT);
+  const uint32_t STAGE = FMT == GG_TR ? gg_tr_stage_bytes(wd0, wd1) : gg_stage_bytes(FMT);
   constexpr uint32_t ABYTES = uint32_t(GG_TM) * GG_BK * 2u;
   constexpr uint32_t BPR = BROW / 16u;  // 16-byte chunks per weight row per step
   constexpr uint32_t KPC = FMT == GG_A8 ? 16u : 32u;  // k per weight chunk
   const uint32_t smem0 = smem_u32(gg_smem);
-  // raw scales / biases: [panel][128][groups]
-  uint32_t scp[2], bip[2];
-  {
+  // raw scales / biases: [panel][128][groups] (trellis: gg_tr_layout: scp = scale * sv, bip =
+  // su, grp = codebooks)
+  uint32_t scp[2], bip[2], grp[2];
+  const uint32_t n0[2] = {GG_N0(0), GG_N0(1)};
+  uint32_t trq[2][2];  // trellis: the copy plan (gg_tr_copy_plan)
+  if constexpr (FMT == GG_TR) {
+    gg_tr_layout(smem0 + GG_STAGES * STAGE, wd0, wd1, K, scp, bip, grp);
+    gg_tr_copy_plan(wd0, wd1, n0, N, tid, trq);
+  } else {
     uint32_t off = smem0 + GG_STAGES * STAGE;
     const uint32_t b0 = gg_panel_sc_bytes(wd0), b1 = gg_panel_sc_bytes(wd1);
     scp[0] = off; off += b0;
@@ -322,8 +503,9 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
     const uint32_t k0 = kt * GG_BK;
     const uint32_t sa = smem0 + slot * STAGE, sbw = sa + ABYTES;
     gg_copy_act(sa, A, arow, aok, kt, K, tid, [](uint32_t c, uint32_t r) { return c ^ ((r & 1u) << 2); });
+    if constexpr (FMT == GG_TR) gg_tr_copy_stage(sbw, wd0, wd1, e, k0, n0, N, K, tid, trq);
 #pragma unroll
-    for (int p = 0; p < 2; ++p) {
+    for (int p = 0; p < (FMT == GG_TR ? 0 : 2); ++p) {
       const WDesc& wd = p ? wd1 : wd0;
 #pragma unroll
       for (uint32_t j = 0; j < GG_TN * BPR / GG_THREADS; ++j) {
@@ -341,8 +523,11 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
     }
   };
   auto load_scales = [&]() {
+    if constexpr (FMT == GG_TR)
+      gg_tr_load_tables(reinterpret_cast<float*>(gg_smem), smem0, scp, bip, grp, wd0, wd1, e, n0, N,
+                        K, tid);
 #pragma unroll
-    for (int p = 0; p < 2; ++p) {
+    for (int p = 0; p < (FMT == GG_TR ? 0 : 2); ++p) {
       const WDesc& wd = p ? wd1 : wd0;
       const uint32_t es = scale_elem_bytes(wd.scale_kind);
       const uint32_t per_row = wd.groups * es;  // bytes, a multiple of 4
@@ -417,7 +602,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
             wr[p][nt][u][1] = v.y;
           }
         }
-    } else {
+    } else if constexpr (FMT != GG_TR) {
       const uint32_t mi = lane >> 3;
 #pragma unroll
       for (int p = 0; p < 2; ++p)
@@ -439,8 +624,51 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
       // scales of this unit: [panel][n-tile]
       uint32_t s2[2][4], b2[2][4];
       float sf[2][4], bfv[2][4];
+      // trellis: this thread's 8 k of the unit (k-tile jt, codes 8 (t4 & 1) ..) of each row,
+      // as 4 XT pairs: [panel][n-tile][pair]
+      uint32_t tq[2][4][4];
+      if constexpr (FMT == GG_TR) {
+        const uint32_t jt = 2u * u + (t4 >> 1), kj = k0 + 16u * jt;
 #pragma unroll
-      for (int p = 0; p < 2; ++p) {
+        for (int p = 0; p < 2; ++p) {
+          const WDesc& wd = p ? wd1 : wd0;
+          if (kj >= K) {  // past K (K % 64 == 32): zeros (the tables end at K)
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+              for (int i = 0; i < 4; ++i) tq[p][nt][i] = 0u;
+            continue;
+          }
+          const float* sfl = reinterpret_cast<const float*>(gg_smem);
+          const float* scf = sfl + (scp[p] - smem0) / 4u + (kj / wd.group_size) * uint32_t(GG_TN);
+          const float* su = wd.has_su ? sfl + (bip[p] - smem0) / 4u + kj + 8u * (t4 & 1u) : nullptr;
+          const uint32_t pb = sbw - smem0 + (p ? 1024u * wd0.bits : 0u);
+          auto dec = [&](auto bits_tag) {
+            constexpr uint32_t B = decltype(bits_tag)::value;
+            constexpr uint32_t AL = B % 4u == 0u ? 0u : B % 2u == 0u ? 2u : 3u;
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+              const uint32_t rr = wn + nt * 8u + gid;
+              float f[8];
+              gg_tr_levels<B, 8, AL>(gg_smem, pb + B * (256u * jt + 32u * (rr >> 4) + 2u * (rr & 15u) + (t4 & 1u)),
+                                     grp[p], scf[rr], su, f);
+#pragma unroll
+              for (int i = 0; i < 4; ++i) tq[p][nt][i] = gg_pack<XT>(f[2 * i], f[2 * i + 1]);
+            }
+          };
+          switch (wd.bits) {
+            case 2: dec(std::integral_constant<uint32_t, 2>{}); break;
+            case 3: dec(std::integral_constant<uint32_t, 3>{}); break;
+            case 4: dec(std::integral_constant<uint32_t, 4>{}); break;
+            case 5: dec(std::integral_constant<uint32_t, 5>{}); break;
+            case 6: dec(std::integral_constant<uint32_t, 6>{}); break;
+            case 7: dec(std::integral_constant<uint32_t, 7>{}); break;
+            default: dec(std::integral_constant<uint32_t, 8>{}); break;
+          }
+        }
+      }
+#pragma unroll
+      for (int p = 0; p < 2 && FMT != GG_TR; ++p) {
         const uint32_t G = p ? G1 : G0;
         const uint32_t g = min((k0 / 32u + u) / (p ? gsu1 : gsu0), G - 1u);
 #pragma unroll
@@ -468,7 +696,10 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
         for (int p = 0; p < 2; ++p)
 #pragma unroll
           for (int nt = 0; nt < 4; ++nt) {
-            if constexpr (FMT == GG_A4) {
+            if constexpr (FMT == GG_TR) {
+              bq[p][nt][0] = tq[p][nt][2 * h];
+              bq[p][nt][1] = tq[p][nt][2 * h + 1];
+            } else if constexpr (FMT == GG_A4) {
               const uint32_t w = wr[p][nt][u][0];
 #pragma unroll
               for (int jb = 0; jb < 2; ++jb)

@@ -21,15 +21,9 @@
 // cp.async) into rows padded to an odd number of words (each thread reads its own row's
 // group: conflict-free).
 //
-// Trellis k-bit (FMT GG_TR; bits per projection, dispatched per panel inside the kernel): a
-// stage's raw weights of a panel are, for each of the step's 4 k-tiles, the panel's 8 tiles
-// of 16x16 exactly as they lie in w (256 * bits contiguous bytes; cp.async of 16 bytes), so
-// thread R's 16 codes of k-tile j are the 2 * bits bytes at bits * (256 j + 32 t + 2 r)
-// (t, r: its row's tile and run). The block's scales (as fp32, [group][128 rows]), su (fp32,
-// all of K) and codebooks (fp32) are loaded once; sv is a register. Each value is
-// (grid[idx] * (scale * sv)) * su in fp32 (common/trellis.h's product; sv applied to the scale
-// once per run), rounded once to XT (the same rounding of the weight the affine formats get),
-// so the trellis formats take the tensor cores like the others.
+// Trellis k-bit (FMT GG_TR; bits per projection, dispatched per panel inside the kernel): the
+// stage layout, tables and value of moe_cuda_grouped.cuh's gg_tr_* helpers; each thread
+// dequantizes its row's 4 runs of 16 codes per step into the tile like the other formats.
 #pragma once
 
 #include "moe_cuda.cuh"
@@ -46,13 +40,13 @@ __host__ __device__ inline uint32_t wg_sc_words(const WDesc& d) {
 // Shared memory of one panel's scales (and biases); trellis: scales [groups][128] + su [K]
 // (when present) + codebook, all fp32.
 __host__ __device__ inline uint32_t wg_panel_bytes(const WDesc& d) {
-  if (d.mode == 2u) return 4u * (d.groups * uint32_t(GG_TN) + (d.has_su ? d.K : 0u) + 256u);
+  if (d.mode == 2u) return gg_tr_table_bytes(d) + 1024u;  // + its codebook
   return (d.mode == 1u ? 1u : 2u) * uint32_t(GG_TN) * wg_sc_words(d) * 4u;
 }
 // Bytes of one raw stage: activations + both panels' packed weights of one K step.
 template <int FMT>
 __host__ __device__ inline uint32_t wg_stage_bytes(const WDesc& p0, const WDesc& p1) {
-  if constexpr (FMT == GG_TR) return uint32_t(GG_TM) * GG_BK * 2u + 1024u * (p0.bits + p1.bits);
+  if constexpr (FMT == GG_TR) return gg_tr_stage_bytes(p0, p1);
   else return gg_stage_bytes(FMT);
 }
 // Dynamic shared memory of the wgmma kernel with S raw stages (1024: alignment of the base).
@@ -130,60 +124,23 @@ __device__ __forceinline__ void fence_proxy_async() {
 
 // Trellis: dequantizes thread R's row of one K step (4 k-tiles of 16) into the tile row at
 // shared address dst. sm: the shared window; raw: byte offset (from sm) of the row's run in
-// k-tile 0 of the stage; scf: the row's scale of group 0 (groups 128 floats apart); suf: su[0]
-// (has_su); lv: shared address of the codebook (1024-aligned: a level's address is one OR of
-// the shifted, masked index); k0: the step's first k; gsh: log2(gs) when gs is a power of two,
-// else 32. The row's sv multiplies its scale once per run: (grid[idx] * (scale * sv)) * su, a
-// different fp32 rounding order than common/trellis.h's (exactly the same product when sv is
-// +-1), before the rounding to XT.
+// k-tile 0 of the stage; scf: the row's scale * sv of group 0 (groups 128 floats apart); suf:
+// su[0] or null; lv: the codebook's shared address; k0: the step's first k; gsh: log2(gs) when
+// gs is a power of two, else 32.
 template <uint32_t BITS, typename XT>
 __device__ __forceinline__ void wg_tr_dequant(const unsigned char* sm, uint32_t raw, uint32_t dst,
                                               uint32_t R, const float* scf, const float* suf,
-                                              uint32_t lv, float sv, bool has_su, uint32_t k0,
-                                              uint32_t K, uint32_t gs, uint32_t gsh) {
-  constexpr uint32_t M = (1u << BITS) - 1u;
-  // words covering the run (2 * BITS bytes; odd BITS: from 2 bytes before it at odd runs)
-  constexpr uint32_t NW = (BITS & 1u) ? (2u * BITS + 5u) / 4u : BITS / 2u;
+                                              uint32_t lv, uint32_t k0, uint32_t K, uint32_t gs,
+                                              uint32_t gsh) {
 #pragma unroll
   for (uint32_t j = 0; j < 4; ++j) {
     const uint32_t kj = k0 + 16u * j;
     uint32_t v[8];
     if (kj < K) {
-      const uint32_t off = raw + BITS * 256u * j;
-      const uint32_t* wp = reinterpret_cast<const uint32_t*>(sm + (off & ~3u));
-      uint32_t w[NW + 1];
-#pragma unroll
-      for (uint32_t i = 0; i < NW; ++i) w[i] = wp[i];
-      w[NW] = 0u;
-      if constexpr ((BITS & 1u) != 0u) {
-        const uint32_t sh = (off & 3u) * 8u;
-#pragma unroll
-        for (uint32_t i = 0; i < NW; ++i) w[i] = __funnelshift_r(w[i], w[i + 1], sh);
-      }
-      const float sc = scf[(gsh < 32u ? kj >> gsh : kj / gs) * uint32_t(GG_TN)] * sv;
       float f[16];
-#pragma unroll
-      for (uint32_t i = 0; i < 16; ++i) {
-        // index bits [s, s + BITS) of the run to bits [2, 2 + BITS): the level's byte offset
-        const uint32_t bit = i * BITS, wi = bit >> 5, s = bit & 31u;
-        const uint32_t t = s < 2u ? w[wi] << (2u - s)
-                           : s + BITS <= 32u ? w[wi] >> (s - 2u)
-                                             : __funnelshift_r(w[wi], w[wi + 1], s - 2u);
-        float l;
-        asm("ld.shared.f32 %0, [%1];\n" : "=f"(l) : "r"((t & (M << 2)) | lv));  // (codebook: constant)
-        f[i] = l * sc;
-      }
-      if (has_su) {
-        const float4* sp = reinterpret_cast<const float4*>(suf + kj);
-#pragma unroll
-        for (uint32_t i = 0; i < 4; ++i) {
-          const float4 u = sp[i];
-          f[4 * i] *= u.x;
-          f[4 * i + 1] *= u.y;
-          f[4 * i + 2] *= u.z;
-          f[4 * i + 3] *= u.w;
-        }
-      }
+      gg_tr_levels<BITS, 16, (BITS & 1u) ? 2u : 0u>(sm, raw + BITS * 256u * j, lv,
+                                                     scf[(gsh < 32u ? kj >> gsh : kj / gs) * uint32_t(GG_TN)],
+                                                     suf ? suf + kj : nullptr, f);
 #pragma unroll
       for (uint32_t i = 0; i < 8; ++i) v[i] = gg_pack<XT>(f[2 * i], f[2 * i + 1]);
     } else {  // past K (K % 64 == 32): zeros, whatever the zero-filled stage decodes to
@@ -230,26 +187,15 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
   const uint32_t smem0 = (smem_u32(wg_shared) + 1023u) & ~1023u;
   const uint32_t bt0 = smem0, ring = smem0 + 2u * WG_BTILE;
   // padded raw scales / biases: [panel][128 rows][sw[p] words]
-  // (trellis: grp = codebook (1024 bytes each, 1024-aligned: STAGE is a multiple of 1024),
-  // scp = scales [groups][128], bip = su [K], all fp32)
+  // (trellis: gg_tr_layout: scp = scale * sv, bip = su, grp = codebooks)
   uint32_t scp[2], bip[2], sw[2], grp[2];
   {
     uint32_t off = ring + uint32_t(S) * STAGE;
-    if constexpr (FMT == GG_TR) {
-      grp[0] = off;
-      grp[1] = off + 1024u;
-      off += 2048u;
-    }
+    if constexpr (FMT == GG_TR) gg_tr_layout(off, wd0, wd1, K, scp, bip, grp);
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
+      if constexpr (FMT == GG_TR) continue;
       const WDesc& wd = p ? wd1 : wd0;
-      if constexpr (FMT == GG_TR) {
-        scp[p] = off;
-        off += 4u * wd.groups * GG_TN;
-        bip[p] = off;
-        off += wd.has_su ? 4u * K : 0u;
-        continue;
-      }
       sw[p] = wg_sc_words(wd);
       scp[p] = off;
       off += GG_TN * sw[p] * 4u;
@@ -273,44 +219,14 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
   const uint32_t gsu = wdr.gs_units, G = wdr.groups;
   const uint32_t KT = (K + GG_BK - 1) / GG_BK;
 
-  // Trellis copies: this thread's 16-byte chunks q = tid + 256 i (i < 2: a panel has 64 * bits
-  // <= 512 per step) of panel p, as (k-tile j << 30) | byte offset from the panel's first tile
-  // of the step, or ~0u (no chunk, or a tile past N).
-  const uint32_t TKt = K / 16u, TNt = (N + 15u) / 16u;
-  uint32_t trq[2][2];
-#pragma unroll
-  for (int p = 0; p < 2; ++p)
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const uint32_t bits = (p ? wd1 : wd0).bits, cpj = 16u * bits, q = tid + GG_THREADS * i;
-      const uint32_t j = q / cpj, c = q - j * cpj;
-      const bool ok = FMT == GG_TR && q < 4u * cpj && (n0[p] >> 4) + c / (2u * bits) < TNt;
-      trq[p][i] = ok ? (j << 30) | (j * TNt * 32u * bits + 16u * c) : ~0u;
-    }
+  uint32_t trq[2][2];  // trellis: the copy plan (gg_tr_copy_plan)
+  if constexpr (FMT == GG_TR) gg_tr_copy_plan(wd0, wd1, n0, N, tid, trq);
   auto load_stage = [&](uint32_t kt, uint32_t slot) {
     const uint32_t k0 = kt * GG_BK;
     const uint32_t sa = ring + slot * STAGE, sbw = sa + ABYTES;
     gg_copy_act(sa, A, arow, aok, kt, K, tid, [](uint32_t c, uint32_t r) { return c ^ (r & 7u); });
     if constexpr (FMT == GG_TR) {
-      // panel p: k-tiles j = 0..3 of the step, each the 8 tiles of the panel's 128 rows
-#pragma unroll
-      for (int p = 0; p < 2; ++p) {
-        const WDesc& wd = p ? wd1 : wd0;
-        const unsigned char* wb = reinterpret_cast<const unsigned char*>(wd.w);
-        const unsigned char* base = wb + ((int64_t(e) * TKt + k0 / 16u) * TNt + (n0[p] >> 4)) * (32u * wd.bits);
-        const uint32_t dst0 = sbw + (p ? 1024u * wd0.bits : 0u);
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const uint32_t t = trq[p][i];
-          if (t == ~0u) {
-            if (uint32_t(tid + GG_THREADS * i) < 64u * wd.bits)  // a tile past N: zeros
-              cp_async16(dst0 + 16u * (tid + GG_THREADS * i), wb, 0u);
-            continue;
-          }
-          const bool ok = k0 / 16u + (t >> 30) < TKt;
-          cp_async16(dst0 + 16u * (tid + GG_THREADS * i), ok ? base + (t & 0x3FFFFFFFu) : wb, ok ? 16u : 0u);
-        }
-      }
+      gg_tr_copy_stage(sbw, wd0, wd1, e, k0, n0, N, K, tid, trq);
     } else {
       // raw weight row R: BROW bytes (64 codes), 16-byte chunks permuted by wg_raw_pos
 #pragma unroll
@@ -322,40 +238,9 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
     }
   };
   auto load_scales = [&]() {
-    if constexpr (FMT == GG_TR) {  // plain loads, converted to fp32, 8 in flight per thread
-      float* sf = reinterpret_cast<float*>(wg_shared);
-      const uint32_t s0 = smem_u32(wg_shared);
-#pragma unroll
-      for (int p = 0; p < 2; ++p) {
-        const WDesc& wd = p ? wd1 : wd0;
-        const uint32_t G = wd.groups;
-        // what = 0: scales [g][r] (row n0 + r), 1: su [k], 2: codebook [level]
-        for (int what = 0; what < 3; ++what) {
-          if (what == 1 && !wd.has_su) continue;
-          const uint32_t total = what == 0 ? G * GG_TN : what == 1 ? K : 1u << wd.bits;
-          float* dst = sf + ((what == 0 ? scp[p] : what == 1 ? bip[p] : grp[p]) - s0) / 4u;
-          for (uint32_t q0 = tid; q0 < total; q0 += 8u * GG_THREADS) {
-            float v[8];
-#pragma unroll
-            for (uint32_t i = 0; i < 8; ++i) {
-              const uint32_t q = q0 + i * GG_THREADS;
-              v[i] = 0.f;
-              if (q >= total) continue;
-              if (what == 0) {
-                const uint32_t g = q / GG_TN, n = n0[p] + (q % GG_TN);
-                if (n < N) v[i] = load_scale(wd.scales, wd.scale_kind, int64_t(moe_trellis_scale_index(e, g, n, G, N)));
-              } else if (what == 1) {
-                v[i] = load_scale(wd.su, wd.su_kind, int64_t(moe_trellis_su_index(e, q, K)));
-              } else {
-                v[i] = load_scale(wd.grid, wd.grid_kind, moe_trellis_grid_index(e, q, wd.bits, wd.grid_per_expert));
-              }
-            }
-#pragma unroll
-            for (uint32_t i = 0; i < 8; ++i)
-              if (q0 + i * GG_THREADS < total) dst[q0 + i * GG_THREADS] = v[i];
-          }
-        }
-      }
+    if constexpr (FMT == GG_TR) {
+      gg_tr_load_tables(reinterpret_cast<float*>(wg_shared), smem_u32(wg_shared), scp, bip, grp, wd0,
+                        wd1, e, n0, N, K, tid);
     } else {
 #pragma unroll
       for (int p = 0; p < 2; ++p) {
@@ -375,10 +260,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
       }
     }
   };
-  // trellis: the row's sv (1 when absent or a padding row); log2 of a power-of-two group size
-  const float svr = FMT == GG_TR && wdr.has_sv && rok
-                        ? load_scale(wdr.sv, wdr.sv_kind, int64_t(moe_trellis_sv_index(e, nrow, N)))
-                        : 1.f;
+  // trellis: log2 of a power-of-two group size
   const uint32_t gsh = (wdr.group_size & (wdr.group_size - 1u)) == 0u ? __ffs(wdr.group_size) - 1u : 32u;
   // Dequantize the raw weight row R of stage kt (ring slot) into tile buffer b: 16-byte
   // chunk c of the tile = k 8c .. 8c+7 = 4-bit word c (byte j: codes 2j, 2j+1) or 8-bit
@@ -390,11 +272,10 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
                            wdr.bits * (32u * (rr >> 4) + 2u * (rr & 15u));
       const float* sf = reinterpret_cast<const float*>(wg_shared);
       const float* scf = sf + (ssr - s0) / 4u + rr;
-      const float* suf = sf + (sbr - s0) / 4u;
+      const float* suf = wdr.has_su ? sf + (sbr - s0) / 4u : nullptr;
       const uint32_t lv = rp ? grp[1] : grp[0];
       const uint32_t dst = bt0 + b * WG_BTILE + R * 128u, k0 = kt * GG_BK, gs = wdr.group_size;
-      const bool hu = wdr.has_su != 0u;
-#define WG_TR(B) wg_tr_dequant<B, XT>(wg_shared, raw, dst, R, scf, suf, lv, svr, hu, k0, K, gs, gsh)
+#define WG_TR(B) wg_tr_dequant<B, XT>(wg_shared, raw, dst, R, scf, suf, lv, k0, K, gs, gsh)
       switch (wdr.bits) {
         case 2: WG_TR(2); break;
         case 3: WG_TR(3); break;

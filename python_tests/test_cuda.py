@@ -6,7 +6,7 @@ bucket bitwise; dequantize bitwise (trellis too: both evaluate common/trellis.h'
 product in the same order); moe_mlp within the fp32-accumulation tolerance of the
 CPU suite (different summation orders; the large-batch path multiplies on tensor cores
 with exact codes and split activations), except the grouped path for bf16/fp16 activations
-(affine 4/8-bit, mxfp4; trellis on sm_90a), which rounds weights, H and the per-slot outputs
+(affine 4/8-bit, mxfp4, trellis), which rounds weights, H and the per-slot outputs
 to the activation type: it is checked against a float64 reference with a derived error bound
 (below)."""
 
@@ -190,8 +190,8 @@ def test_moe_mlp_gpu_vs_cpu(rng, T, E, D, F, k, fmt, bits, gs, dtype):
 )
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_moe_mlp_trellis_gpu_vs_cpu(rng, monkeypatch, T, E, D, F, k, bits, dtype):
-    # The fp32 decode kernels (the grouped sm_90a kernel, which rounds the weights to the
-    # activation type, is kept off here and checked below with the grouped cases). Bits differ
+    # The fp32 decode kernels (the grouped kernels, which round the weights to the activation
+    # type, are kept off here and checked below with the grouped cases). Bits differ
     # per projection; up has no sv; same tolerance as the affine case above (the GPU decodes
     # the same fp32 weight values as the CPU and differs in summation order only).
     monkeypatch.setenv("MLX_MOE_CUDA_TR_GG_MIN_PAIRS", str(1 << 30))
@@ -294,9 +294,9 @@ def test_moe_mlp_tensor_core_decode_many_pairs_gpu_vs_cpu(rng, monkeypatch, T):
 
 
 # ------------------------------------------------------------------ grouped tensor-core path
-# Large batches with bf16 / fp16 activations and affine 4/8-bit or mxfp4 weights take
-# mlp_gg_kernel (kernels/moe_cuda_grouped.cuh): weights dequantized to the activation type
-# (s*q+b rounded once), fp32 accumulation, the hidden layer H and the per-slot down outputs
+# Large batches with bf16 / fp16 activations and affine 4/8-bit, mxfp4 or trellis weights take
+# mlp_gg_kernel (kernels/moe_cuda_grouped.cuh; on sm_90 mlp_wg_kernel): weights dequantized to
+# the activation type (s*q+b, trellis's fp32 value, rounded once), fp32 accumulation, the hidden layer H and the per-slot down outputs
 # stored in the activation type. Checked against an independent float64 NumPy reference with
 # a first-order worst-case error bound derived from those roundings (u = unit roundoff of the
 # activation type: 2^-8 bf16, 2^-11 fp16):
@@ -484,9 +484,9 @@ def test_moe_mlp_grouped_bad_ids_and_repeat(rng, gg_kernel, fmt):
     _gg_check(rng, 700, 16, 160, 96, 4, fmt, (4, 4, 4), 32, mx.bfloat16, bad_ids=True)
 
 
-# Trellis on the grouped path: the sm_90a kernel only (with MLX_MOE_CUDA_WGMMA=0, or where
-# its shared memory does not fit, these run on the fp32 decode kernels, which the same bound
-# covers). The cases cover every bit width, gate/up of different widths, su / sv present or
+# Trellis on the grouped path (both kernels, through gg_kernel; a layer whose tables do not
+# fit the shared memory takes the fp32 decode kernels, which the same bound covers). The
+# cases cover every bit width, gate/up of different widths, su / sv present or
 # not, per-expert and fp16 codebooks, bf16 / fp32 scales, group sizes 32-128, K % 64 == 32
 # (a half step) and N below one block. Per projection: (su, sv, per-expert codebook, its dtype).
 _T = mx.float32

@@ -244,7 +244,7 @@ void dequantize(Dequantize& p, const std::vector<mx::array>& inputs_in,
 
 // ------------------------------------------------------------------------------ moe_mlp
 // Grouped-kernel format of a projection (GG_A4 / GG_A8 / GG_FP4 / GG_TR), -1 when it has
-// none (GG_TR: the sm_90a kernel only).
+// none.
 int gg_format(const WDesc& d) {
   if (d.mode == 0u && d.bits == 4u) return GG_A4;
   if (d.mode == 0u && d.bits == 8u) return GG_A8;
@@ -268,6 +268,7 @@ auto gg_kernel(int fmt, int sk) {
   switch (fmt) {
     case GG_A4: return sk ? mlp_gg_kernel<GATEUP, XT, GG_A4, 1> : mlp_gg_kernel<GATEUP, XT, GG_A4, 0>;
     case GG_A8: return sk ? mlp_gg_kernel<GATEUP, XT, GG_A8, 1> : mlp_gg_kernel<GATEUP, XT, GG_A8, 0>;
+    case GG_TR: return mlp_gg_kernel<GATEUP, XT, GG_TR, 0>;
     default: return mlp_gg_kernel<GATEUP, XT, GG_FP4, 0>;
   }
 }
@@ -311,7 +312,6 @@ GgKernel<XT> gg_pick(bool wg, int fmt, int sk, const WDesc& a, const WDesc& b, u
     }
   }
 #endif
-  if (fmt == GG_TR) throw std::logic_error("mlx_moe (CUDA): trellis grouped kernel unavailable");
   smem = gg_smem_bytes(fmt, a, b);
   return gg_kernel<GATEUP, XT>(fmt, sk);
 }
@@ -395,12 +395,13 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // Grouped tensor-core kernels (bf16 / fp16 activations; gate/up of one format among affine
   // 4-bit, 8-bit, mxfp4 and trellis, down of one of them; MLX_MOE_CUDA_GG=0: the older
   // fp32-rescale kernel): mlp_gg_kernel (moe_cuda_grouped.cuh) / mlp_wg_kernel
-  // (moe_cuda_wgmma.cuh), tiles of GG_TM pairs. Trellis has only the sm_90a kernel; without
-  // it, trellis weights take the fp32 decode kernels at every size.
-  // Trellis: grouped from MLX_MOE_CUDA_TR_GG_MIN_PAIRS pairs (default 1: always) when the
-  // sm_90a kernel takes it (measured faster than the fp32 decode kernels from 1 token up:
-  // Qwen3 layer 137 vs 219 us at 1 token, 567 vs 1938 at 16; docs/PERFORMANCE.md).
-  const uint32_t tr_gg_min = env_u32("MLX_MOE_CUDA_TR_GG_MIN_PAIRS", 1u);
+  // (moe_cuda_wgmma.cuh), tiles of GG_TM pairs.
+  // Trellis: grouped from MLX_MOE_CUDA_TR_GG_MIN_PAIRS pairs. Default: always on wgmma
+  // (measured faster than the fp32 decode kernels from 1 token up, Qwen3 layer on the H100:
+  // 137 vs 219 us at 1 token, 567 vs 1938 at 16), from 16 pairs on mma.sync (256 vs 216 us
+  // at 8 pairs, 1072 vs 1918 at 128; linear in between: even at ~13); docs/PERFORMANCE.md.
+  const uint32_t tr_gg_min =
+      any_trellis ? env_u32("MLX_MOE_CUDA_TR_GG_MIN_PAIRS", wg_available() ? 1u : 16u) : 0u;
   int gg_fgu = -1, gg_fdn = -1, gg_sc_gu = 0, gg_sc_dn = 0, gg_sk_gu = 0, gg_sk_dn = 0;
   bool gg_ok = false;
   if ((any_trellis ? P >= tr_gg_min : P > decode_max_pairs) &&
@@ -424,15 +425,10 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
             gg_sk_gu >= 0 && gg_sk_gu == sk_of(md.up) && gg_sk_dn >= 0 &&
             gg_sc_dn > 0 && al16(ptr<void>(x)) && al16(md.gate.w) && al16(md.up.w) &&
             al16(md.down.w);
-    // Shared memory: the mma.sync kernel's (every format but trellis; the sm_90a kernel falls
-    // back to it when its own stages do not fit), the sm_90a kernel's with 3 stages (trellis).
+    // Shared memory: the mma.sync kernel's (the sm_90a kernel falls back to it when its own
+    // stages do not fit).
     auto fits = [&](int fmt, const WDesc& a, const WDesc& b) {
-      if (fmt != GG_TR) return gg_smem_bytes(fmt, a, b) <= 227u * 1024u;
-#if defined(MLX_MOE_SM90A)
-      return wg_available() && wg_smem(GG_TR, 3, a, b) <= 227u * 1024u;
-#else
-      return false;
-#endif
+      return gg_smem_bytes(fmt, a, b) <= 227u * 1024u;
     };
     if (gg_ok) gg_ok = fits(gg_fgu, md.gate, md.up) && fits(gg_fdn, md.down, md.down);
   }
