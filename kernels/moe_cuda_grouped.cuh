@@ -45,11 +45,18 @@ __host__ __device__ constexpr uint32_t gg_stage_bytes(int fmt) {
 __host__ __device__ inline uint32_t gg_panel_sc_bytes(const WDesc& d) {
   return (uint32_t(GG_TN) * d.groups * scale_elem_bytes(d.scale_kind) + 15u) & ~15u;
 }
-__host__ __device__ inline uint32_t gg_tr_stage_bytes(const WDesc& p0, const WDesc& p1);
-__host__ __device__ inline uint32_t gg_tr_table_bytes(const WDesc& d);
+// Bytes of one raw stage of either grouped kernel for the projections' descriptors (trellis,
+// GG_TR: by their bit widths; the panels' tiles of one K step, see gg_tr_* below).
+__host__ __device__ inline uint32_t gg_stage_bytes(int fmt, const WDesc& p0, const WDesc& p1) {
+  return fmt == GG_TR ? uint32_t(GG_TM) * GG_BK * 2u + 1024u * (p0.bits + p1.bits) : gg_stage_bytes(fmt);
+}
+// Trellis: bytes of a panel's scale and su tables (the codebooks: 2048 more, 1024-aligned).
+__host__ __device__ inline uint32_t gg_tr_table_bytes(const WDesc& d) {
+  return 4u * (d.groups * uint32_t(GG_TN) + (d.has_su ? d.K : 0u));
+}
 __host__ __device__ inline uint32_t gg_smem_bytes(int fmt, const WDesc& p0, const WDesc& p1) {
   if (fmt == GG_TR)  // + 1024 to align the codebooks
-    return GG_STAGES * gg_tr_stage_bytes(p0, p1) + 1024u + 2048u + gg_tr_table_bytes(p0) +
+    return GG_STAGES * gg_stage_bytes(fmt, p0, p1) + 1024u + 2048u + gg_tr_table_bytes(p0) +
            gg_tr_table_bytes(p1);
   const uint32_t nb0 = p0.mode == 1u ? 1u : 2u, nb1 = p1.mode == 1u ? 1u : 2u;
   return GG_STAGES * gg_stage_bytes(fmt) + nb0 * gg_panel_sc_bytes(p0) + nb1 * gg_panel_sc_bytes(p1);
@@ -217,15 +224,6 @@ __device__ __forceinline__ void gg_scale(uint32_t ss, uint32_t sb, uint32_t r, u
 // masked index). Values: (grid[idx] * (scale * sv)) * su in fp32, rounded once to the
 // activation type (common/trellis.h's product; the scale * sv product first: the same value
 // when sv is +-1, else within one fp32 rounding).
-
-// Bytes of one raw stage (activations + both panels' packed weights of one K step).
-__host__ __device__ inline uint32_t gg_tr_stage_bytes(const WDesc& p0, const WDesc& p1) {
-  return uint32_t(GG_TM) * GG_BK * 2u + 1024u * (p0.bits + p1.bits);
-}
-// Bytes of a panel's scale and su tables (the codebooks: 2048 more, 1024-aligned).
-__host__ __device__ inline uint32_t gg_tr_table_bytes(const WDesc& d) {
-  return 4u * (d.groups * uint32_t(GG_TN) + (d.has_su ? d.K : 0u));
-}
 
 // This thread's 16-byte chunks q = tid + 256 i (i < 2: a panel has 64 * bits <= 512 per step)
 // of panel p, as (k-tile j << 30) | byte offset from the panel's first tile of the step, or
@@ -471,7 +469,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
   const uint32_t gid = lane >> 2, t4 = lane & 3u;
   const uint32_t wm = (warp >> 2) * 64u, wn = (warp & 3u) * 32u;
   constexpr uint32_t BROW = gg_brow(FMT);
-  const uint32_t STAGE = FMT == GG_TR ? gg_tr_stage_bytes(wd0, wd1) : gg_stage_bytes(FMT);
+  const uint32_t STAGE = gg_stage_bytes(FMT, wd0, wd1);
   constexpr uint32_t ABYTES = uint32_t(GG_TM) * GG_BK * 2u;
   constexpr uint32_t BPR = BROW / 16u;  // 16-byte chunks per weight row per step
   constexpr uint32_t KPC = FMT == GG_A8 ? 16u : 32u;  // k per weight chunk
@@ -479,7 +477,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
   // raw scales / biases: [panel][128][groups] (trellis: gg_tr_layout: scp = scale * sv, bip =
   // su, grp = codebooks)
   uint32_t scp[2], bip[2], grp[2];
-  const uint32_t n0[2] = {GG_N0(0), GG_N0(1)};
+  const uint32_t n0[2] = {GG_N0(0), GG_N0(1)};  // (the trellis helpers take an array)
   uint32_t trq[2][2];  // trellis: the copy plan (gg_tr_copy_plan)
   if constexpr (FMT == GG_TR) {
     gg_tr_layout(smem0 + GG_STAGES * STAGE, wd0, wd1, K, scp, bip, grp);

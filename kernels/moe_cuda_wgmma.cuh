@@ -43,16 +43,10 @@ __host__ __device__ inline uint32_t wg_panel_bytes(const WDesc& d) {
   if (d.mode == 2u) return gg_tr_table_bytes(d) + 1024u;  // + its codebook
   return (d.mode == 1u ? 1u : 2u) * uint32_t(GG_TN) * wg_sc_words(d) * 4u;
 }
-// Bytes of one raw stage: activations + both panels' packed weights of one K step.
-template <int FMT>
-__host__ __device__ inline uint32_t wg_stage_bytes(const WDesc& p0, const WDesc& p1) {
-  if constexpr (FMT == GG_TR) return gg_tr_stage_bytes(p0, p1);
-  else return gg_stage_bytes(FMT);
-}
 // Dynamic shared memory of the wgmma kernel with S raw stages (1024: alignment of the base).
 __host__ __device__ inline uint32_t wg_smem_bytes(int fmt, int S, const WDesc& p0, const WDesc& p1) {
-  const uint32_t stage = fmt == GG_TR ? wg_stage_bytes<GG_TR>(p0, p1) : gg_stage_bytes(fmt);
-  return 1024u + 2u * WG_BTILE + uint32_t(S) * stage + wg_panel_bytes(p0) + wg_panel_bytes(p1);
+  return 1024u + 2u * WG_BTILE + uint32_t(S) * gg_stage_bytes(fmt, p0, p1) + wg_panel_bytes(p0) +
+         wg_panel_bytes(p1);
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -182,7 +176,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
   const uint32_t n0[2] = {nb, GATEUP ? nb : nb + uint32_t(GG_TN)};
   const uint32_t tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
   constexpr uint32_t ABYTES = uint32_t(GG_TM) * GG_BK * 2u;
-  const uint32_t STAGE = wg_stage_bytes<FMT>(wd0, wd1);
+  const uint32_t STAGE = gg_stage_bytes(FMT, wd0, wd1);
   constexpr uint32_t BROW = gg_brow(FMT), BPR = BROW / 16u, KPC = FMT == GG_A8 ? 16u : 32u;
   const uint32_t smem0 = (smem_u32(wg_shared) + 1023u) & ~1023u;
   const uint32_t bt0 = smem0, ring = smem0 + 2u * WG_BTILE;
