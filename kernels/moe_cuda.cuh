@@ -1039,6 +1039,21 @@ __device__ __forceinline__ void store_out(void* y, uint32_t kind, int64_t i, flo
   }
 }
 
+// Programmatic dependent launch (host: launch_pdl in cuda_util.h). pdl_trigger: this block
+// lets the dependent grid start (once every block of this grid has triggered or exited);
+// pdl_wait: returns once the grid this one depends on has completed, its writes visible.
+// Both are no-ops in a grid launched without such a dependency, and below sm_90.
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
 }
@@ -1936,6 +1951,9 @@ __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 2 : 4)
   constexpr int NS = SPLIT ? 2 : 1;
   extern __shared__ __align__(16) unsigned char mm_smem[];
   __shared__ uint32_t s_flag;
+  // Launched by launch_pdl, the down kernel (this grid's dependent) may start now: it reads
+  // nothing this grid writes before its pdl_wait.
+  if (GATEUP) pdl_trigger();
   if (GATEUP) dec_zero_counters(ex);
   uint32_t e = 0, first = 0, last = 0;
   bool work;
@@ -1957,11 +1975,14 @@ __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 2 : 4)
   const MmLayout L = mm_layout(units, G, maxt, NP, NS, MT, MM_WARPS, mm_raw16<GATEUP>(md));
   const MmSmem sm = mm_smem_at(mm_smem, L, G);
   const uint32_t n0 = blockIdx.y * 16u * MT;
-  if (work) {
-    const uint32_t ngroups = mm_issue<GATEUP, MT, MM_WARPS>(md, e, n0, sm);
+  uint32_t ngroups = 0;
+  if (work) ngroups = mm_issue<GATEUP, MT, MM_WARPS>(md, e, n0, sm);
+  // Down as gate/up's programmatic dependent: its weight copies are in flight; H and the
+  // counters are gate/up's (a no-op otherwise).
+  if (!GATEUP) pdl_wait();
+  if (work)
     mm_compute<GATEUP, XT, SPLIT, MT, MM_WARPS, false>(md, ex, x, H_in, pairs, rw, first, last,
                                                        maxt, out, n0, sm, ngroups, 0u);
-  }
   if (!GATEUP && ex.counters) dec_fused_combine(md, ex, out, n0, 16 * MT, &s_flag);
 }
 

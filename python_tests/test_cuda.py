@@ -261,20 +261,22 @@ def test_moe_mlp_tensor_core_decode_gpu_vs_cpu(rng, T, E, D, F, k, gs, dtype):
 @pytest.mark.parametrize("T", [1, 3, 9])
 def test_moe_mlp_decode_variants_bitwise(rng, monkeypatch, fmt, bits, T):
     """Direct (no bucketing) and bucketed decode, fused and separate combine, one-block and
-    three-kernel bucketing: the same per-token arithmetic, so bitwise the same outputs."""
+    three-kernel bucketing, the down kernel as gate/up's programmatic dependent or not
+    (MLX_MOE_CUDA_PDL): the same per-token arithmetic, so bitwise the same outputs."""
     experts = experts_for(rng, 16, 256, 128, fmt, bits, 64 if fmt == "affine" else 32, mx.float16)
     x = mx.array(rng.standard_normal((T, 256)).astype(np.float32)).astype(mx.bfloat16)
     ids, w = mlx_moe.route(random_logits(rng, T, 16), 4, stream=mx.cpu)
 
     def run(**env):
-        for key in ("DIRECT_MAX_PAIRS", "FUSED_COMBINE", "BUCKET_ONE_BLOCK_MAX", "ONE_MAX_PAIRS"):
+        for key in ("DIRECT_MAX_PAIRS", "FUSED_COMBINE", "BUCKET_ONE_BLOCK_MAX", "ONE_MAX_PAIRS", "PDL"):
             monkeypatch.delenv("MLX_MOE_CUDA_" + key, raising=False)
         for key, v in env.items():
             monkeypatch.setenv("MLX_MOE_CUDA_" + key, str(v))
         return np.array(mlx_moe.moe_mlp(x, ids, w, experts, stream=mx.gpu).astype(mx.float32))
 
-    ref = run(DIRECT_MAX_PAIRS=0, FUSED_COMBINE=0, BUCKET_ONE_BLOCK_MAX=0, ONE_MAX_PAIRS=0)
-    for env in (dict(), dict(ONE_MAX_PAIRS=0), dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=0),
+    ref = run(DIRECT_MAX_PAIRS=0, FUSED_COMBINE=0, BUCKET_ONE_BLOCK_MAX=0, ONE_MAX_PAIRS=0, PDL=0)
+    for env in (dict(), dict(ONE_MAX_PAIRS=0), dict(ONE_MAX_PAIRS=0, PDL=0),
+                dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=0),
                 dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=64), dict(ONE_MAX_PAIRS=0, FUSED_COMBINE=64),
                 dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=0, FUSED_COMBINE=64),
                 dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=64, FUSED_COMBINE=0), dict(ONE_MAX_PAIRS=64)):
@@ -549,7 +551,8 @@ def test_router_folded_into_moe_mlp(rng, monkeypatch, tmp_path, T, ldtype, norma
     """On a CUDA stream, moe_mlp over the two outputs of an unevaluated route() routes inside
     its own primitive (no route node in the graph; with few pairs inside its gate/up kernel).
     Its result is bitwise that of route() evaluated first and moe_mlp over its outputs (the
-    same routing function), with MLX_MOE_CUDA_ROUTE_IN_GU=0 (a router kernel inside the
+    same routing function), with MLX_MOE_CUDA_PDL=0 (the down kernel not launched as gate/up's
+    programmatic dependent), MLX_MOE_CUDA_ROUTE_IN_GU=0 (a router kernel inside the
     primitive) and MLX_MOE_CUDA_FUSED_ROUTE=0 too, and agrees with the CPU path."""
     E, D, F, k = 128, 256, 128, 8
     experts = experts_for(rng, E, D, F, "affine", (4, 4, 4), 64, mx.float16)
@@ -571,6 +574,11 @@ def test_router_folded_into_moe_mlp(rng, monkeypatch, tmp_path, T, ldtype, norma
         ids, w = mlx_moe.route(logits, k, normalize=normalize)
         mx.eval(ids, w)  # evaluated: moe_mlp takes them as inputs
         y_sep = mlx_moe.moe_mlp(x, ids, w, experts)
+    mx.eval(y, y_sep)
+    monkeypatch.setenv("MLX_MOE_CUDA_PDL", "0")
+    y_nopdl = layer()
+    mx.eval(y_nopdl)
+    monkeypatch.delenv("MLX_MOE_CUDA_PDL")
     monkeypatch.setenv("MLX_MOE_CUDA_ROUTE_IN_GU", "0")
     y_kernel = layer()
     mx.eval(y_kernel)
@@ -578,6 +586,7 @@ def test_router_folded_into_moe_mlp(rng, monkeypatch, tmp_path, T, ldtype, norma
     y_off = layer()
     mx.eval(y, y_sep, y_off)
     assert np.array_equal(to_np(y), to_np(y_sep))
+    assert np.array_equal(to_np(y_nopdl), to_np(y_sep))
     assert np.array_equal(to_np(y_kernel), to_np(y_sep))
     assert np.array_equal(to_np(y_off), to_np(y_sep))
     assert_mlp_gpu_close_to_cpu(x, ids, w, experts, mx.bfloat16)

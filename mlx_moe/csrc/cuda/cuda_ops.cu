@@ -542,26 +542,40 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
         ex.route_ids = ptr<uint32_t>(ids);
         ex.route_w = ptr<float>(rw);
       }
-      launch(enc, {&x, route_in_gu ? &logits : &ids, &pairs, &offsets, &active, &meta},
-             {&H, &counters, route_in_gu ? &ids : nullptr, route_in_gu ? &rw : nullptr}, gu_kernel,
-             grid_gu, dim3(gu_mm ? MM_WARPS_GU * 32 : DEC_WARPS * 32), sm1, md, xp,
-             static_cast<const float*>(nullptr), ptr<uint32_t>(pairs), ptr<uint32_t>(offsets),
-             ptr<uint32_t>(active), ptr<uint32_t>(meta), ptr<float>(rw), mt1, ptr<float>(H), ex);
+      KernelNode gu = kernel_node(
+          gu_kernel, grid_gu, dim3(gu_mm ? MM_WARPS_GU * 32 : DEC_WARPS * 32), sm1, md, xp,
+          static_cast<const float*>(nullptr), ptr<uint32_t>(pairs), ptr<uint32_t>(offsets),
+          ptr<uint32_t>(active), ptr<uint32_t>(meta), ptr<float>(rw), mt1, ptr<float>(H), ex);
       auto dn_kernel = dn_mm ? mlp_mma_dec_kernel<false, float, true, 2, MM_WARPS_DN>
                              : mlp_decode_kernel<false, float>;
       const dim3 block_d(dn_mm ? MM_WARPS_DN * 32 : DEC_WARPS * 32);
-      if (fused_combine && gx > 0) {
-        launch(enc, {&H, &ids, &pairs, &offsets, &active, &meta, &rw, &counters},
-               {&Yp, &counters, &out}, dn_kernel, grid_d, block_d, sm2, md,
-               static_cast<const float*>(nullptr), ptr<float>(H), ptr<uint32_t>(pairs),
-               ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta), ptr<float>(rw),
-               mt2, ptr<float>(Yp), ex);
-        combined = true;
+      // The down kernel as gate/up's programmatic dependent (launch_pdl; sm_90+,
+      // MLX_MOE_CUDA_PDL=0: off): its blocks take SMs as gate/up's last blocks leave them and
+      // issue their weight copies before they wait for H (H100, Qwen3 layer: 2-16 tokens
+      // 1.2-2.9 us/layer faster). Both tensor-core decode kernels (the fp32 ones have no
+      // pdl_wait), and not with the router in gate/up (the down blocks would need gate/up's
+      // ids first; there gate/up fills the SMs' registers in one wave: nothing to overlap).
+      const bool pdl = gu_mm && dn_mm && !route_in_gu && pdl_available();
+      combined = fused_combine;
+      KernelNode dn = kernel_node(
+          dn_kernel, grid_d, block_d, sm2, md, static_cast<const float*>(nullptr), ptr<float>(H),
+          ptr<uint32_t>(pairs), ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta),
+          ptr<float>(rw), mt2, ptr<float>(Yp), ex);
+      const std::vector<const mx::array*> gu_reads = {&x, route_in_gu ? &logits : &ids, &pairs,
+                                                      &offsets, &active, &meta};
+      const std::vector<const mx::array*> gu_writes = {&H, &counters, route_in_gu ? &ids : nullptr,
+                                                       route_in_gu ? &rw : nullptr};
+      const std::vector<const mx::array*> dn_reads = {&H, &ids, &pairs, &offsets, &active,
+                                                      &meta, &rw, &counters};
+      const std::vector<const mx::array*> dn_writes = {&Yp, &counters, combined ? &out : nullptr};
+      if (pdl) {
+        std::vector<const mx::array*> reads = gu_reads, writes = gu_writes;
+        reads.insert(reads.end(), dn_reads.begin(), dn_reads.end());
+        writes.insert(writes.end(), dn_writes.begin(), dn_writes.end());
+        launch_pdl(enc, reads, writes, gu, dn);
       } else {
-        launch(enc, {&H, &ids, &pairs, &offsets, &active, &meta, &rw}, {&Yp}, dn_kernel, grid_d,
-               block_d, sm2, md, static_cast<const float*>(nullptr), ptr<float>(H),
-               ptr<uint32_t>(pairs), ptr<uint32_t>(offsets), ptr<uint32_t>(active),
-               ptr<uint32_t>(meta), ptr<float>(rw), mt2, ptr<float>(Yp), ex);
+        add_node(enc, gu_reads, gu_writes, gu);
+        add_node(enc, dn_reads, dn_writes, dn);
       }
     } else if (gg) {
       // H [bucketed pair, F] and Yp [pair, D] in the activation type; fp32 combine.

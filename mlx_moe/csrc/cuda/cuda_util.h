@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <tuple>
 #include <stdexcept>
@@ -49,44 +50,140 @@ T* ptr(const mx::array& a) {
   return a.size() == 0 ? nullptr : const_cast<T*>(mx::gpu_ptr<T>(a));
 }
 
-// Adds one kernel node. `reads` / `writes` are the arrays whose last writers this node must
-// follow (MLX's encoder links nodes through the buffers named before each node). The
-// argument types are forced to the kernel's parameter types (the encoder passes raw
-// addresses of the arguments).
+// One kernel launch, its arguments kept with it: what launch() adds as a node of MLX's graph,
+// and what launch_pdl() chains. The argument types are forced to the kernel's parameter types
+// (the graph takes raw addresses of the arguments).
+struct KernelNode {
+  const void* kernel = nullptr;
+  cudaFunction_t f = nullptr;
+  dim3 grid, block;
+  uint32_t smem = 0;
+  std::shared_ptr<void> args;  // the argument tuple
+  std::vector<void*> ptrs;     // addresses of its elements
+  bool empty() const { return grid.x == 0 || grid.y == 0 || grid.z == 0; }
+};
+
 template <typename... KArgs, typename... Args>
-void launch(cu::CommandEncoder& enc, const std::vector<const mx::array*>& reads,
-            const std::vector<const mx::array*>& writes, void (*kernel)(KArgs...), dim3 grid,
-            dim3 block, uint32_t smem, Args&&... args) {
+KernelNode kernel_node(void (*kernel)(KArgs...), dim3 grid, dim3 block, uint32_t smem,
+                       Args&&... args) {
   static_assert(sizeof...(KArgs) == sizeof...(Args));
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-  for (auto* a : reads)
-    if (a && a->size()) enc.set_input_array(*a);
-  for (auto* a : writes)
-    if (a && a->size()) enc.set_output_array(*a);
+  KernelNode n;
+  n.kernel = reinterpret_cast<const void*>(kernel);
+  n.grid = grid;
+  n.block = block;
+  n.smem = smem;
+  auto tup = std::make_shared<std::tuple<KArgs...>>(static_cast<KArgs>(args)...);
+  n.ptrs = std::apply([](auto&... a) { return std::vector<void*>{static_cast<void*>(&a)...}; }, *tup);
+  n.args = std::move(tup);
   // The driver handle and the dynamic shared memory limit are looked up / raised once per
   // kernel and device (and per larger size), not at every node: this runs at every evaluation.
   static std::mutex mu;
   static std::map<std::pair<const void*, int>, std::pair<cudaFunction_t, uint32_t>> known;
   int dev = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
-  cudaFunction_t f;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto& [fn, limit] = known[{reinterpret_cast<const void*>(kernel), dev}];
-    if (fn == nullptr) {
-      check(cudaGetFuncBySymbol(&fn, reinterpret_cast<const void*>(kernel)), "cudaGetFuncBySymbol");
-      limit = 48 * 1024;
-    }
-    if (smem > limit) {
-      check(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                 cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-            "cudaFuncSetAttribute");
-      limit = smem;
-    }
-    f = fn;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& [fn, limit] = known[{n.kernel, dev}];
+  if (fn == nullptr) {
+    check(cudaGetFuncBySymbol(&fn, n.kernel), "cudaGetFuncBySymbol");
+    limit = 48 * 1024;
   }
-  enc.add_kernel_node_ex(reinterpret_cast<CUfunction>(f), grid, block, dim3(), smem,
-                         static_cast<KArgs>(args)...);
+  if (smem > limit) {
+    check(cudaFuncSetAttribute(n.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+          "cudaFuncSetAttribute");
+    limit = smem;
+  }
+  n.f = fn;
+  return n;
+}
+
+// `reads` / `writes` are the arrays whose last writers the next node must follow (MLX's
+// encoder links nodes through the buffers named before each node).
+inline void name_buffers(cu::CommandEncoder& enc, const std::vector<const mx::array*>& reads,
+                         const std::vector<const mx::array*>& writes) {
+  for (auto* a : reads)
+    if (a && a->size()) enc.set_input_array(*a);
+  for (auto* a : writes)
+    if (a && a->size()) enc.set_output_array(*a);
+}
+
+inline void add_node(cu::CommandEncoder& enc, const std::vector<const mx::array*>& reads,
+                     const std::vector<const mx::array*>& writes, KernelNode& n) {
+  if (n.empty()) return;
+  name_buffers(enc, reads, writes);
+  enc.add_kernel_node_raw(reinterpret_cast<CUfunction>(n.f), n.grid, n.block, dim3(), n.smem,
+                          n.ptrs.data());
+}
+
+// Adds one kernel node.
+template <typename... KArgs, typename... Args>
+void launch(cu::CommandEncoder& enc, const std::vector<const mx::array*>& reads,
+            const std::vector<const mx::array*>& writes, void (*kernel)(KArgs...), dim3 grid,
+            dim3 block, uint32_t smem, Args&&... args) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  KernelNode n = kernel_node(kernel, grid, block, smem, std::forward<Args>(args)...);
+  add_node(enc, reads, writes, n);
+}
+
+// Programmatic dependent launch (compute capability 9.0+; MLX_MOE_CUDA_PDL=0: off, read at
+// every call like the other knobs).
+inline bool pdl_available() {
+  static std::mutex mu;
+  static std::map<int, bool> known;
+  const char* v = std::getenv("MLX_MOE_CUDA_PDL");
+  if (v && *v && std::atoi(v) == 0) return false;
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find(dev);
+  if (it != known.end()) return it->second;
+  int major = 0;
+  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
+        "cudaDeviceGetAttribute");
+  return known[dev] = major >= 9;
+}
+
+// Nodes a then b, b a programmatic dependent of a (one child graph in MLX's graph, its edge
+// of type cudaGraphDependencyTypeProgrammatic): b's blocks may start once every block of a
+// has run griddepcontrol.launch_dependents (pdl_trigger) or exited, and must run
+// griddepcontrol.wait (pdl_wait) before they touch anything a writes; that wait returns when
+// a has completed and its writes are visible. reads / writes: both nodes' buffers.
+inline void launch_pdl(cu::CommandEncoder& enc, const std::vector<const mx::array*>& reads,
+                       const std::vector<const mx::array*>& writes, KernelNode& a, KernelNode& b) {
+  if (a.empty() || b.empty()) {
+    add_node(enc, reads, writes, a);
+    add_node(enc, reads, writes, b);
+    return;
+  }
+  cudaGraph_t g = nullptr;
+  check(cudaGraphCreate(&g, 0), "cudaGraphCreate");
+  try {
+    cudaGraphNode_t na, nb;
+    for (auto [n, node] : {std::pair<KernelNode*, cudaGraphNode_t*>{&a, &na}, {&b, &nb}}) {
+      cudaKernelNodeParams kp{};
+      kp.func = const_cast<void*>(n->kernel);
+      kp.gridDim = n->grid;
+      kp.blockDim = n->block;
+      kp.sharedMemBytes = n->smem;
+      kp.kernelParams = n->ptrs.data();
+      check(cudaGraphAddKernelNode(node, g, nullptr, 0, &kp), "cudaGraphAddKernelNode");
+    }
+    cudaGraphEdgeData ed{};
+    ed.type = cudaGraphDependencyTypeProgrammatic;
+    ed.from_port = cudaGraphKernelNodePortProgrammatic;
+#if CUDART_VERSION >= 13000
+    check(cudaGraphAddDependencies(g, &na, &nb, &ed, 1), "cudaGraphAddDependencies");
+#else
+    check(cudaGraphAddDependencies_v2(g, &na, &nb, &ed, 1), "cudaGraphAddDependencies_v2");
+#endif
+    name_buffers(enc, reads, writes);
+    // Its own key: MLX keys cached executable graphs by node types only, and a child of two
+    // kernels joined by a plain edge must not be taken for this one.
+    enc.add_graph_node(g, "(K1PK1)", true);
+  } catch (...) {
+    cudaGraphDestroy(g);
+    throw;
+  }
+  check(cudaGraphDestroy(g), "cudaGraphDestroy");
 }
 
 template <typename F>
