@@ -124,9 +124,12 @@ void launch(cu::CommandEncoder& enc, const std::vector<const mx::array*>& reads,
   add_node(enc, reads, writes, n);
 }
 
-// Programmatic dependent launch (compute capability 9.0+; MLX_MOE_CUDA_PDL=0: off, read at
-// every call like the other knobs).
+// Programmatic dependent launch (compute capability 9.0+, CUDA 12.3+ for graph edge data;
+// MLX_MOE_CUDA_PDL=0: off, read at every call like the other knobs).
 inline bool pdl_available() {
+#if CUDART_VERSION < 12030
+  return false;
+#endif
   static std::mutex mu;
   static std::map<int, bool> known;
   const char* v = std::getenv("MLX_MOE_CUDA_PDL");
@@ -154,6 +157,10 @@ inline void launch_pdl(cu::CommandEncoder& enc, const std::vector<const mx::arra
     add_node(enc, reads, writes, b);
     return;
   }
+#if CUDART_VERSION < 12030
+  add_node(enc, reads, writes, a);  // (pdl_available() is false: not reached)
+  add_node(enc, reads, writes, b);
+#else
   cudaGraph_t g = nullptr;
   check(cudaGraphCreate(&g, 0), "cudaGraphCreate");
   try {
@@ -184,6 +191,7 @@ inline void launch_pdl(cu::CommandEncoder& enc, const std::vector<const mx::arra
     throw;
   }
   check(cudaGraphDestroy(g), "cudaGraphDestroy");
+#endif
 }
 
 template <typename F>
