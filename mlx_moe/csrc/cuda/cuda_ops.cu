@@ -277,18 +277,7 @@ auto gg_kernel(int fmt, int sk) {
 // (compute capability 9.0; MLX_MOE_CUDA_WGMMA=0: off).
 bool wg_available() {
 #if defined(MLX_MOE_SM90A)
-  if (env_u32("MLX_MOE_CUDA_WGMMA", 1u) == 0u) return false;
-  static std::mutex mu;
-  static std::map<int, bool> known;
-  int dev = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = known.find(dev);
-  if (it != known.end()) return it->second;
-  int major = 0, minor = 0;
-  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
-  check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
-  return known[dev] = major == 9 && minor == 0;
+  return env_u32("MLX_MOE_CUDA_WGMMA", 1u) != 0u && compute_capability() == 90;
 #else
   return false;
 #endif

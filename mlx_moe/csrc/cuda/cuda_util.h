@@ -33,6 +33,11 @@ inline void check(cudaError_t err, const char* what) {
   }
 }
 
+inline uint32_t env_u32(const char* name, uint32_t dflt) {
+  const char* v = std::getenv(name);
+  return v && *v ? uint32_t(std::atoi(v)) : dflt;
+}
+
 inline void allocate(mx::array& a) {
   a.set_data(mx::allocator::malloc(a.nbytes()));
 }
@@ -124,25 +129,29 @@ void launch(cu::CommandEncoder& enc, const std::vector<const mx::array*>& reads,
   add_node(enc, reads, writes, n);
 }
 
-// Programmatic dependent launch (compute capability 9.0+, CUDA 12.3+ for graph edge data;
-// MLX_MOE_CUDA_PDL=0: off, read at every call like the other knobs).
-inline bool pdl_available() {
-#if CUDART_VERSION < 12030
-  return false;
-#endif
+// The current device's compute capability as 10 * major + minor (looked up once per device).
+inline int compute_capability() {
   static std::mutex mu;
-  static std::map<int, bool> known;
-  const char* v = std::getenv("MLX_MOE_CUDA_PDL");
-  if (v && *v && std::atoi(v) == 0) return false;
+  static std::map<int, int> known;
   int dev = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
   std::lock_guard<std::mutex> lock(mu);
   auto it = known.find(dev);
   if (it != known.end()) return it->second;
-  int major = 0;
-  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
-        "cudaDeviceGetAttribute");
-  return known[dev] = major >= 9;
+  int major = 0, minor = 0;
+  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+  check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
+  return known[dev] = 10 * major + minor;
+}
+
+// Programmatic dependent launch (compute capability 9.0+, CUDA 12.3+ for graph edge data;
+// MLX_MOE_CUDA_PDL=0: off).
+inline bool pdl_available() {
+#if CUDART_VERSION >= 12030
+  return env_u32("MLX_MOE_CUDA_PDL", 1u) != 0u && compute_capability() >= 90;
+#else
+  return false;
+#endif
 }
 
 // Nodes a then b, b a programmatic dependent of a (one child graph in MLX's graph, its edge
@@ -237,11 +246,6 @@ uint32_t capacity(K kernel, int threads, uint32_t smem) {
 // logits_kind): 0 f32, 1 f16, 2 bf16; -1 for any other dtype.
 inline int float_kind(mx::Dtype d) {
   return d == mx::float32 ? 0 : d == mx::float16 ? 1 : d == mx::bfloat16 ? 2 : -1;
-}
-
-inline uint32_t env_u32(const char* name, uint32_t dflt) {
-  const char* v = std::getenv(name);
-  return v && *v ? uint32_t(std::atoi(v)) : dflt;
 }
 
 }  // namespace mlx_moe::gpu
