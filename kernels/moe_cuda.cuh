@@ -34,6 +34,15 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// x / d by a shift where d is a power of two (the group sizes MLX uses): sh = pow2_shift(d),
+// computed once per block; div_shift(x, d, sh) = x / d.
+__device__ __forceinline__ uint32_t pow2_shift(uint32_t d) {
+  return (d & (d - 1u)) == 0u ? uint32_t(__ffs(int(d)) - 1) : 32u;
+}
+__device__ __forceinline__ uint32_t div_shift(uint32_t x, uint32_t d, uint32_t sh) {
+  return sh < 32u ? x >> sh : x / d;
+}
+
 // Expert id of flat position i, widened; -1 when it is negative.
 __device__ __forceinline__ int64_t load_id(const void* ids, int id_kind, int64_t i) {
   switch (id_kind) {
@@ -1740,7 +1749,8 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
   const uint32_t per_w = (((units + MM_WARPS - 1) / MM_WARPS) + 1u) & ~1u;
   const uint32_t ua = min(units, warp * per_w), ub = min(units, ua + per_w);
   // Group of unit u: u >> gsh when the group size is a power-of-two number of units (MLX's
-  // 32 / 64 / 128), else u / gsu.
+  // 32 / 64 / 128), else u / gsu. (This form rather than pow2_shift / div_shift: those give
+  // the tuned decode kernels other SASS.)
   uint32_t gsu[NP], gst[NP], gsh[NP];
   bool fp4[NP], pow2[NP];
 #pragma unroll

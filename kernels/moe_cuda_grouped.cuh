@@ -479,9 +479,12 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
   uint32_t scp[2], bip[2], grp[2];
   const uint32_t n0[2] = {GG_N0(0), GG_N0(1)};  // (the trellis helpers take an array)
   uint32_t trq[2][2];  // trellis: the copy plan (gg_tr_copy_plan)
+  uint32_t trsh[2];    // trellis: pow2_shift of each panel's group size
   if constexpr (FMT == GG_TR) {
     gg_tr_layout(smem0 + GG_STAGES * STAGE, wd0, wd1, K, scp, bip, grp);
     gg_tr_copy_plan(wd0, wd1, n0, N, tid, trq);
+    trsh[0] = pow2_shift(wd0.group_size);
+    trsh[1] = pow2_shift(wd1.group_size);
   } else {
     uint32_t off = smem0 + GG_STAGES * STAGE;
     const uint32_t b0 = gg_panel_sc_bytes(wd0), b1 = gg_panel_sc_bytes(wd1);
@@ -638,7 +641,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
             continue;
           }
           const float* sfl = reinterpret_cast<const float*>(gg_smem);
-          const float* scf = sfl + (scp[p] - smem0) / 4u + (kj / wd.group_size) * uint32_t(GG_TN);
+          const float* scf = sfl + (scp[p] - smem0) / 4u + div_shift(kj, wd.group_size, trsh[p]) * uint32_t(GG_TN);
           const float* su = wd.has_su ? sfl + (bip[p] - smem0) / 4u + kj + 8u * (t4 & 1u) : nullptr;
           const uint32_t pb = sbw - smem0 + (p ? 1024u * wd0.bits : 0u);
           auto dec = [&](auto bits_tag) {

@@ -119,8 +119,8 @@ __device__ __forceinline__ void fence_proxy_async() {
 // Trellis: dequantizes thread R's row of one K step (4 k-tiles of 16) into the tile row at
 // shared address dst. sm: the shared window; raw: byte offset (from sm) of the row's run in
 // k-tile 0 of the stage; scf: the row's scale * sv of group 0 (groups 128 floats apart); suf:
-// su[0] or null; lv: the codebook's shared address; k0: the step's first k; gsh: log2(gs) when
-// gs is a power of two, else 32.
+// su[0] or null; lv: the codebook's shared address; k0: the step's first k; gsh:
+// pow2_shift(gs).
 template <uint32_t BITS, typename XT>
 __device__ __forceinline__ void wg_tr_dequant(const unsigned char* sm, uint32_t raw, uint32_t dst,
                                               uint32_t R, const float* scf, const float* suf,
@@ -133,7 +133,7 @@ __device__ __forceinline__ void wg_tr_dequant(const unsigned char* sm, uint32_t 
     if (kj < K) {
       float f[16];
       gg_tr_levels<BITS, 16, (BITS & 1u) ? 2u : 0u>(sm, raw + BITS * 256u * j, lv,
-                                                     scf[(gsh < 32u ? kj >> gsh : kj / gs) * uint32_t(GG_TN)],
+                                                     scf[div_shift(kj, gs, gsh) * uint32_t(GG_TN)],
                                                      suf ? suf + kj : nullptr, f);
 #pragma unroll
       for (uint32_t i = 0; i < 8; ++i) v[i] = gg_pack<XT>(f[2 * i], f[2 * i + 1]);
@@ -254,8 +254,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
       }
     }
   };
-  // trellis: log2 of a power-of-two group size
-  const uint32_t gsh = (wdr.group_size & (wdr.group_size - 1u)) == 0u ? __ffs(wdr.group_size) - 1u : 32u;
+  const uint32_t gsh = pow2_shift(wdr.group_size);  // trellis: the group of k by a shift
   // Dequantize the raw weight row R of stage kt (ring slot) into tile buffer b: 16-byte
   // chunk c of the tile = k 8c .. 8c+7 = 4-bit word c (byte j: codes 2j, 2j+1) or 8-bit
   // words 2c, 2c+1 (trellis: wg_tr_dequant).
