@@ -22,6 +22,13 @@ measured copy bandwidth. Chained evals are serial: graph building (host) then th
 work. The "pipelined" columns (up to 64 tokens) run the same chain as mlx-lm's generate
 loop does: each step is built and queued (mx.async_eval) while the previous one runs, so
 host and device work overlap, and each step's input is the previous step's output.
+
+With --device-time (MLX's CUDA backend, PyTorch installed) the chained evals also run under
+torch.profiler, and the "device" columns give the chain's device time per layer: first
+kernel start to last kernel end over the L layers (median of 10 evals; 3 from 512 tokens),
+from CUPTI's kernel timeline, without the host's work that the chained columns include.
+
+    python benchmarks/bench_moe.py --chain 8 --device-time     # H100: device time per layer
 """
 
 from __future__ import annotations
@@ -189,6 +196,38 @@ def time_pipelined(fn, x, steps=24):
     return (time.perf_counter() - t0) / steps
 
 
+def device_span_per_layer(fn, x, layers, n):
+    """Device time per layer of fn(x) (a chain of `layers` layers): over n evals, the median of
+    (last kernel end - first kernel start) / layers, from the CUDA kernel timeline (CUPTI,
+    through torch.profiler; MLX's CUDA backend only). The host's work per layer (graph
+    building, MLX's encoding) is not in it; MLX's own kernels between ours are."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        mx.eval(fn(x))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            mx.eval(fn(x))
+        torch.cuda.synchronize()
+    ev = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+    if len(ev) < n:
+        return float("nan")
+    # the n evals: split the timeline at its n - 1 widest idle gaps (the host's work between evals)
+    gaps, end = [], ev[0][1]
+    for i in range(1, len(ev)):
+        gaps.append((ev[i][0] - end, i))
+        end = max(end, ev[i][1])
+    cuts = sorted(i for _, i in sorted(gaps, reverse=True)[: n - 1])
+    spans, lo = [], 0
+    for hi in cuts + [len(ev)]:
+        grp = ev[lo:hi]
+        spans.append(max(e for _, e in grp) - grp[0][0])
+        lo = hi
+    return statistics.median(spans) * 1e-6 / layers  # us -> s
+
+
 def measure_bandwidth_gbs():
     if mx.default_device().type == mx.gpu:
         # Device memory: read + write of a 1 GiB array (what the kernels stream from).
@@ -248,7 +287,19 @@ def main(argv=None):
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--chain", type=int, default=0, metavar="L",
                     help="also time L layers with distinct weights in one eval (per-layer time)")
+    ap.add_argument("--device-time", action="store_true",
+                    help="with --chain on MLX's CUDA backend: also the chain's device time per "
+                         "layer (CUPTI kernel timeline through torch.profiler; needs PyTorch)")
     args = ap.parse_args(argv)
+    if args.device_time:
+        if not args.chain or mx.default_device().type != mx.gpu or not mx.cuda.is_available():
+            ap.error("--device-time needs --chain and MLX's CUDA backend")
+        try:
+            import torch
+
+            torch.cuda.init()
+        except Exception as e:  # noqa: BLE001 -- any failure means no CUPTI timeline here
+            ap.error(f"--device-time needs PyTorch with CUDA ({e})")
 
     shape, fmt = SHAPES[args.shape], FORMATS[args.format]
     dtype = getattr(mx, args.dtype)
@@ -285,6 +336,9 @@ def main(argv=None):
         cols[6:6] = [f"chained x{args.chain}: baseline ms/layer", "chained mlx_moe ms/layer",
                      "chained speed-up", "chained mlx_moe / floor", "chained GB/s (% of copy)",
                      "pipelined: baseline ms/layer", "pipelined mlx_moe ms/layer", "pipelined speed-up"]
+    if args.device_time:
+        cols[-1:-1] = ["chained device time: baseline us/layer", "device mlx_moe us/layer",
+                       "device speed-up", "device mlx_moe / floor", "device GB/s (% of copy)"]
     header = "| " + " | ".join(cols) + " |"
     print(header)
     print("|" + "---:|" * len(cols))
@@ -324,6 +378,13 @@ def main(argv=None):
                 chained += f"{tp_base * 1e3:.3f} | {tp_ours * 1e3:.3f} | {tp_base / tp_ours:.1f}x | "
             else:
                 chained += "- | - | - | "
+            if args.device_time:
+                n = 10 if T <= 256 else 3  # (the baseline takes ~0.3 s per layer at 4096)
+                td_ours = device_span_per_layer(lambda x: run_chain(ours_chain, x, lgs), x, args.chain, n)
+                td_base = device_span_per_layer(lambda x: run_chain(base_chain, x, lgs), x, args.chain, n)
+                gbs = touched * per_expert / td_ours / 1e9
+                chained += (f"{td_base * 1e6:.1f} | {td_ours * 1e6:.1f} | {td_base / td_ours:.1f}x | "
+                            f"{td_ours / floor:.1f} | {gbs:.0f} ({100 * gbs / bw:.0f}%) | ")
         row = (f"| {T} | {t_base * 1e3:.2f} | {t_ours * 1e3:.2f} | {t_base / t_ours:.1f}x | "
                f"{floor * 1e3:.3f} | {t_ours / floor:.1f} | {chained}{err_s} |")
         rows.append(row)
@@ -335,7 +396,8 @@ def main(argv=None):
         text = (f"### {shape['name']} layer, {args.format}, {args.dtype}, {device}\n\n"
                 f"{today}, {machine_name()}, MLX {mx.__version__}; "
                 f"`python benchmarks/bench_moe.py --shape {args.shape} --format {args.format} "
-                f"--dtype {args.dtype}{f' --chain {args.chain}' if args.chain else ''}`.\n"
+                f"--dtype {args.dtype}{f' --chain {args.chain}' if args.chain else ''}"
+                f"{' --device-time' if args.device_time else ''}`.\n"
                 f"Baseline: mlx-lm {mlx_lm_version()} SwitchGLU path as qwen3_moe runs it (mx.gather_qmm x3, "
                 f"SwiGLU, softmax/argpartition routing). Measured here: copy bandwidth {bw:.1f} GB/s, matmul {rate:.0f} GFLOP/s. "
                 f"Floor: touched experts x {per_expert / 1e6:.3f} MB/expert over that bandwidth, or the flops over that rate. "

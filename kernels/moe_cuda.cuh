@@ -43,6 +43,22 @@ __device__ __forceinline__ uint32_t div_shift(uint32_t x, uint32_t d, uint32_t s
   return sh < 32u ? x >> sh : x / d;
 }
 
+// Programmatic dependent launch (host: launch_pdl in cuda_util.h, a chain of kernels each the
+// programmatic dependent of the one before). pdl_trigger: this block lets the dependent grid
+// start (once every block of this grid has triggered or exited); pdl_wait: returns once the
+// grid this one depends on has completed, its writes visible. Both are no-ops in a grid
+// launched without such a dependency, and below sm_90.
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // Expert id of flat position i, widened; -1 when it is negative.
 __device__ __forceinline__ int64_t load_id(const void* ids, int id_kind, int64_t i) {
   switch (id_kind) {
@@ -457,6 +473,7 @@ template <typename T>
 __global__ void route_kernel(const T* __restrict__ logits, uint32_t rows, uint32_t E, uint32_t k,
                              uint32_t normalize, uint32_t* __restrict__ ids,
                              float* __restrict__ wout) {
+  pdl_trigger();  // (the first kernel of a decode chain)
   const uint32_t lane = threadIdx.x & 31u;
   const uint32_t row = blockIdx.x * (blockDim.x / 32u) + threadIdx.x / 32u;
   if (row >= rows) return;
@@ -553,6 +570,7 @@ __global__ void __launch_bounds__(256)
   __shared__ float s_w[32];
   __shared__ uint32_t s_id[32];
   __shared__ uint32_t s_state;
+  pdl_trigger();  // (the first kernel of a decode chain)
   const uint32_t row = blockIdx.x;
   route_row_block(logits + int64_t(row) * E, E, k, normalize, ids + int64_t(row) * k,
                   wout + int64_t(row) * k, s_p, s_w, s_id, &s_state);
@@ -743,6 +761,10 @@ static __global__ void __launch_bounds__(BS_WARPS * 32)
                         uint32_t* __restrict__ offsets, uint32_t* __restrict__ pairs,
                         uint32_t* __restrict__ dispatch, uint32_t* __restrict__ active,
                         uint32_t* __restrict__ tiles, uint32_t* __restrict__ meta) {
+  // In a decode chain (launch_pdl): the router's ids are read after pdl_wait (and the next
+  // kernel started only then: see mlp_mma_dec_kernel).
+  pdl_wait();
+  pdl_trigger();
   extern __shared__ uint32_t bsm[];
   uint32_t* hist = bsm;                       // [BS_WARPS][E]
   uint32_t* offs = bsm + BS_WARPS * E;        // [E]
@@ -1046,21 +1068,6 @@ __device__ __forceinline__ void store_out(void* y, uint32_t kind, int64_t i, flo
     case 1: static_cast<__half*>(y)[i] = __float2half_rn(v); break;
     default: static_cast<__nv_bfloat16*>(y)[i] = __float2bfloat16_rn(v); break;
   }
-}
-
-// Programmatic dependent launch (host: launch_pdl in cuda_util.h). pdl_trigger: this block
-// lets the dependent grid start (once every block of this grid has triggered or exited);
-// pdl_wait: returns once the grid this one depends on has completed, its writes visible.
-// Both are no-ops in a grid launched without such a dependency, and below sm_90.
-__device__ __forceinline__ void pdl_trigger() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
 }
 
 __device__ __forceinline__ void prefetch_l2(const void* p) {
@@ -1961,9 +1968,12 @@ __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 2 : 4)
   constexpr int NS = SPLIT ? 2 : 1;
   extern __shared__ __align__(16) unsigned char mm_smem[];
   __shared__ uint32_t s_flag;
-  // Launched by launch_pdl, the down kernel (this grid's dependent) may start now: it reads
-  // nothing this grid writes before its pdl_wait.
-  if (GATEUP) pdl_trigger();
+  // In a decode chain (launch_pdl) gate/up waits for the router's ids or the bucketing
+  // first, and only then lets down start: down reads those before its own pdl_wait (a kernel
+  // triggers only once whatever its dependent reads before waiting has completed). Down lets
+  // the combine start at once: the combine reads everything after its pdl_wait.
+  if (GATEUP && !ex.logits) pdl_wait();
+  pdl_trigger();
   if (GATEUP) dec_zero_counters(ex);
   uint32_t e = 0, first = 0, last = 0;
   bool work;
@@ -2001,6 +2011,7 @@ template <typename OutT>
 __global__ void combine_kernel(const float* __restrict__ Yp, const void* __restrict__ ids,
                                int id_kind, uint32_t T, uint32_t k, uint32_t D, uint32_t E,
                                OutT* __restrict__ y) {
+  pdl_wait();  // (the last kernel of a decode chain: after down's Yp)
   const uint64_t idx = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= uint64_t(T) * D) return;
   const uint64_t t = idx / D, d = idx % D;

@@ -261,8 +261,9 @@ def test_moe_mlp_tensor_core_decode_gpu_vs_cpu(rng, T, E, D, F, k, gs, dtype):
 @pytest.mark.parametrize("T", [1, 3, 9])
 def test_moe_mlp_decode_variants_bitwise(rng, monkeypatch, fmt, bits, T):
     """Direct (no bucketing) and bucketed decode, fused and separate combine, one-block and
-    three-kernel bucketing, the down kernel as gate/up's programmatic dependent or not
-    (MLX_MOE_CUDA_PDL): the same per-token arithmetic, so bitwise the same outputs."""
+    three-kernel bucketing, the kernels as a chain of programmatic dependents or not
+    (MLX_MOE_CUDA_PDL; with the three-kernel bucketing outside the chain): the same per-token
+    arithmetic, so bitwise the same outputs."""
     experts = experts_for(rng, 16, 256, 128, fmt, bits, 64 if fmt == "affine" else 32, mx.float16)
     x = mx.array(rng.standard_normal((T, 256)).astype(np.float32)).astype(mx.bfloat16)
     ids, w = mlx_moe.route(random_logits(rng, T, 16), 4, stream=mx.cpu)
@@ -279,7 +280,8 @@ def test_moe_mlp_decode_variants_bitwise(rng, monkeypatch, fmt, bits, T):
                 dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=0),
                 dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=64), dict(ONE_MAX_PAIRS=0, FUSED_COMBINE=64),
                 dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=0, FUSED_COMBINE=64),
-                dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=64, FUSED_COMBINE=0), dict(ONE_MAX_PAIRS=64)):
+                dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=64, FUSED_COMBINE=0), dict(ONE_MAX_PAIRS=64),
+                dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=0, BUCKET_ONE_BLOCK_MAX=0)):
         assert np.array_equal(run(**env), ref), env
 
 
@@ -549,11 +551,12 @@ def test_unevaluated_and_strided_inputs_without_copy_nodes(rng, tmp_path):
 @pytest.mark.parametrize("normalize", [True, False])
 def test_router_folded_into_moe_mlp(rng, monkeypatch, tmp_path, T, ldtype, normalize):
     """On a CUDA stream, moe_mlp over the two outputs of an unevaluated route() routes inside
-    its own primitive (no route node in the graph; with few pairs inside its gate/up kernel).
-    Its result is bitwise that of route() evaluated first and moe_mlp over its outputs (the
-    same routing function), with MLX_MOE_CUDA_PDL=0 (the down kernel not launched as gate/up's
-    programmatic dependent), MLX_MOE_CUDA_ROUTE_IN_GU=0 (a router kernel inside the
-    primitive) and MLX_MOE_CUDA_FUSED_ROUTE=0 too, and agrees with the CPU path."""
+    its own primitive (no route node in the graph): on sm_90 as the first kernel of the decode
+    chain of programmatic dependents, with MLX_MOE_CUDA_PDL=0 (plain edges) and few pairs
+    inside its gate/up kernel. Its result is bitwise that of route() evaluated first and
+    moe_mlp over its outputs (the same routing function), with PDL=0, with PDL=0 and
+    MLX_MOE_CUDA_ROUTE_IN_GU=0 (a router kernel with plain edges), with ROUTE_IN_GU=0 and
+    with MLX_MOE_CUDA_FUSED_ROUTE=0 too, and agrees with the CPU path."""
     E, D, F, k = 128, 256, 128, 8
     experts = experts_for(rng, E, D, F, "affine", (4, 4, 4), 64, mx.float16)
     x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(mx.bfloat16)
@@ -578,8 +581,10 @@ def test_router_folded_into_moe_mlp(rng, monkeypatch, tmp_path, T, ldtype, norma
     monkeypatch.setenv("MLX_MOE_CUDA_PDL", "0")
     y_nopdl = layer()
     mx.eval(y_nopdl)
-    monkeypatch.delenv("MLX_MOE_CUDA_PDL")
     monkeypatch.setenv("MLX_MOE_CUDA_ROUTE_IN_GU", "0")
+    y_nopdl_kernel = layer()
+    mx.eval(y_nopdl_kernel)
+    monkeypatch.delenv("MLX_MOE_CUDA_PDL")
     y_kernel = layer()
     mx.eval(y_kernel)
     monkeypatch.setenv("MLX_MOE_CUDA_FUSED_ROUTE", "0")
@@ -587,6 +592,7 @@ def test_router_folded_into_moe_mlp(rng, monkeypatch, tmp_path, T, ldtype, norma
     mx.eval(y, y_sep, y_off)
     assert np.array_equal(to_np(y), to_np(y_sep))
     assert np.array_equal(to_np(y_nopdl), to_np(y_sep))
+    assert np.array_equal(to_np(y_nopdl_kernel), to_np(y_sep))
     assert np.array_equal(to_np(y_kernel), to_np(y_sep))
     assert np.array_equal(to_np(y_off), to_np(y_sep))
     assert_mlp_gpu_close_to_cpu(x, ids, w, experts, mx.bfloat16)

@@ -84,10 +84,44 @@ WDesc make_desc(const mx::array* arrays, const Format& f, const WeightShape& ws)
   return d;
 }
 
+// Kernel nodes added to MLX's graph at once (pdl false), or gathered and added by flush() as
+// one chain of programmatic dependents (launch_pdl): every kernel of such a chain runs
+// pdl_wait before it reads what an earlier one wrote.
+struct NodeChain {
+  cu::CommandEncoder& enc;
+  bool pdl;
+  std::vector<KernelNode> nodes;
+  std::vector<mx::array> reads, writes;  // (copies: the callers' arrays may be gone by flush())
+  void add(KernelNode n, const std::vector<const mx::array*>& r,
+           const std::vector<const mx::array*>& w) {
+    if (!pdl) {
+      add_node(enc, r, w, n);
+      return;
+    }
+    nodes.push_back(std::move(n));
+    for (auto* a : r)
+      if (a) reads.push_back(*a);
+    for (auto* a : w)
+      if (a) writes.push_back(*a);
+  }
+  void flush() {
+    std::vector<KernelNode*> ns;
+    for (auto& n : nodes) ns.push_back(&n);
+    std::vector<const mx::array*> r, w;
+    for (auto& a : reads) r.push_back(&a);
+    for (auto& a : writes) w.push_back(&a);
+    launch_pdl(enc, r, w, ns);
+    nodes.clear();
+    reads.clear();
+    writes.clear();
+  }
+};
+
 // Bucketing into counts/offsets/pairs (+ dispatch, active list, tile table, meta).
 // Up to MLX_MOE_CUDA_BUCKET_ONE_BLOCK_MAX pairs (default 8192; E <= 1024): one kernel of one
-// block; above: count, scan, scatter kernels over chunks of BUCKET_CHUNK pairs.
-void encode_bucket(cu::CommandEncoder& enc, const mx::array& ids, uint32_t P, uint32_t E,
+// block (a node of `chain`); above: count, scan, scatter kernels over chunks of BUCKET_CHUNK
+// pairs (the chain flushed first).
+void encode_bucket(NodeChain& chain, const mx::array& ids, uint32_t P, uint32_t E,
                    uint32_t tile, const mx::array& counts, const mx::array& offsets,
                    const mx::array& pairs, const mx::array* dispatch, const mx::array* active,
                    const mx::array* tiles, const mx::array* meta) {
@@ -95,14 +129,18 @@ void encode_bucket(cu::CommandEncoder& enc, const mx::array& ids, uint32_t P, ui
   const void* idp = ptr<void>(ids);
   const uint32_t one_block_max = env_u32("MLX_MOE_CUDA_BUCKET_ONE_BLOCK_MAX", 8192u);
   if (P <= one_block_max && E <= 1024u) {
-    launch(enc, {&ids}, {&counts, &offsets, &pairs, dispatch, active, tiles, meta},
-           bucket_small_kernel, dim3(1), dim3(BS_WARPS * 32), (BS_WARPS + 1) * E * 4, idp, kind,
-           P, E, tile, ptr<uint32_t>(counts), ptr<uint32_t>(offsets), ptr<uint32_t>(pairs),
-           dispatch ? ptr<uint32_t>(*dispatch) : nullptr,
-           active ? ptr<uint32_t>(*active) : nullptr, tiles ? ptr<uint32_t>(*tiles) : nullptr,
-           meta ? ptr<uint32_t>(*meta) : nullptr);
+    chain.add(kernel_node(bucket_small_kernel, dim3(1), dim3(BS_WARPS * 32),
+                          (BS_WARPS + 1) * E * 4, idp, kind, P, E, tile, ptr<uint32_t>(counts),
+                          ptr<uint32_t>(offsets), ptr<uint32_t>(pairs),
+                          dispatch ? ptr<uint32_t>(*dispatch) : nullptr,
+                          active ? ptr<uint32_t>(*active) : nullptr,
+                          tiles ? ptr<uint32_t>(*tiles) : nullptr,
+                          meta ? ptr<uint32_t>(*meta) : nullptr),
+              {&ids}, {&counts, &offsets, &pairs, dispatch, active, tiles, meta});
     return;
   }
+  chain.flush();
+  cu::CommandEncoder& enc = chain.enc;
   const uint32_t nblocks = (P + BUCKET_CHUNK - 1) / BUCKET_CHUNK;
   mx::array bc = scratch(enc, size_t(nblocks) * E);
   launch(enc, {&ids}, {&bc}, bucket_count_kernel, dim3(nblocks), dim3(32), E * 4, idp, kind, P,
@@ -164,18 +202,20 @@ std::vector<mx::array> row_major_inputs(cu::CommandEncoder& enc,
 // Routing kernel node: up to MLX_MOE_CUDA_ROUTE_BLOCK_MAX_ROWS rows (default 256; E <= 256,
 // k <= 32) one block per row (route_block_kernel: top-k by ranks, no dependent arg-max
 // rounds), else one warp per row (route_kernel). Bitwise the same ids and weights.
-void encode_route(cu::CommandEncoder& enc, const mx::array& logits, uint32_t rows, uint32_t E,
+void encode_route(NodeChain& chain, const mx::array& logits, uint32_t rows, uint32_t E,
                   uint32_t k, uint32_t norm, const mx::array& ids, const mx::array& w) {
   const bool by_block = E <= ROUTE_BLOCK_MAX_E && k <= 32u &&
                         rows <= env_u32("MLX_MOE_CUDA_ROUTE_BLOCK_MAX_ROWS", 256u);
   auto go = [&](auto tag) {
     using T = decltype(tag);
     if (by_block) {
-      launch(enc, {&logits}, {&ids, &w}, route_block_kernel<T>, dim3(rows), dim3(256), 0,
-             ptr<T>(logits), E, k, norm, ptr<uint32_t>(ids), ptr<float>(w));
+      chain.add(kernel_node(route_block_kernel<T>, dim3(rows), dim3(256), 0, ptr<T>(logits), E, k,
+                            norm, ptr<uint32_t>(ids), ptr<float>(w)),
+                {&logits}, {&ids, &w});
     } else {
-      launch(enc, {&logits}, {&ids, &w}, route_kernel<T>, dim3((rows + 3) / 4), dim3(128), 0,
-             ptr<T>(logits), rows, E, k, norm, ptr<uint32_t>(ids), ptr<float>(w));
+      chain.add(kernel_node(route_kernel<T>, dim3((rows + 3) / 4), dim3(128), 0, ptr<T>(logits),
+                            rows, E, k, norm, ptr<uint32_t>(ids), ptr<float>(w)),
+                {&logits}, {&ids, &w});
     }
   };
   if (logits.dtype() == mx::float64) go(double{});
@@ -196,7 +236,8 @@ void route(Route& p, const std::vector<mx::array>& inputs_in, std::vector<mx::ar
   const uint32_t E = uint32_t(logits.shape(-1));
   const uint32_t rows = E ? uint32_t(logits.size() / E) : 0;
   if (rows == 0) return;
-  encode_route(enc, logits, rows, E, uint32_t(p.k()), p.normalize() ? 1u : 0u, ids, w);
+  NodeChain now{enc, false};
+  encode_route(now, logits, rows, E, uint32_t(p.k()), p.normalize() ? 1u : 0u, ids, w);
 }
 
 // ------------------------------------------------------------------------------ bucket
@@ -205,7 +246,8 @@ void bucket(Bucket& p, const std::vector<mx::array>& inputs_in, std::vector<mx::
   const std::vector<mx::array> inputs = row_major_inputs(enc, inputs_in);
   const auto& ids = inputs[0];
   for (auto& o : outputs) allocate(o);
-  encode_bucket(enc, ids, uint32_t(ids.size()), uint32_t(p.num_experts()), uint32_t(p.tile()),
+  NodeChain now{enc, false};
+  encode_bucket(now, ids, uint32_t(ids.size()), uint32_t(p.num_experts()), uint32_t(p.tile()),
                 outputs[0], outputs[1], outputs[2], &outputs[3], nullptr, nullptr, nullptr);
 }
 
@@ -447,16 +489,27 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
             pairs = scratch(enc, direct ? 1 : P);
   mx::array active = scratch(enc, direct ? 1 : E),
             tiles = scratch(enc, grouped ? size_t(2) * max_tiles : 1), meta = scratch(enc, 4);
-  // Direct tensor-core decode with the router folded in: the gate/up kernel may route (one
-  // launch less per layer; decided below; MLX_MOE_CUDA_ROUTE_IN_GU=0: never).
+  // Decode path on the tensor-core kernels (affine 4-bit / mxfp4 projections).
+  const bool gu_mm = mma_on && affine4(md.gate) && affine4(md.up);
+  const bool dn_mm = mma_on && affine4(md.down);
+  // ... on sm_90+ (MLX_MOE_CUDA_PDL=0: off): its kernels -- the router when folded in, the
+  // one-block bucketing, gate/up, down, the combine -- as one chain of programmatic dependents
+  // (launch_pdl): each kernel's blocks start while the one before runs, and wait
+  // (pdl_wait) before they read its outputs; the down blocks issue their weight copies
+  // first. H100, Qwen3 layer: 2-16 tokens 1.2-2.9 us/layer faster than plain edges; at 1
+  // token 1.4 us faster than the router folded into gate/up.
+  const bool pdl = !grouped && gu_mm && dn_mm && pdl_available();
+  NodeChain chain{enc, pdl};
+  // Else, direct: the gate/up kernel may route (one launch less per layer; decided below;
+  // MLX_MOE_CUDA_ROUTE_IN_GU=0: never).
   const bool route_in_gu_ok =
-      fused_route && direct && mma_on && affine4(md.gate) && affine4(md.up) &&
+      !pdl && fused_route && direct && mma_on && affine4(md.gate) && affine4(md.up) &&
       E <= ROUTE_BLOCK_MAX_E && E <= uint32_t(MM_WARPS_GU * 32) && k <= 32u &&
       float_kind(logits.dtype()) >= 0 && env_u32("MLX_MOE_CUDA_ROUTE_IN_GU", 1u) != 0u;
   if (fused_route && !route_in_gu_ok)
-    encode_route(enc, logits, T, E, k, uint32_t(p.route_normalize()), ids, rw);
+    encode_route(chain, logits, T, E, k, uint32_t(p.route_normalize()), ids, rw);
   if (!direct)
-    encode_bucket(enc, ids, P, E, btile, counts, offsets, pairs, nullptr, &active,
+    encode_bucket(chain, ids, P, E, btile, counts, offsets, pairs, nullptr, &active,
                   grouped ? &tiles : nullptr, &meta);
 
   mx::array H = scratch(enc, size_t(P) * F);
@@ -484,8 +537,6 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
         }
         return l.total;
       };
-      const bool gu_mm = mma_on && affine4(md.gate) && affine4(md.up);
-      const bool dn_mm = mma_on && affine4(md.down);
       const uint32_t gx = direct ? P : max_active;
       // Tensor-core blocks: gate/up 16 rows (32 measured slower or equal at 1-64 tokens),
       // down 32 rows.
@@ -523,7 +574,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
       const bool route_in_gu =
           route_in_gu_ok && uint64_t(grid_gu.x) * grid_gu.y <= capacity(gu_kernel, MM_WARPS_GU * 32, sm1);
       if (route_in_gu_ok && !route_in_gu)
-        encode_route(enc, logits, T, E, k, uint32_t(p.route_normalize()), ids, rw);
+        encode_route(chain, logits, T, E, k, uint32_t(p.route_normalize()), ids, rw);
       if (route_in_gu) {
         ex.logits = ptr<void>(logits);
         ex.logits_kind = uint32_t(float_kind(logits.dtype()));
@@ -531,41 +582,22 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
         ex.route_ids = ptr<uint32_t>(ids);
         ex.route_w = ptr<float>(rw);
       }
-      KernelNode gu = kernel_node(
-          gu_kernel, grid_gu, dim3(gu_mm ? MM_WARPS_GU * 32 : DEC_WARPS * 32), sm1, md, xp,
-          static_cast<const float*>(nullptr), ptr<uint32_t>(pairs), ptr<uint32_t>(offsets),
-          ptr<uint32_t>(active), ptr<uint32_t>(meta), ptr<float>(rw), mt1, ptr<float>(H), ex);
+      chain.add(kernel_node(gu_kernel, grid_gu, dim3(gu_mm ? MM_WARPS_GU * 32 : DEC_WARPS * 32),
+                            sm1, md, xp, static_cast<const float*>(nullptr), ptr<uint32_t>(pairs),
+                            ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta),
+                            ptr<float>(rw), mt1, ptr<float>(H), ex),
+                {&x, route_in_gu ? &logits : &ids, &pairs, &offsets, &active, &meta},
+                {&H, &counters, route_in_gu ? &ids : nullptr, route_in_gu ? &rw : nullptr});
       auto dn_kernel = dn_mm ? mlp_mma_dec_kernel<false, float, true, 2, MM_WARPS_DN>
                              : mlp_decode_kernel<false, float>;
       const dim3 block_d(dn_mm ? MM_WARPS_DN * 32 : DEC_WARPS * 32);
-      // The down kernel as gate/up's programmatic dependent (launch_pdl; sm_90+,
-      // MLX_MOE_CUDA_PDL=0: off): its blocks take SMs as gate/up's last blocks leave them and
-      // issue their weight copies before they wait for H (H100, Qwen3 layer: 2-16 tokens
-      // 1.2-2.9 us/layer faster). Both tensor-core decode kernels (the fp32 ones have no
-      // pdl_wait), and not with the router in gate/up (the down blocks would need gate/up's
-      // ids first; there gate/up fills the SMs' registers in one wave: nothing to overlap).
-      const bool pdl = gu_mm && dn_mm && !route_in_gu && pdl_available();
       combined = fused_combine;
-      KernelNode dn = kernel_node(
-          dn_kernel, grid_d, block_d, sm2, md, static_cast<const float*>(nullptr), ptr<float>(H),
-          ptr<uint32_t>(pairs), ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta),
-          ptr<float>(rw), mt2, ptr<float>(Yp), ex);
-      const std::vector<const mx::array*> gu_reads = {&x, route_in_gu ? &logits : &ids, &pairs,
-                                                      &offsets, &active, &meta};
-      const std::vector<const mx::array*> gu_writes = {&H, &counters, route_in_gu ? &ids : nullptr,
-                                                       route_in_gu ? &rw : nullptr};
-      const std::vector<const mx::array*> dn_reads = {&H, &ids, &pairs, &offsets, &active,
-                                                      &meta, &rw, &counters};
-      const std::vector<const mx::array*> dn_writes = {&Yp, &counters, combined ? &out : nullptr};
-      if (pdl) {
-        std::vector<const mx::array*> reads = gu_reads, writes = gu_writes;
-        reads.insert(reads.end(), dn_reads.begin(), dn_reads.end());
-        writes.insert(writes.end(), dn_writes.begin(), dn_writes.end());
-        launch_pdl(enc, reads, writes, gu, dn);
-      } else {
-        add_node(enc, gu_reads, gu_writes, gu);
-        add_node(enc, dn_reads, dn_writes, dn);
-      }
+      chain.add(kernel_node(dn_kernel, grid_d, block_d, sm2, md, static_cast<const float*>(nullptr),
+                            ptr<float>(H), ptr<uint32_t>(pairs), ptr<uint32_t>(offsets),
+                            ptr<uint32_t>(active), ptr<uint32_t>(meta), ptr<float>(rw), mt2,
+                            ptr<float>(Yp), ex),
+                {&H, &ids, &pairs, &offsets, &active, &meta, &rw, &counters},
+                {&Yp, &counters, combined ? &out : nullptr});
     } else if (gg) {
       // H [bucketed pair, F] and Yp [pair, D] in the activation type; fp32 combine.
       if constexpr (!std::is_same_v<XT, float>) {
@@ -604,9 +636,11 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
     }
     if (!combined) {
       const uint64_t n = uint64_t(T) * D;
-      launch(enc, {&Yp, &ids}, {&out}, combine_kernel<XT>, dim3(uint32_t((n + 255) / 256)),
-             dim3(256), 0, ptr<float>(Yp), ptr<void>(ids), ik, T, k, D, E, ptr<XT>(out));
+      chain.add(kernel_node(combine_kernel<XT>, dim3(uint32_t((n + 255) / 256)), dim3(256), 0,
+                            ptr<float>(Yp), ptr<void>(ids), ik, T, k, D, E, ptr<XT>(out)),
+                {&Yp, &ids}, {&out});
     }
+    chain.flush();
   });
 }
 

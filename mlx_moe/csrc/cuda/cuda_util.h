@@ -154,53 +154,59 @@ inline bool pdl_available() {
 #endif
 }
 
-// Nodes a then b, b a programmatic dependent of a (one child graph in MLX's graph, its edge
-// of type cudaGraphDependencyTypeProgrammatic): b's blocks may start once every block of a
-// has run griddepcontrol.launch_dependents (pdl_trigger) or exited, and must run
-// griddepcontrol.wait (pdl_wait) before they touch anything a writes; that wait returns when
-// a has completed and its writes are visible. reads / writes: both nodes' buffers.
+// Nodes in order, each (from the second) a programmatic dependent of the one before (one
+// child graph in MLX's graph, its edges of type cudaGraphDependencyTypeProgrammatic): a node's
+// blocks may start once every block of the node before has run griddepcontrol.launch_dependents
+// (pdl_trigger) or exited, and must run griddepcontrol.wait (pdl_wait) before they touch
+// anything an earlier node writes; that wait returns when the node before has completed and
+// its writes are visible (and so, through its own wait, every earlier node's). reads /
+// writes: all nodes' buffers. Empty nodes (no blocks) are left out.
 inline void launch_pdl(cu::CommandEncoder& enc, const std::vector<const mx::array*>& reads,
-                       const std::vector<const mx::array*>& writes, KernelNode& a, KernelNode& b) {
-  if (a.empty() || b.empty()) {
-    add_node(enc, reads, writes, a);
-    add_node(enc, reads, writes, b);
+                       const std::vector<const mx::array*>& writes,
+                       const std::vector<KernelNode*>& chain) {
+  std::vector<KernelNode*> nodes;
+  for (KernelNode* n : chain)
+    if (n && !n->empty()) nodes.push_back(n);
+#if CUDART_VERSION >= 12030
+  if (nodes.size() >= 2) {
+    cudaGraph_t g = nullptr;
+    check(cudaGraphCreate(&g, 0), "cudaGraphCreate");
+    try {
+      std::vector<cudaGraphNode_t> gn(nodes.size());
+      std::string key = "(K1";
+      for (size_t i = 0; i < nodes.size(); ++i) {
+        cudaKernelNodeParams kp{};
+        kp.func = const_cast<void*>(nodes[i]->kernel);
+        kp.gridDim = nodes[i]->grid;
+        kp.blockDim = nodes[i]->block;
+        kp.sharedMemBytes = nodes[i]->smem;
+        kp.kernelParams = nodes[i]->ptrs.data();
+        check(cudaGraphAddKernelNode(&gn[i], g, nullptr, 0, &kp), "cudaGraphAddKernelNode");
+        if (i == 0) continue;
+        cudaGraphEdgeData ed{};
+        ed.type = cudaGraphDependencyTypeProgrammatic;
+        ed.from_port = cudaGraphKernelNodePortProgrammatic;
+#if CUDART_VERSION >= 13000
+        check(cudaGraphAddDependencies(g, &gn[i - 1], &gn[i], &ed, 1), "cudaGraphAddDependencies");
+#else
+        check(cudaGraphAddDependencies_v2(g, &gn[i - 1], &gn[i], &ed, 1),
+              "cudaGraphAddDependencies_v2");
+#endif
+        key += "PK1";
+      }
+      name_buffers(enc, reads, writes);
+      // Its own key per chain length: MLX keys cached executable graphs by node types only,
+      // and a child of kernels joined by plain edges must not be taken for this one.
+      enc.add_graph_node(g, key + ")", true);
+    } catch (...) {
+      cudaGraphDestroy(g);
+      throw;
+    }
+    check(cudaGraphDestroy(g), "cudaGraphDestroy");
     return;
   }
-#if CUDART_VERSION < 12030
-  add_node(enc, reads, writes, a);  // (pdl_available() is false: not reached)
-  add_node(enc, reads, writes, b);
-#else
-  cudaGraph_t g = nullptr;
-  check(cudaGraphCreate(&g, 0), "cudaGraphCreate");
-  try {
-    cudaGraphNode_t na, nb;
-    for (auto [n, node] : {std::pair<KernelNode*, cudaGraphNode_t*>{&a, &na}, {&b, &nb}}) {
-      cudaKernelNodeParams kp{};
-      kp.func = const_cast<void*>(n->kernel);
-      kp.gridDim = n->grid;
-      kp.blockDim = n->block;
-      kp.sharedMemBytes = n->smem;
-      kp.kernelParams = n->ptrs.data();
-      check(cudaGraphAddKernelNode(node, g, nullptr, 0, &kp), "cudaGraphAddKernelNode");
-    }
-    cudaGraphEdgeData ed{};
-    ed.type = cudaGraphDependencyTypeProgrammatic;
-    ed.from_port = cudaGraphKernelNodePortProgrammatic;
-#if CUDART_VERSION >= 13000
-    check(cudaGraphAddDependencies(g, &na, &nb, &ed, 1), "cudaGraphAddDependencies");
-#else
-    check(cudaGraphAddDependencies_v2(g, &na, &nb, &ed, 1), "cudaGraphAddDependencies_v2");
 #endif
-    name_buffers(enc, reads, writes);
-    // Its own key: MLX keys cached executable graphs by node types only, and a child of two
-    // kernels joined by a plain edge must not be taken for this one.
-    enc.add_graph_node(g, "(K1PK1)", true);
-  } catch (...) {
-    cudaGraphDestroy(g);
-    throw;
-  }
-  check(cudaGraphDestroy(g), "cudaGraphDestroy");
-#endif
+  for (KernelNode* n : nodes) add_node(enc, reads, writes, *n);  // (one node; or CUDA < 12.3)
 }
 
 template <typename F>
