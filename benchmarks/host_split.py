@@ -15,11 +15,18 @@ Also prints the same split for a chain of trivial MLX adds (MLX's own per-node c
 Per-layer microseconds. Timing only; `bench_moe.py` is the benchmark of record.
 
     python benchmarks/host_split.py --tokens 1 4 16 [--format mxfp4] [--layers 8]
+    python benchmarks/host_split.py --tokens 1 2 16 --ab MLX_MOE_CUDA_PDL=0 --rounds 8
+
+With --ab VAR=VALUE, mlx_moe alone runs with and without that environment setting (the
+CUDA knobs are read at every evaluation) in interleaved rounds in one process, and the
+medians over the rounds are printed: an A/B of one knob's host and device cost that the
+host's drift between runs does not blur.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -55,6 +62,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--format", choices=[f for f in FORMATS if f != "trellis4"], default="affine4")
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--ab", metavar="VAR=VALUE", help="A/B of mlx_moe: unset vs this env setting")
+    ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds of --ab")
     args = ap.parse_args(argv)
     shape, L = SHAPES["qwen3"], args.layers
     print(f"{shape['name']} layer, {args.format}, bfloat16, {L} layers per eval, device {mx.default_device()}")
@@ -78,13 +87,36 @@ def main(argv=None):
         x = mx.array(rng.standard_normal((T, shape["D"])).astype(np.float32)).astype(mx.bfloat16)
         lgs = [mx.array(rng.standard_normal((T, shape["E"])).astype(np.float32)) for _ in range(L)]
         mx.eval(x, lgs)
-        for name, fns in impls.items():
-            def chain(y, fns=fns):
+
+        def measure(fns):
+            def chain(y):
                 for f, lg in zip(fns, lgs):
                     y = f(y, lg)
                 return y
             b, e, w, s = (v / L for v in split(lambda: chain(x)))
-            p = time_pipelined(chain, x) * 1e6 / L
+            return b, e, w, s, time_pipelined(chain, x) * 1e6 / L
+
+        if args.ab:
+            var, val = args.ab.split("=", 1)
+            old = os.environ.pop(var, None)
+            runs = {"mlx_moe": [], f"mlx_moe {args.ab}": []}
+            for _ in range(args.rounds):
+                for name in runs:
+                    if name == "mlx_moe":
+                        os.environ.pop(var, None)
+                    else:
+                        os.environ[var] = val
+                    runs[name].append(measure(impls["mlx_moe"]))
+            os.environ.pop(var, None)
+            if old is not None:
+                os.environ[var] = old
+            for name, v in runs.items():
+                b, e, w, s, p = (statistics.median(c) for c in zip(*v))
+                print(f"| {T} | {name} (median of {args.rounds}) | {b:.1f} | {e:.1f} | {w:.1f} | {s:.1f} | {p:.1f} |",
+                      flush=True)
+            continue
+        for name, fns in impls.items():
+            b, e, w, s, p = measure(fns)
             print(f"| {T} | {name} | {b:.1f} | {e:.1f} | {w:.1f} | {s:.1f} | {p:.1f} |", flush=True)
 
 

@@ -551,12 +551,13 @@ def test_unevaluated_and_strided_inputs_without_copy_nodes(rng, tmp_path):
 @pytest.mark.parametrize("normalize", [True, False])
 def test_router_folded_into_moe_mlp(rng, monkeypatch, tmp_path, T, ldtype, normalize):
     """On a CUDA stream, moe_mlp over the two outputs of an unevaluated route() routes inside
-    its own primitive (no route node in the graph): on sm_90 as the first kernel of the decode
-    chain of programmatic dependents, with MLX_MOE_CUDA_PDL=0 (plain edges) and few pairs
-    inside its gate/up kernel. Its result is bitwise that of route() evaluated first and
+    its own primitive (no route node in the graph): at 1 token inside its gate/up kernel, from
+    4 tokens as the first kernel of the decode chain of programmatic dependents (sm_90; with
+    MLX_MOE_CUDA_PDL=0 plain edges). Its result is bitwise that of route() evaluated first and
     moe_mlp over its outputs (the same routing function), with PDL=0, with PDL=0 and
-    MLX_MOE_CUDA_ROUTE_IN_GU=0 (a router kernel with plain edges), with ROUTE_IN_GU=0 and
-    with MLX_MOE_CUDA_FUSED_ROUTE=0 too, and agrees with the CPU path."""
+    MLX_MOE_CUDA_ROUTE_IN_GU=0 (a router kernel with plain edges), with ROUTE_IN_GU=0 (at 1
+    token too: the chain) and with MLX_MOE_CUDA_FUSED_ROUTE=0 too, and agrees with the CPU
+    path."""
     E, D, F, k = 128, 256, 128, 8
     experts = experts_for(rng, E, D, F, "affine", (4, 4, 4), 64, mx.float16)
     x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(mx.bfloat16)

@@ -496,14 +496,19 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // one-block bucketing, gate/up, down, the combine -- as one chain of programmatic dependents
   // (launch_pdl): each kernel's blocks start while the one before runs, and wait
   // (pdl_wait) before they read its outputs; the down blocks issue their weight copies
-  // first. H100, Qwen3 layer: 2-16 tokens 1.2-2.9 us/layer faster than plain edges; at 1
-  // token 1.4 us faster than the router folded into gate/up.
-  const bool pdl = !grouped && gu_mm && dn_mm && pdl_available();
-  NodeChain chain{enc, pdl};
-  // Else, direct: the gate/up kernel may route (one launch less per layer; decided below;
-  // MLX_MOE_CUDA_ROUTE_IN_GU=0: never).
+  // first. H100, Qwen3 layer, same process: 2 / 16 tokens 49.3 -> 46.1 / 195.5 ->
+  // 192.3-195.6 us of device time per layer, mlx-lm's pipelined loop 52.2 -> 51.2 / 195.5 ->
+  // 192.8 us/layer (the chain costs 5-18 us/layer more host encoding, hidden there: the
+  // device is the bound).
+  NodeChain chain{enc, !grouped && gu_mm && dn_mm && pdl_available()};
+  // Direct: the gate/up kernel may route instead (decided below, where its grid is resident
+  // at once: 1 token), with plain edges: one kernel and no child graph. Preferred to the
+  // chain: on the H100 the chain with the router as its first kernel has 1.9 us less device
+  // time per layer (31.1 -> 29.2 us) but 4.4 us more host encoding, which makes mlx-lm's
+  // pipelined loop, host-bound at 1 token, 2.9 us/layer slower (34.7 -> 37.6);
+  // MLX_MOE_CUDA_ROUTE_IN_GU=0: never (the chain).
   const bool route_in_gu_ok =
-      !pdl && fused_route && direct && mma_on && affine4(md.gate) && affine4(md.up) &&
+      fused_route && direct && mma_on && affine4(md.gate) && affine4(md.up) &&
       E <= ROUTE_BLOCK_MAX_E && E <= uint32_t(MM_WARPS_GU * 32) && k <= 32u &&
       float_kind(logits.dtype()) >= 0 && env_u32("MLX_MOE_CUDA_ROUTE_IN_GU", 1u) != 0u;
   if (fused_route && !route_in_gu_ok)
@@ -576,6 +581,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
       if (route_in_gu_ok && !route_in_gu)
         encode_route(chain, logits, T, E, k, uint32_t(p.route_normalize()), ids, rw);
       if (route_in_gu) {
+        chain.pdl = false;  // (nothing gathered yet: direct, and the router not encoded)
         ex.logits = ptr<void>(logits);
         ex.logits_kind = uint32_t(float_kind(logits.dtype()));
         ex.route_norm = uint32_t(p.route_normalize());
