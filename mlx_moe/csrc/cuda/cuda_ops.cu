@@ -508,7 +508,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // pipelined loop, host-bound at 1 token, 2.9 us/layer slower (34.7 -> 37.6);
   // MLX_MOE_CUDA_ROUTE_IN_GU=0: never (the chain).
   const bool route_in_gu_ok =
-      fused_route && direct && mma_on && affine4(md.gate) && affine4(md.up) &&
+      fused_route && direct && gu_mm &&
       E <= ROUTE_BLOCK_MAX_E && E <= uint32_t(MM_WARPS_GU * 32) && k <= 32u &&
       float_kind(logits.dtype()) >= 0 && env_u32("MLX_MOE_CUDA_ROUTE_IN_GU", 1u) != 0u;
   if (fused_route && !route_in_gu_ok)
