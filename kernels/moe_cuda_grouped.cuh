@@ -378,14 +378,15 @@ __device__ __forceinline__ uint32_t gg_tr_layout(uint32_t off, const WDesc& w0, 
 struct GgTile {
   uint32_t e, row0, rows, N, K, nb;
 };
-template <bool GATEUP>
+// TM: the bucketing tile (rows of pairs per tile).
+template <bool GATEUP, int TM = GG_TM>
 __device__ __forceinline__ bool gg_tile(const MlpDesc& md, const uint32_t* tiles,
                                         const uint32_t* offsets, const uint32_t* meta, GgTile& t) {
   const uint32_t tile = blockIdx.y;
   if (tile >= meta[1]) return false;
   t.e = tiles[2 * tile];
   t.row0 = tiles[2 * tile + 1];
-  t.rows = min(uint32_t(GG_TM), offsets[t.e + 1] - t.row0);
+  t.rows = min(uint32_t(TM), offsets[t.e + 1] - t.row0);
   const WDesc& wd = GATEUP ? md.gate : md.down;
   t.N = wd.N;
   t.K = wd.K;
@@ -393,15 +394,16 @@ __device__ __forceinline__ bool gg_tile(const MlpDesc& md, const uint32_t* tiles
   return true;
 }
 
-// The activation rows this thread copies: rows (tid >> 3) + 32 j of the tile (gate/up: row
-// pairs[i] / k of x; down: row i of H), aok[j]: the row is one of the tile's.
-template <bool GATEUP, typename XT>
+// The activation rows this thread copies: rows (tid >> 3) + (THREADS / 8) j of the tile
+// (THREADS / 2 rows; gate/up: row pairs[i] / k of x; down: row i of H), aok[j]: the row is
+// one of the tile's.
+template <bool GATEUP, typename XT, int THREADS = GG_THREADS>
 __device__ __forceinline__ void gg_arows(const XT* A, const uint32_t* pairs, uint32_t k,
                                          const GgTile& t, uint32_t tid, const XT* (&arow)[4],
                                          bool (&aok)[4]) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const uint32_t r = (tid >> 3) + 32u * j;
+    const uint32_t r = (tid >> 3) + uint32_t(THREADS / 8) * j;
     aok[j] = r < t.rows;
     const uint32_t i = t.row0 + (aok[j] ? r : 0u);
     arow[j] = A + int64_t(GATEUP ? pairs[i] / k : i) * t.K;
@@ -410,7 +412,7 @@ __device__ __forceinline__ void gg_arows(const XT* A, const uint32_t* pairs, uin
 
 // Copies this thread's activation chunks of K step kt (chunk c = tid & 7, 8 k, of its 4 rows;
 // zero-filled past the tile or K) to row r * 128 + 16 * SWZ(c, r) of sa.
-template <typename XT, typename Swz>
+template <typename XT, typename Swz, int THREADS = GG_THREADS>
 __device__ __forceinline__ void gg_copy_act(uint32_t sa, const XT* A, const XT* const (&arow)[4],
                                             const bool (&aok)[4], uint32_t kt, uint32_t K,
                                             uint32_t tid, Swz swz) {
@@ -418,7 +420,7 @@ __device__ __forceinline__ void gg_copy_act(uint32_t sa, const XT* A, const XT* 
   const bool kok = k0 + 8u * c < K;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const uint32_t r = (tid >> 3) + 32u * j;
+    const uint32_t r = (tid >> 3) + uint32_t(THREADS / 8) * j;
     const bool ok = aok[j] && kok;
     cp_async16(sa + r * 128u + (swz(c, r) << 4), ok ? arow[j] + k0 + 8u * c : A, ok ? 16u : 0u);
   }

@@ -43,9 +43,15 @@ __host__ __device__ inline uint32_t wg_panel_bytes(const WDesc& d) {
   if (d.mode == 2u) return gg_tr_table_bytes(d) + 1024u;  // + its codebook
   return (d.mode == 1u ? 1u : 2u) * uint32_t(GG_TN) * wg_sc_words(d) * 4u;
 }
+// One raw stage of the kernel on NWG warpgroups (tiles of 64 * NWG pairs: 64 more activation
+// rows of 128 bytes per warpgroup past two).
+__host__ __device__ inline uint32_t wg_stage_bytes(int fmt, int nwg, const WDesc& p0, const WDesc& p1) {
+  return gg_stage_bytes(fmt, p0, p1) + uint32_t(nwg - 2) * 64u * GG_BK * 2u;
+}
 // Dynamic shared memory of the wgmma kernel with S raw stages (1024: alignment of the base).
-__host__ __device__ inline uint32_t wg_smem_bytes(int fmt, int S, const WDesc& p0, const WDesc& p1) {
-  return 1024u + 2u * WG_BTILE + uint32_t(S) * gg_stage_bytes(fmt, p0, p1) + wg_panel_bytes(p0) +
+__host__ __device__ inline uint32_t wg_smem_bytes(int fmt, int S, const WDesc& p0, const WDesc& p1,
+                                                  int nwg = 2) {
+  return 1024u + 2u * WG_BTILE + uint32_t(S) * wg_stage_bytes(fmt, nwg, p0, p1) + wg_panel_bytes(p0) +
          wg_panel_bytes(p1);
 }
 
@@ -158,16 +164,21 @@ __device__ __forceinline__ uint32_t wg_raw_pos(uint32_t ch, uint32_t R) {
 
 // One projection of the grouped MLP (see the top of this file and mlp_gg_kernel: the same
 // arguments, grid and outputs). S: raw stages in the cp.async ring (3 or 4, by shared memory).
-template <bool GATEUP, typename XT, int FMT, int SK, int S>
-__global__ void __launch_bounds__(GG_THREADS, 1)
+// NWG: warpgroups (2: tiles of 128 pairs; 3: tiles of 192 pairs, where the third warpgroup
+// only copies activations and multiplies: the first 256 threads load and dequantize the
+// weight rows, as with 2, so each dequantized tile feeds 1.5x the products; not trellis).
+template <bool GATEUP, typename XT, int FMT, int SK, int S, int NWG = 2>
+__global__ void __launch_bounds__(128 * NWG, 1)
     mlp_wg_kernel(MlpDesc md, const XT* __restrict__ A, const uint32_t* __restrict__ pairs,
                   const uint32_t* __restrict__ offsets, const uint32_t* __restrict__ tiles,
                   const uint32_t* __restrict__ meta, const float* __restrict__ rw,
                   XT* __restrict__ out, uint32_t) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // (other targets: an empty body, never launched)
   extern __shared__ __align__(1024) unsigned char wg_shared[];
+  static_assert(NWG == 2 || (NWG == 3 && FMT != GG_TR), "warpgroups");
+  constexpr uint32_t THREADS = 128u * NWG, TM = 64u * NWG;
   GgTile t;
-  if (!gg_tile<GATEUP>(md, tiles, offsets, meta, t)) return;
+  if (!gg_tile<GATEUP, TM>(md, tiles, offsets, meta, t)) return;
   const uint32_t e = t.e, row0 = t.row0, rows = t.rows, N = t.N, K = t.K, nb = t.nb;
   const WDesc& wd0 = GATEUP ? md.gate : md.down;
   const WDesc& wd1 = GATEUP ? md.up : md.down;
@@ -175,8 +186,8 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
   // 256 consecutive rows).
   const uint32_t n0[2] = {nb, GATEUP ? nb : nb + uint32_t(GG_TN)};
   const uint32_t tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
-  constexpr uint32_t ABYTES = uint32_t(GG_TM) * GG_BK * 2u;
-  const uint32_t STAGE = gg_stage_bytes(FMT, wd0, wd1);
+  constexpr uint32_t ABYTES = TM * GG_BK * 2u;
+  const uint32_t STAGE = wg_stage_bytes(FMT, NWG, wd0, wd1);
   constexpr uint32_t BROW = gg_brow(FMT), BPR = BROW / 16u, KPC = FMT == GG_A8 ? 16u : 32u;
   const uint32_t smem0 = (smem_u32(wg_shared) + 1023u) & ~1023u;
   const uint32_t bt0 = smem0, ring = smem0 + 2u * WG_BTILE;
@@ -201,9 +212,11 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
   // activation copies: straight into wgmma's 128-byte-swizzled layout
   const XT* arow[4];
   bool aok[4];
-  gg_arows<GATEUP>(A, pairs, md.k, t, tid, arow, aok);
-  // Weight loader / dequantizer: thread -> weight row R = tid (panel R >> 7).
-  const uint32_t R = tid, rp = R >> 7, rr = R & 127u;
+  gg_arows<GATEUP, XT, THREADS>(A, pairs, md.k, t, tid, arow, aok);
+  // Weight loader / dequantizer: thread -> weight row R = tid (panel R >> 7); threads from 256
+  // on (NWG 3) have no row.
+  const bool wthr = NWG == 2 || tid < 256u;
+  const uint32_t R = wthr ? tid : 0u, rp = R >> 7, rr = R & 127u;
   const WDesc& wdr = rp ? wd1 : wd0;
   const uint32_t nrow = (rp ? n0[1] : n0[0]) + rr;
   const bool rok = nrow < N;
@@ -218,10 +231,11 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
   auto load_stage = [&](uint32_t kt, uint32_t slot) {
     const uint32_t k0 = kt * GG_BK;
     const uint32_t sa = ring + slot * STAGE, sbw = sa + ABYTES;
-    gg_copy_act(sa, A, arow, aok, kt, K, tid, [](uint32_t c, uint32_t r) { return c ^ (r & 7u); });
+    auto swz = [](uint32_t c, uint32_t r) { return c ^ (r & 7u); };
+    gg_copy_act<XT, decltype(swz), THREADS>(sa, A, arow, aok, kt, K, tid, swz);
     if constexpr (FMT == GG_TR) {
       gg_tr_copy_stage(sbw, wd0, wd1, e, k0, n0, N, K, tid, trq);
-    } else {
+    } else if (wthr) {
       // raw weight row R: BROW bytes (64 codes), 16-byte chunks permuted by wg_raw_pos
 #pragma unroll
       for (uint32_t ch = 0; ch < BPR; ++ch) {
@@ -245,7 +259,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
         for (int a = 0; a < (FMT == GG_FP4 ? 1 : 2); ++a) {
           const uint32_t* src = static_cast<const uint32_t*>(a ? wd.biases : wd.scales);
           const uint32_t dst = a ? bip[p] : scp[p];
-          for (uint32_t q = tid; q < GG_TN * per_row; q += GG_THREADS) {
+          for (uint32_t q = tid; q < GG_TN * per_row; q += THREADS) {
             const uint32_t r = q / per_row, c = q - r * per_row;
             const bool ok = r < vrows;
             cp_async4(dst + (r * sw[p] + c) * 4u, ok ? src + base + q : src, ok ? 4u : 0u);
@@ -337,8 +351,8 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
   }
   cp_async_wait<S - 2>();
   __syncthreads();
-  dequant(0, 0, 0);
-  fence_proxy_async();
+  if (wthr) dequant(0, 0, 0);
+  fence_proxy_async();  // (every thread: its activation copies too)
   __syncthreads();
 
   const uint32_t wgrp = warp >> 2;  // warpgroup: activation rows 64 wgrp ..
@@ -364,7 +378,7 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
     cp_async_wait<S - 3>();  // stage kt+1 landed (this thread's copies)
     __syncthreads();  // both warpgroups past step kt-1; everyone's copies of stage kt+1 landed
     if (kt + 1 < KT) {
-      dequant(kt + 1, (kt + 1) % S, (kt + 1) & 1u);  // into the tile step kt-1 read
+      if (wthr) dequant(kt + 1, (kt + 1) % S, (kt + 1) & 1u);  // into the tile step kt-1 read
       fence_proxy_async();
     }
     // The next copies go out after the fence (it waits for this thread's outstanding memory

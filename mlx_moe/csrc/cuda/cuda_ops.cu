@@ -325,17 +325,43 @@ bool wg_available() {
 #endif
 }
 
-// The grouped kernel of one projection: mlp_wg_kernel (4 raw stages, else 3, as shared memory
-// allows) where wg_available(), else mlp_gg_kernel.
-// smem: its dynamic shared memory.
+// Warpgroups of the grouped wgmma kernels, which fixes the bucketing tile (64 pairs per
+// warpgroup): 3 (tiles of 192 pairs) where both projections have such a kernel with 3 raw
+// stages in shared memory and the experts average at least 128 pairs, else 2. With ~256
+// pairs per expert (Qwen3, 4096 tokens) an expert takes two tiles of 192 instead of two or
+// three of 128, and each dequantized weight tile feeds 1.5x the products: H100, same process,
+// affine4 1285 -> 1208 us per layer, mxfp4 1337 -> 1185; with 64 or fewer per expert the
+// third warpgroup only idles (1024 tokens: 505 -> 549 us). MLX_MOE_CUDA_WG_TM=128 / 192:
+// that tile whatever the pairs.
+constexpr uint32_t WG3_MIN_AVG_PAIRS = 128;
+int wg_groups(int fgu, int fdn, const MlpDesc& md) {
+#if defined(MLX_MOE_SM90A)
+  const uint32_t tm = env_u32("MLX_MOE_CUDA_WG_TM", 0u);
+  if (!wg_available() || tm == 128u) return 2;
+  if (tm != 192u && uint64_t(md.P) < uint64_t(WG3_MIN_AVG_PAIRS) * md.E) return 2;
+  if (fgu == GG_TR || fdn == GG_TR) return 2;
+  if (wg_smem(fgu, 3, md.gate, md.up, 3) > 227u * 1024u ||
+      wg_smem(fdn, 3, md.down, md.down, 3) > 227u * 1024u)
+    return 2;
+  return 3;
+#else
+  (void)fgu, (void)fdn, (void)md;
+  return 2;
+#endif
+}
+
+// The grouped kernel of one projection: mlp_wg_kernel on nwg warpgroups (4 raw stages, else
+// 3, as shared memory allows) where wg_available(), else mlp_gg_kernel (tiles of 128 pairs:
+// nwg 2 only). smem: its dynamic shared memory.
 template <bool GATEUP, typename XT>
-GgKernel<XT> gg_pick(bool wg, int fmt, int sk, const WDesc& a, const WDesc& b, uint32_t& smem) {
+GgKernel<XT> gg_pick(bool wg, int fmt, int sk, const WDesc& a, const WDesc& b, int nwg,
+                     uint32_t& smem) {
 #if defined(MLX_MOE_SM90A)
   if (wg) {
     for (int stages : {4, 3}) {
-      const uint32_t bytes = wg_smem(fmt, stages, a, b);
+      const uint32_t bytes = wg_smem(fmt, stages, a, b, nwg);
       if (bytes > 227u * 1024u) continue;
-      if (auto k = wg_kernel<XT>(GATEUP, fmt, sk, stages)) {
+      if (auto k = wg_kernel<XT>(GATEUP, fmt, sk, stages, nwg)) {
         smem = bytes;
         return k;
       }
@@ -343,6 +369,7 @@ GgKernel<XT> gg_pick(bool wg, int fmt, int sk, const WDesc& a, const WDesc& b, u
     }
   }
 #endif
+  if (nwg != 2) throw std::runtime_error("mlx_moe CUDA: no grouped kernel for tiles of 192 pairs");
   smem = gg_smem_bytes(fmt, a, b);
   return gg_kernel<GATEUP, XT>(fmt, sk);
 }
@@ -475,7 +502,8 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // Bucketing (device-side; no host sync). Grids below are sized for the worst case and
   // read the actual counts (meta) on the device, exiting early (CUDA graphs: no indirect
   // dispatch).
-  const uint32_t btile = gg ? uint32_t(GG_TM) : uint32_t(G_TM);
+  const int gg_nwg = gg ? wg_groups(gg_fgu, gg_fdn, md) : 2;
+  const uint32_t btile = gg ? uint32_t(64 * gg_nwg) : uint32_t(G_TM);
   const uint32_t max_tiles = (P + btile - 1) / btile + max_active;
   // Few pairs, affine 4-bit / mxfp4: the whole layer as one kernel (cuda_fused.cu), opt-in:
   // MLX_MOE_CUDA_ONE_MAX_PAIRS=n (default 0: off; measured slower, docs/DESIGN.md).
@@ -611,15 +639,16 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
         XT* Ypx = reinterpret_cast<XT*>(ptr<uint32_t>(Yp));
         const bool wg = wg_available();
         uint32_t sm_gu = 0, sm_dn = 0;
-        const auto k_gu = gg_pick<true, XT>(wg, gg_fgu, gg_sk_gu, md.gate, md.up, sm_gu);
-        const auto k_dn = gg_pick<false, XT>(wg, gg_fdn, gg_sk_dn, md.down, md.down, sm_dn);
+        const auto k_gu = gg_pick<true, XT>(wg, gg_fgu, gg_sk_gu, md.gate, md.up, gg_nwg, sm_gu);
+        const auto k_dn = gg_pick<false, XT>(wg, gg_fdn, gg_sk_dn, md.down, md.down, gg_nwg, sm_dn);
+        const dim3 gg_block(128 * gg_nwg);
         launch(enc, {&x, &pairs, &offsets, &tiles, &meta}, {&H}, k_gu,
-               dim3((F + GG_TN - 1) / GG_TN, max_tiles), dim3(GG_THREADS), sm_gu, md, xp,
+               dim3((F + GG_TN - 1) / GG_TN, max_tiles), gg_block, sm_gu, md, xp,
                ptr<uint32_t>(pairs), ptr<uint32_t>(offsets), ptr<uint32_t>(tiles),
                ptr<uint32_t>(meta), ptr<float>(rw), Hx, uint32_t(gg_sc_gu == 2));
         launch(enc, {&H, &pairs, &offsets, &tiles, &meta, &rw}, {&Yp},
                k_dn, dim3((D + 2 * GG_TN - 1) / (2 * GG_TN), max_tiles),
-               dim3(GG_THREADS), sm_dn, md, static_cast<const XT*>(Hx), ptr<uint32_t>(pairs),
+               gg_block, sm_dn, md, static_cast<const XT*>(Hx), ptr<uint32_t>(pairs),
                ptr<uint32_t>(offsets), ptr<uint32_t>(tiles), ptr<uint32_t>(meta), ptr<float>(rw),
                Ypx, uint32_t(gg_sc_dn == 2));
         const uint64_t n8 = uint64_t(T) * (D / 8);

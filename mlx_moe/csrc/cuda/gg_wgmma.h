@@ -15,13 +15,14 @@ template <typename XT>
 using GgKernel = void (*)(MlpDesc, const XT*, const uint32_t*, const uint32_t*, const uint32_t*,
                           const uint32_t*, const float*, XT*, uint32_t);
 
-// mlp_wg_kernel of (gate/up or down, weight format GG_*, scale kind, raw stages 3 or 4), or
-// nullptr where it has none (a format the grouped kernels do not cover).
+// mlp_wg_kernel of (gate/up or down, weight format GG_*, scale kind, raw stages 3 or 4,
+// warpgroups 2 or 3: tiles of 128 or 192 pairs), or nullptr where it has none (a format the
+// grouped kernels do not cover; trellis on 3 warpgroups).
 template <typename XT>
-GgKernel<XT> wg_kernel(bool gateup, int fmt, int sk, int stages);
+GgKernel<XT> wg_kernel(bool gateup, int fmt, int sk, int stages, int nwg);
 
 // Its dynamic shared memory for the projections' weight descriptors (gate/up: gate, up;
 // down: down twice).
-uint32_t wg_smem(int fmt, int stages, const WDesc& p0, const WDesc& p1);
+uint32_t wg_smem(int fmt, int stages, const WDesc& p0, const WDesc& p1, int nwg);
 
 }  // namespace mlx_moe::cuda
