@@ -3,6 +3,9 @@
 // the products on the asynchronous warpgroup tensor-core instruction (wgmma) instead of
 // mma.sync. Compiled only in mlx_moe/csrc/cuda/sm90a/gg_wgmma.cu (-arch sm_90a); the host
 // takes it on devices of compute capability 9.0 (cuda_ops.cu, MLX_MOE_CUDA_WGMMA=0: off).
+// With NWG = 3 (tiles of 192 pairs, where experts average >= 128 pairs; cuda_ops.cu
+// wg_groups) a third warpgroup copies its 64 activation rows and multiplies them with the
+// same dequantized tile; the first 256 threads work as below.
 //
 // Per K step (one block, 2 warpgroups = 256 threads):
 //   - the gathered activation rows (128 x 64 XT) and the packed weight rows (256 x 32 bytes,
