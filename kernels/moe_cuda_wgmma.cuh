@@ -379,7 +379,7 @@ __global__ void __launch_bounds__(128 * NWG, 1)
     wg_wait<1>();  // step kt-1's products (this warpgroup's) are done
     wg_fence_acc(acc);
     cp_async_wait<S - 3>();  // stage kt+1 landed (this thread's copies)
-    __syncthreads();  // both warpgroups past step kt-1; everyone's copies of stage kt+1 landed
+    __syncthreads();  // every warpgroup past step kt-1; everyone's copies of stage kt+1 landed
     if (kt + 1 < KT) {
       if (wthr) dequant(kt + 1, (kt + 1) % S, (kt + 1) & 1u);  // into the tile step kt-1 read
       fence_proxy_async();
