@@ -5,7 +5,9 @@
 // takes it on devices of compute capability 9.0 (cuda_ops.cu, MLX_MOE_CUDA_WGMMA=0: off).
 // With NWG = 3 (tiles of 192 pairs, where experts average >= 128 pairs; cuda_ops.cu
 // wg_groups) a third warpgroup copies its 64 activation rows and multiplies them with the
-// same dequantized tile; the first 256 threads work as below.
+// same dequantized tile; the first 256 threads work as below. With RS (affine 4-bit / mxfp4,
+// where the experts average few pairs; cuda_ops.cu wg_rs) the weights are dequantized into
+// wgmma's A registers instead of a shared tile (the RS block in mlp_wg_kernel).
 //
 // Per K step (one block, 2 warpgroups = 256 threads):
 //   - the gathered activation rows (128 x 64 XT) and the packed weight rows (256 x 32 bytes,
@@ -52,10 +54,12 @@ __host__ __device__ inline uint32_t wg_stage_bytes(int fmt, int nwg, const WDesc
   return gg_stage_bytes(fmt, p0, p1) + uint32_t(nwg - 2) * 64u * GG_BK * 2u;
 }
 // Dynamic shared memory of the wgmma kernel with S raw stages (1024: alignment of the base).
+// rs (the register-sourced kernel): no dequantized tiles; 1 KB of per-row output indices and
+// routing weights (down) instead.
 __host__ __device__ inline uint32_t wg_smem_bytes(int fmt, int S, const WDesc& p0, const WDesc& p1,
-                                                  int nwg = 2) {
-  return 1024u + 2u * WG_BTILE + uint32_t(S) * wg_stage_bytes(fmt, nwg, p0, p1) + wg_panel_bytes(p0) +
-         wg_panel_bytes(p1);
+                                                  int nwg = 2, bool rs = false) {
+  return 1024u + (rs ? 1024u : 2u * WG_BTILE) + uint32_t(S) * wg_stage_bytes(fmt, nwg, p0, p1) +
+         wg_panel_bytes(p0) + wg_panel_bytes(p1);
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -103,6 +107,69 @@ __device__ __forceinline__ void wg_mma(float (&d)[128], uint64_t da, uint64_t db
                  : "l"(da), "l"(db));
   }
 }
+
+#define WG_RS64_REGS "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define WG_RS64_OPERANDS(d) \
+      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define WG_RS32_REGS "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define WG_RS32_OPERANDS(d) \
+      "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+
+// Register-sourced products (mlp_wg_kernel RS): d[64 x NN] += A[64 x 16] . B[NN x 16]^T, A the
+// thread's 4 registers of XT pairs (wgmma's A fragment: rows 16 (warp & 3) + lane / 4 (+ 8 in
+// a[1], a[3]), k 2 (lane & 3) (+ 8 in a[2], a[3])), B K-major in shared memory (NN = 64:
+// d[0 .. 31]).
+template <typename XT, int NN>
+__device__ __forceinline__ void wg_mma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t db) {
+  static_assert(NN == 64 || NN == 128, "NN");
+  constexpr bool H = std::is_same_v<XT, __half>;
+  if constexpr (NN == 128) {
+    if constexpr (H)
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " WG_RS64_REGS
+                   ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+                   : WG_RS64_OPERANDS(d)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+    else
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " WG_RS64_REGS
+                   ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+                   : WG_RS64_OPERANDS(d)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+  } else {
+    if constexpr (H)
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " WG_RS32_REGS
+                   ", {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+                   : WG_RS32_OPERANDS(d)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+    else
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_RS32_REGS
+                   ", {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+                   : WG_RS32_OPERANDS(d)
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+  }
+}
+// Keeps the compiler from moving accumulator accesses across the asynchronous products (the RS
+// kernel's 64 per m-block; below: 128).
+__device__ __forceinline__ void wg_fence_acc(float (&d)[64]) {
+  asm volatile("" : WG_RS64_OPERANDS(d)::"memory");
+}
+#undef WG_RS64_REGS
+#undef WG_RS64_OPERANDS
+#undef WG_RS32_REGS
+#undef WG_RS32_OPERANDS
 
 // Keeps the compiler from moving accumulator accesses across the asynchronous products.
 __device__ __forceinline__ void wg_fence_acc(float (&d)[128]) {
@@ -170,7 +237,10 @@ __device__ __forceinline__ uint32_t wg_raw_pos(uint32_t ch, uint32_t R) {
 // NWG: warpgroups (2: tiles of 128 pairs; 3: tiles of 192 pairs, where the third warpgroup
 // only copies activations and multiplies: the first 256 threads load and dequantize the
 // weight rows, as with 2, so each dequantized tile feeds 1.5x the products; not trellis).
-template <bool GATEUP, typename XT, int FMT, int SK, int S, int NWG = 2>
+//
+// RS (affine 4-bit / mxfp4, 2 warpgroups, S >= 4): the weights are wgmma's A operand,
+// dequantized straight into registers, and the activations its B operand (the RS block below).
+template <bool GATEUP, typename XT, int FMT, int SK, int S, int NWG = 2, bool RS = false>
 __global__ void __launch_bounds__(128 * NWG, 1)
     mlp_wg_kernel(MlpDesc md, const XT* __restrict__ A, const uint32_t* __restrict__ pairs,
                   const uint32_t* __restrict__ offsets, const uint32_t* __restrict__ tiles,
@@ -193,7 +263,7 @@ __global__ void __launch_bounds__(128 * NWG, 1)
   const uint32_t STAGE = wg_stage_bytes(FMT, NWG, wd0, wd1);
   constexpr uint32_t BROW = gg_brow(FMT), BPR = BROW / 16u, KPC = FMT == GG_A8 ? 16u : 32u;
   const uint32_t smem0 = (smem_u32(wg_shared) + 1023u) & ~1023u;
-  const uint32_t bt0 = smem0, ring = smem0 + 2u * WG_BTILE;
+  const uint32_t bt0 = smem0, ring = smem0 + (RS ? 1024u : 2u * WG_BTILE);
   // padded raw scales / biases: [panel][128 rows][sw[p] words]
   // (trellis: gg_tr_layout: scp = scale * sv, bip = su, grp = codebooks)
   uint32_t scp[2], bip[2], sw[2], grp[2];
@@ -342,82 +412,264 @@ __global__ void __launch_bounds__(128 * NWG, 1)
     }
   };
 
-  float acc[128];
-#pragma unroll
-  for (int i = 0; i < 128; ++i) acc[i] = 0.f;
-
-#pragma unroll
-  for (int s = 0; s < S - 1; ++s) {
-    if (uint32_t(s) < KT) load_stage(s, s);
-    if (s == 0) load_scales();
-    cp_async_commit();
-  }
-  cp_async_wait<S - 2>();
-  __syncthreads();
-  if (wthr) dequant(0, 0, 0);
-  fence_proxy_async();  // (every thread: its activation copies too)
-  __syncthreads();
-
-  const uint32_t wgrp = warp >> 2;  // warpgroup: activation rows 64 wgrp ..
-  // A warpgroup whose 64 rows are all padding (tiles of <= 64 pairs: an expert's last tile,
-  // every tile at a few hundred tokens) issues no products: the other one gets the SM's
-  // tensor cores to itself.
-  const bool busy = wgrp * 64u < rows;
-  // Step kt: issue its products, then (while they run, queued behind step kt-1's) wait for
-  // step kt-1's, refill the ring slot they read and dequantize step kt+1 into the tile they
-  // read. The tensor cores stay busy while one barrier + dequantization + one barrier take
-  // less than a step's products.
-  for (uint32_t kt = 0; kt < KT; ++kt) {
-    const uint32_t sa = ring + (kt % S) * STAGE + wgrp * 8192u, sb = bt0 + (kt & 1u) * WG_BTILE;
-    if (busy) {
-      wg_fence_acc(acc);
-      wg_fence();
-#pragma unroll
-      for (uint32_t kk = 0; kk < 4; ++kk) wg_mma<XT>(acc, wg_desc(sa + 32u * kk), wg_desc(sb + 32u * kk));
-      wg_commit();
+  if constexpr (RS) {
+    // ---- register-sourced products: D[weight rows x pairs] = W . X^T per warpgroup ----
+    // Warpgroup w owns two m64 blocks of the block's 256 weight rows (gate/up: the gate and the
+    // up row of the same 64 features, so that each thread holds both halves of its outputs;
+    // down: 128 consecutive rows) and multiplies them with all the tile's pairs (wgmma N =
+    // 128, or 64 when the tile has no more). Each thread dequantizes its A fragment's rows
+    // (16 q + g (+ 8) of both m-blocks) at its 16 k of each half step (32 k: bytes lane & 3
+    // of 4 consecutive 4-bit words) into registers while the previous half step's products
+    // run: the weights never pass through a shared-memory tile, so no block barrier or proxy
+    // fence stands between dequantization and the products, and both warpgroups multiply
+    // even when the tile has <= 64 pairs. The raw stages still arrive by cp.async (one
+    // barrier per K step: the copies landed; the ring slot refilled is the one of step kt-2,
+    // which every warpgroup has retired).
+    static_assert(NWG == 2 && (FMT == GG_A4 || FMT == GG_FP4) && S >= 4, "RS");
+    constexpr uint32_t MB = 2u, PN = GG_TN;  // m-blocks per warpgroup, weight rows per panel
+    if (!GATEUP) {  // down: each tile row's Yp row and routing weight
+      for (uint32_t r = tid; r < rows; r += THREADS) {
+        const uint32_t pr = pairs[row0 + r];
+        asm volatile("st.shared.v2.u32 [%0], {%1, %2};\n" ::"r"(smem0 + 8u * r), "r"(pr),
+                     "r"(__float_as_uint(rw[pr])));
+      }
     }
-    wg_wait<1>();  // step kt-1's products (this warpgroup's) are done
-    wg_fence_acc(acc);
-    cp_async_wait<S - 3>();  // stage kt+1 landed (this thread's copies)
-    __syncthreads();  // every warpgroup past step kt-1; everyone's copies of stage kt+1 landed
-    if (kt + 1 < KT) {
-      if (wthr) dequant(kt + 1, (kt + 1) % S, (kt + 1) & 1u);  // into the tile step kt-1 read
-      fence_proxy_async();
-    }
-    // The next copies go out after the fence (it waits for this thread's outstanding memory
-    // operations: issued before it, they cost a memory round trip per step, 795 -> 735 us
-    // of gate/up at 4096 tokens), into the ring slot step kt-1 read.
-    {
-      const uint32_t nk = kt + S - 1;
-      if (nk < KT) load_stage(nk, nk % S);
+#pragma unroll
+    for (int s = 0; s < S - 2; ++s) {
+      if (uint32_t(s) < KT) load_stage(s, s);
+      if (s == 0) load_scales();
       cp_async_commit();
     }
-    __syncthreads();  // the tile of step kt+1 is complete
-  }
-  wg_wait<0>();
-  wg_fence_acc(acc);
-  cp_async_wait<0>();
-
-  // ---- epilogue: acc[4 j + 2 h + c] = (row 64 wgrp + 16 (warp & 3) + gid + 8 h,
-  // column 8 j + 2 t4 + c) of the block's 64 x 256 (weight rows: panel 0 then panel 1)
-  const uint32_t gid = lane >> 2, t4 = lane & 3u;
+    const uint32_t q = warp & 3u, g = lane >> 2, t4 = lane & 3u, wgrp = warp >> 2;
+    // the thread's rows R(i, h): raw row offset in a stage (chunk 0; chunk 1 is bit 4 flipped),
+    // scale and bias row addresses
+    uint32_t rraw[MB][2], rsa[MB][2], rba[MB][2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const uint32_t r = wgrp * 64u + (warp & 3u) * 16u + gid + 8u * h;
-    if (r >= rows) continue;
-    float scale;
-    const int64_t orow = gg_out_row<GATEUP>(pairs, rw, row0 + r, scale);
+    for (uint32_t i = 0; i < MB; ++i)
 #pragma unroll
-    for (int j = 0; j < (GATEUP ? 16 : 32); ++j) {
-      const uint32_t n = nb + 8u * j + 2u * t4;
-      if (n >= N) continue;
-      float v[2];
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const float a = acc[4 * j + 2 * h + c];
-        v[c] = GATEUP ? silu(a) * acc[4 * (j + 16) + 2 * h + c] : scale * a;
+      for (uint32_t h = 0; h < 2; ++h) {
+        const uint32_t R = GATEUP ? PN * h + (PN / 2u) * wgrp + 32u * i + 8u * q + g
+                                  : PN * wgrp + 64u * i + 16u * q + 8u * h + g;
+        const uint32_t p = R / PN, rrow = (R % PN) * (p ? sw[1] : sw[0]) * 4u;
+        rraw[i][h] = ABYTES + R * BROW + (wg_raw_pos<FMT>(0u, R) << 4);
+        rsa[i][h] = (p ? scp[1] : scp[0]) + rrow;
+        rba[i][h] = (p ? bip[1] : bip[0]) + rrow;
       }
-      gg_store2<XT>(out + orow * N + n, N, n, v[0], v[1]);
+    const uint32_t sel = t4 | ((4u + t4) << 4);  // byte lane & 3 of word 0, of word 1
+    const uint32_t ush = pow2_shift(gsu);         // the group of a half step: a shift
+    auto run = [&](auto nn) {
+      constexpr int NN = decltype(nn)::value;
+      float acc[MB][64];
+#pragma unroll
+      for (uint32_t i = 0; i < MB; ++i)
+#pragma unroll
+        for (uint32_t v = 0; v < 64; ++v) acc[i][v] = 0.f;
+      // A fragments of the two half steps: [half][m-block][k16 of the half][register]
+      uint32_t a[2][MB][2][4];
+      // Stage kt landed for everyone (and every warpgroup retired step kt-2): refill its slot.
+      auto landed = [&](uint32_t kt) {
+        cp_async_wait<S - 3>();
+        fence_proxy_async();
+        __syncthreads();
+        const uint32_t nk = kt + S - 2;
+        if (nk < KT) load_stage(nk, nk % S);
+        cp_async_commit();
+      };
+      // Dequantizes half step u of step kt into ar: per row, one 16-byte chunk of 4 words;
+      // byte j of x = byte lane & 3 of word j = k 16 (j >> 1) + 8 (j & 1) + 2 (lane & 3) + {0, 1}.
+      auto dequant_half = [&](uint32_t kt, uint32_t u, uint32_t (&ar)[MB][2][4]) {
+        const uint32_t sa = ring + (kt % S) * STAGE;
+        const uint32_t grp = min(div_shift(2u * kt + u, gsu, ush), G - 1u);
+#pragma unroll
+        for (uint32_t i = 0; i < MB; ++i)
+#pragma unroll
+          for (uint32_t h = 0; h < 2; ++h) {
+            uint32_t w[4];
+            asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                         : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+                         : "r"(sa + (rraw[i][h] ^ (u << 4))));
+            uint32_t s2, b2;
+            float sf, bf;
+            gg_scale<XT, FMT, SK>(rsa[i][h], rba[i][h], 0u, grp, s2, b2, sf, bf);
+            const uint32_t x = __byte_perm(__byte_perm(w[0], w[1], sel), __byte_perm(w[2], w[3], sel), 0x5410u);
+            if constexpr (FMT == GG_A4) {
+              const uint32_t x4 = x >> 4;
+#pragma unroll
+              for (int j = 0; j < 4; ++j)
+                ar[i][j >> 1][h + 2 * (j & 1)] = gg_fma2<XT>(gg_a4_pair<XT>(x, x4, j), s2, b2);
+            } else {
+              uint32_t lo4, hi4;
+              fp4_mag2(x, lo4, hi4);
+#pragma unroll
+              for (int j = 0; j < 4; ++j)
+                ar[i][j >> 1][h + 2 * (j & 1)] = gg_fma2<XT>(gg_fp4_pair<XT>(x, lo4, hi4, j), s2, b2);
+            }
+          }
+      };
+      // Issues half step u of step kt: one commit group per k16.
+      auto issue_half = [&](uint32_t kt, uint32_t u, uint32_t (&ar)[MB][2][4]) {
+        const uint32_t sa = ring + (kt % S) * STAGE;
+        wg_fence();
+#pragma unroll
+        for (uint32_t kk = 0; kk < 2; ++kk) {
+#pragma unroll
+          for (uint32_t i = 0; i < MB; ++i)
+            wg_mma_rs<XT, NN>(acc[i], ar[i][kk], wg_desc(sa + 32u * (2u * u + kk)));
+          wg_commit();
+        }
+      };
+      // Issue a half step, retire the one before it (wait 2: this half's two groups stay in
+      // flight), dequantize the next into the registers just freed. (Waiting before the
+      // issue instead, with one group in flight while the next A registers are written,
+      // makes ptxas serialize every wgmma of the kernel, C7513.)
+      landed(0);
+      dequant_half(0, 0, a[0]);
+      for (uint32_t kt = 0; kt < KT; ++kt) {
+        issue_half(kt, 0, a[0]);
+        wg_wait<2>();
+        dequant_half(kt, 1, a[1]);
+        issue_half(kt, 1, a[1]);
+        wg_wait<2>();
+        if (kt + 1 < KT) {
+          landed(kt + 1);
+          dequant_half(kt + 1, 0, a[0]);
+        }
+      }
+      wg_wait<0>();
+#pragma unroll
+      for (uint32_t i = 0; i < MB; ++i) wg_fence_acc(acc[i]);
+      cp_async_wait<0>();
+      __syncthreads();  // the ring is free: it stages the outputs
+
+      // ---- epilogue: acc[i][4 j + 2 h + c] = (row 16 q + g + 8 h of m-block i, pair
+      // 8 j + 2 (lane & 3) + c); staged as [pair][column] XT rows of OW columns (+16 bytes),
+      // then stored 16 bytes at a time
+      constexpr uint32_t OW = GATEUP ? PN : 2u * PN, ROWB = 2u * OW + 16u, CPR = OW / 8u;
+#pragma unroll
+      for (uint32_t j = 0; j < uint32_t(NN) / 8u; ++j)
+#pragma unroll
+        for (uint32_t c = 0; c < 2; ++c) {
+          const uint32_t r = 8u * j + 2u * t4 + c;
+          float scale = 1.f;
+          if constexpr (!GATEUP) {
+            if (r < rows) asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(scale) : "r"(smem0 + 8u * r + 4u));
+          }
+#pragma unroll
+          for (uint32_t i = 0; i < MB; ++i)
+#pragma unroll
+            for (uint32_t h = 0; h < (GATEUP ? 1u : 2u); ++h) {
+              const uint32_t col = GATEUP ? (PN / 2u) * wgrp + 32u * i + 8u * q + g
+                                          : PN * wgrp + 64u * i + 16u * q + 8u * h + g;
+              const float v = GATEUP ? silu(acc[i][4 * j + c]) * acc[i][4 * j + 2 + c]
+                                     : scale * acc[i][4 * j + 2 * h + c];
+              asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(ring + r * ROWB + 2u * col),
+                           "h"(uint16_t(gg_pack<XT>(v, 0.f) & 0xFFFFu)));
+            }
+        }
+      __syncthreads();
+      const bool vec = (N & 7u) == 0u;
+      for (uint32_t id = tid; id < rows * CPR; id += THREADS) {
+        const uint32_t r = id / CPR, ch = id % CPR, n = nb + 8u * ch;
+        if (n >= N) continue;
+        uint32_t orow = row0 + r;
+        if constexpr (!GATEUP) asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(orow) : "r"(smem0 + 8u * r));
+        XT* o = out + int64_t(orow) * N + n;
+        const uint32_t src = ring + r * ROWB + 16u * ch;
+        if (vec) {
+          uint4 v;
+          asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(src));
+          *reinterpret_cast<uint4*>(o) = v;
+        } else {
+          for (uint32_t e = 0; e < 8u && n + e < N; ++e) {
+            uint16_t b;
+            asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(b) : "r"(src + 2u * e));
+            reinterpret_cast<uint16_t*>(o)[e] = b;
+          }
+        }
+      }
+    };
+    if (rows <= 64u)
+      run(std::integral_constant<int, 64>{});
+    else
+      run(std::integral_constant<int, 128>{});
+  } else {
+    float acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) {
+      if (uint32_t(s) < KT) load_stage(s, s);
+      if (s == 0) load_scales();
+      cp_async_commit();
+    }
+    cp_async_wait<S - 2>();
+    __syncthreads();
+    if (wthr) dequant(0, 0, 0);
+    fence_proxy_async();  // (every thread: its activation copies too)
+    __syncthreads();
+
+    const uint32_t wgrp = warp >> 2;  // warpgroup: activation rows 64 wgrp ..
+    // A warpgroup whose 64 rows are all padding (tiles of <= 64 pairs: an expert's last tile,
+    // every tile at a few hundred tokens) issues no products: the other one gets the SM's
+    // tensor cores to itself.
+    const bool busy = wgrp * 64u < rows;
+    // Step kt: issue its products, then (while they run, queued behind step kt-1's) wait for
+    // step kt-1's, refill the ring slot they read and dequantize step kt+1 into the tile they
+    // read. The tensor cores stay busy while one barrier + dequantization + one barrier take
+    // less than a step's products.
+    for (uint32_t kt = 0; kt < KT; ++kt) {
+      const uint32_t sa = ring + (kt % S) * STAGE + wgrp * 8192u, sb = bt0 + (kt & 1u) * WG_BTILE;
+      if (busy) {
+        wg_fence_acc(acc);
+        wg_fence();
+#pragma unroll
+        for (uint32_t kk = 0; kk < 4; ++kk) wg_mma<XT>(acc, wg_desc(sa + 32u * kk), wg_desc(sb + 32u * kk));
+        wg_commit();
+      }
+      wg_wait<1>();  // step kt-1's products (this warpgroup's) are done
+      wg_fence_acc(acc);
+      cp_async_wait<S - 3>();  // stage kt+1 landed (this thread's copies)
+      __syncthreads();  // every warpgroup past step kt-1; everyone's copies of stage kt+1 landed
+      if (kt + 1 < KT) {
+        if (wthr) dequant(kt + 1, (kt + 1) % S, (kt + 1) & 1u);  // into the tile step kt-1 read
+        fence_proxy_async();
+      }
+      // The next copies go out after the fence (it waits for this thread's outstanding memory
+      // operations: issued before it, they cost a memory round trip per step, 795 -> 735 us
+      // of gate/up at 4096 tokens), into the ring slot step kt-1 read.
+      {
+        const uint32_t nk = kt + S - 1;
+        if (nk < KT) load_stage(nk, nk % S);
+        cp_async_commit();
+      }
+      __syncthreads();  // the tile of step kt+1 is complete
+    }
+    wg_wait<0>();
+    wg_fence_acc(acc);
+    cp_async_wait<0>();
+
+    // ---- epilogue: acc[4 j + 2 h + c] = (row 64 wgrp + 16 (warp & 3) + gid + 8 h,
+    // column 8 j + 2 t4 + c) of the block's 64 x 256 (weight rows: panel 0 then panel 1)
+    const uint32_t gid = lane >> 2, t4 = lane & 3u;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t r = wgrp * 64u + (warp & 3u) * 16u + gid + 8u * h;
+      if (r >= rows) continue;
+      float scale;
+      const int64_t orow = gg_out_row<GATEUP>(pairs, rw, row0 + r, scale);
+#pragma unroll
+      for (int j = 0; j < (GATEUP ? 16 : 32); ++j) {
+        const uint32_t n = nb + 8u * j + 2u * t4;
+        if (n >= N) continue;
+        float v[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float a = acc[4 * j + 2 * h + c];
+          v[c] = GATEUP ? silu(a) * acc[4 * (j + 16) + 2 * h + c] : scale * a;
+        }
+        gg_store2<XT>(out + orow * N + n, N, n, v[0], v[1]);
+      }
     }
   }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

@@ -438,16 +438,18 @@ def _gg_check(rng, T, E, D, F, k, fmt, bits, gs, dtype, sdt=None, bad_ids=False,
     return err, bound
 
 
-# Every grouped case runs three times: with the sm_90a kernels (mlp_wg_kernel, wgmma; taken
-# on compute capability 9.0 where the scales leave room for its stages) on tiles of 128 pairs
+# Every grouped case runs four times: with the sm_90a kernels (mlp_wg_kernel, wgmma; taken on
+# compute capability 9.0 where the scales leave room for its stages) on tiles of 128 pairs
 # (2 warpgroups) and of 192 pairs (3 warpgroups, MLX_MOE_CUDA_WG_TM=192; where shared memory
-# does not allow it, 128), and with MLX_MOE_CUDA_WGMMA=0 (mlp_gg_kernel, mma.sync). All
-# dequantize to the same values and accumulate in fp32, so the same bound holds for all
-# (their fp32 sums differ in order only).
-@pytest.fixture(params=["wgmma", "wgmma192", "mma"])
+# does not allow it, 128), in its register-sourced form (MLX_MOE_CUDA_WG_RS=1: layers whose
+# projections are all affine 4-bit or mxfp4; the others as "wgmma"), and with
+# MLX_MOE_CUDA_WGMMA=0 (mlp_gg_kernel, mma.sync). All dequantize to the same values and
+# accumulate in fp32, so the same bound holds for all (their fp32 sums differ in order only).
+@pytest.fixture(params=["wgmma", "wgmma192", "wgmma_rs", "mma"])
 def gg_kernel(request, monkeypatch):
     monkeypatch.setenv("MLX_MOE_CUDA_WGMMA", "0" if request.param == "mma" else "1")
     monkeypatch.setenv("MLX_MOE_CUDA_WG_TM", "192" if request.param == "wgmma192" else "128")
+    monkeypatch.setenv("MLX_MOE_CUDA_WG_RS", "1" if request.param == "wgmma_rs" else "0")
     return request.param
 
 

@@ -118,7 +118,7 @@ struct NodeChain {
 };
 
 // Bucketing into counts/offsets/pairs (+ dispatch, active list, tile table, meta).
-// Up to MLX_MOE_CUDA_BUCKET_ONE_BLOCK_MAX pairs (default 8192; E <= 1024): one kernel of one
+// Up to MLX_MOE_CUDA_BUCKET_ONE_BLOCK_MAX pairs (default 4096; E <= 1024): one kernel of one
 // block (a node of `chain`); above: count, scan, scatter kernels over chunks of BUCKET_CHUNK
 // pairs (the chain flushed first).
 void encode_bucket(NodeChain& chain, const mx::array& ids, uint32_t P, uint32_t E,
@@ -127,7 +127,7 @@ void encode_bucket(NodeChain& chain, const mx::array& ids, uint32_t P, uint32_t 
                    const mx::array* tiles, const mx::array* meta) {
   const int kind = id_kind(ids.dtype());
   const void* idp = ptr<void>(ids);
-  const uint32_t one_block_max = env_u32("MLX_MOE_CUDA_BUCKET_ONE_BLOCK_MAX", 8192u);
+  const uint32_t one_block_max = env_u32("MLX_MOE_CUDA_BUCKET_ONE_BLOCK_MAX", 4096u);
   if (P <= one_block_max && E <= 1024u) {
     chain.add(kernel_node(bucket_small_kernel, dim3(1), dim3(BS_WARPS * 32),
                           (BS_WARPS + 1) * E * 4, idp, kind, P, E, tile, ptr<uint32_t>(counts),
@@ -334,14 +334,35 @@ bool wg_available() {
 // third warpgroup only idles (1024 tokens: 505 -> 549 us). MLX_MOE_CUDA_WG_TM=128 / 192:
 // that tile whatever the pairs.
 constexpr uint32_t WG3_MIN_AVG_PAIRS = 128;
+// Whether the grouped projections take the register-sourced wgmma kernel (mlp_wg_kernel RS:
+// the weights dequantized into wgmma's A registers; tiles of 128 pairs): both affine 4-bit /
+// mxfp4 with 4 raw stages in shared memory, and the experts averaging fewer than
+// RS_MAX_AVG_PAIRS pairs, where most tiles hold <= 64 pairs and the shared-tile kernel leaves
+// one warpgroup idle (H200, same process, affine4 per layer: 256 tokens 443 -> 420 us, 768
+// 460 -> 432, 1024 500 -> 501; 2048 631 -> 742 against tiles of 192). MLX_MOE_CUDA_WG_RS=0 /
+// 1: never / always.
+constexpr uint32_t RS_MAX_AVG_PAIRS = 64;
+bool wg_rs(int fgu, int fdn, const MlpDesc& md) {
+#if defined(MLX_MOE_SM90A)
+  auto ok = [](int f) { return f == GG_A4 || f == GG_FP4; };
+  if (!wg_available() || !ok(fgu) || !ok(fdn)) return false;
+  const uint32_t mode = env_u32("MLX_MOE_CUDA_WG_RS", 2u);
+  if (mode == 0u || (mode != 1u && uint64_t(md.P) >= uint64_t(RS_MAX_AVG_PAIRS) * md.E)) return false;
+  return wg_smem(fgu, 4, md.gate, md.up, 2, true) <= 227u * 1024u &&
+         wg_smem(fdn, 4, md.down, md.down, 2, true) <= 227u * 1024u;
+#else
+  (void)fgu, (void)fdn, (void)md;
+  return false;
+#endif
+}
 int wg_groups(int fgu, int fdn, const MlpDesc& md) {
 #if defined(MLX_MOE_SM90A)
   const uint32_t tm = env_u32("MLX_MOE_CUDA_WG_TM", 0u);
-  if (!wg_available() || tm == 128u) return 2;
+  if (!wg_available() || tm == 128u || wg_rs(fgu, fdn, md)) return 2;
   if (tm != 192u && uint64_t(md.P) < uint64_t(WG3_MIN_AVG_PAIRS) * md.E) return 2;
   if (fgu == GG_TR || fdn == GG_TR) return 2;
-  if (wg_smem(fgu, 3, md.gate, md.up, 3) > 227u * 1024u ||
-      wg_smem(fdn, 3, md.down, md.down, 3) > 227u * 1024u)
+  if (wg_smem(fgu, 3, md.gate, md.up, 3, false) > 227u * 1024u ||
+      wg_smem(fdn, 3, md.down, md.down, 3, false) > 227u * 1024u)
     return 2;
   return 3;
 #else
@@ -351,17 +372,29 @@ int wg_groups(int fgu, int fdn, const MlpDesc& md) {
 }
 
 // The grouped kernel of one projection: mlp_wg_kernel on nwg warpgroups (4 raw stages, else
-// 3, as shared memory allows) where wg_available(), else mlp_gg_kernel (tiles of 128 pairs:
-// nwg 2 only). smem: its dynamic shared memory.
+// 3, as shared memory allows; rs: its register-sourced form, 6 stages, else 4) where
+// wg_available(), else mlp_gg_kernel (tiles of 128 pairs: nwg 2 only). smem: its dynamic
+// shared memory.
 template <bool GATEUP, typename XT>
-GgKernel<XT> gg_pick(bool wg, int fmt, int sk, const WDesc& a, const WDesc& b, int nwg,
+GgKernel<XT> gg_pick(bool wg, int fmt, int sk, const WDesc& a, const WDesc& b, int nwg, bool rs,
                      uint32_t& smem) {
 #if defined(MLX_MOE_SM90A)
+  if (wg && rs) {
+    for (int stages : {6, 4}) {
+      const uint32_t bytes = wg_smem(fmt, stages, a, b, nwg, rs);
+      if (bytes > 227u * 1024u) continue;
+      if (auto k = wg_kernel<XT>(GATEUP, fmt, sk, stages, nwg, rs)) {
+        smem = bytes;
+        return k;
+      }
+    }
+    throw std::runtime_error("mlx_moe CUDA: no register-sourced grouped kernel fits");
+  }
   if (wg) {
     for (int stages : {4, 3}) {
-      const uint32_t bytes = wg_smem(fmt, stages, a, b, nwg);
+      const uint32_t bytes = wg_smem(fmt, stages, a, b, nwg, false);
       if (bytes > 227u * 1024u) continue;
-      if (auto k = wg_kernel<XT>(GATEUP, fmt, sk, stages, nwg)) {
+      if (auto k = wg_kernel<XT>(GATEUP, fmt, sk, stages, nwg, false)) {
         smem = bytes;
         return k;
       }
@@ -503,6 +536,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // read the actual counts (meta) on the device, exiting early (CUDA graphs: no indirect
   // dispatch).
   const int gg_nwg = gg ? wg_groups(gg_fgu, gg_fdn, md) : 2;
+  const bool gg_rs = gg && wg_rs(gg_fgu, gg_fdn, md);
   const uint32_t btile = gg ? uint32_t(64 * gg_nwg) : uint32_t(G_TM);
   const uint32_t max_tiles = (P + btile - 1) / btile + max_active;
   // Few pairs, affine 4-bit / mxfp4: the whole layer as one kernel (cuda_fused.cu), opt-in:
@@ -639,8 +673,8 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
         XT* Ypx = reinterpret_cast<XT*>(ptr<uint32_t>(Yp));
         const bool wg = wg_available();
         uint32_t sm_gu = 0, sm_dn = 0;
-        const auto k_gu = gg_pick<true, XT>(wg, gg_fgu, gg_sk_gu, md.gate, md.up, gg_nwg, sm_gu);
-        const auto k_dn = gg_pick<false, XT>(wg, gg_fdn, gg_sk_dn, md.down, md.down, gg_nwg, sm_dn);
+        const auto k_gu = gg_pick<true, XT>(wg, gg_fgu, gg_sk_gu, md.gate, md.up, gg_nwg, gg_rs, sm_gu);
+        const auto k_dn = gg_pick<false, XT>(wg, gg_fdn, gg_sk_dn, md.down, md.down, gg_nwg, gg_rs, sm_dn);
         const dim3 gg_block(128 * gg_nwg);
         launch(enc, {&x, &pairs, &offsets, &tiles, &meta}, {&H}, k_gu,
                dim3((F + GG_TN - 1) / GG_TN, max_tiles), gg_block, sm_gu, md, xp,

@@ -16,13 +16,14 @@ using GgKernel = void (*)(MlpDesc, const XT*, const uint32_t*, const uint32_t*, 
                           const uint32_t*, const float*, XT*, uint32_t);
 
 // mlp_wg_kernel of (gate/up or down, weight format GG_*, scale kind, raw stages 3 or 4,
-// warpgroups 2 or 3: tiles of 128 or 192 pairs), or nullptr where it has none (a format the
-// grouped kernels do not cover; trellis on 3 warpgroups).
+// warpgroups 2 or 3: tiles of 128 or 192 pairs; rs: the register-sourced form, 2 warpgroups,
+// 4 or 6 stages, affine 4-bit / mxfp4), or nullptr where it has none (a format the grouped
+// kernels do not cover; trellis on 3 warpgroups; rs for other formats or stages).
 template <typename XT>
-GgKernel<XT> wg_kernel(bool gateup, int fmt, int sk, int stages, int nwg);
+GgKernel<XT> wg_kernel(bool gateup, int fmt, int sk, int stages, int nwg, bool rs);
 
 // Its dynamic shared memory for the projections' weight descriptors (gate/up: gate, up;
 // down: down twice).
-uint32_t wg_smem(int fmt, int stages, const WDesc& p0, const WDesc& p1, int nwg);
+uint32_t wg_smem(int fmt, int stages, const WDesc& p0, const WDesc& p1, int nwg, bool rs);
 
 }  // namespace mlx_moe::cuda
