@@ -132,34 +132,21 @@ __device__ __forceinline__ void wg_mma(float (&d)[128], uint64_t da, uint64_t db
 template <typename XT, int NN>
 __device__ __forceinline__ void wg_mma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t db) {
   static_assert(NN == 64 || NN == 128, "NN");
+#define WG_RS_MMA(SHAPE, TY, REGS, OPERANDS_TAIL, OPERANDS)                                       \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\nwgmma.mma_async.sync.aligned." SHAPE     \
+               ".f32." TY "." TY " " REGS OPERANDS_TAIL ", p, 1, 1, 0;\n}\n"                       \
+               : OPERANDS(d)                                                                     \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db))
   constexpr bool H = std::is_same_v<XT, __half>;
-  if constexpr (NN == 128) {
-    if constexpr (H)
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-                   "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " WG_RS64_REGS
-                   ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-                   : WG_RS64_OPERANDS(d)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-    else
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-                   "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " WG_RS64_REGS
-                   ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-                   : WG_RS64_OPERANDS(d)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-  } else {
-    if constexpr (H)
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-                   "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " WG_RS32_REGS
-                   ", {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-                   : WG_RS32_OPERANDS(d)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-    else
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-                   "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_RS32_REGS
-                   ", {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-                   : WG_RS32_OPERANDS(d)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-  }
+  if constexpr (NN == 128 && H)
+    WG_RS_MMA("m64n128k16", "f16", WG_RS64_REGS, ", {%64, %65, %66, %67}, %68", WG_RS64_OPERANDS);
+  else if constexpr (NN == 128)
+    WG_RS_MMA("m64n128k16", "bf16", WG_RS64_REGS, ", {%64, %65, %66, %67}, %68", WG_RS64_OPERANDS);
+  else if constexpr (H)
+    WG_RS_MMA("m64n64k16", "f16", WG_RS32_REGS, ", {%32, %33, %34, %35}, %36", WG_RS32_OPERANDS);
+  else
+    WG_RS_MMA("m64n64k16", "bf16", WG_RS32_REGS, ", {%32, %33, %34, %35}, %36", WG_RS32_OPERANDS);
+#undef WG_RS_MMA
 }
 // Keeps the compiler from moving accumulator accesses across the asynchronous products (the RS
 // kernel's 64 per m-block; below: 128).

@@ -379,27 +379,18 @@ template <bool GATEUP, typename XT>
 GgKernel<XT> gg_pick(bool wg, int fmt, int sk, const WDesc& a, const WDesc& b, int nwg, bool rs,
                      uint32_t& smem) {
 #if defined(MLX_MOE_SM90A)
-  if (wg && rs) {
-    for (int stages : {6, 4}) {
+  if (wg) {
+    const int tries[2] = {rs ? 6 : 4, rs ? 4 : 3};
+    for (int stages : tries) {
       const uint32_t bytes = wg_smem(fmt, stages, a, b, nwg, rs);
       if (bytes > 227u * 1024u) continue;
       if (auto k = wg_kernel<XT>(GATEUP, fmt, sk, stages, nwg, rs)) {
         smem = bytes;
         return k;
       }
-    }
-    throw std::runtime_error("mlx_moe CUDA: no register-sourced grouped kernel fits");
-  }
-  if (wg) {
-    for (int stages : {4, 3}) {
-      const uint32_t bytes = wg_smem(fmt, stages, a, b, nwg, false);
-      if (bytes > 227u * 1024u) continue;
-      if (auto k = wg_kernel<XT>(GATEUP, fmt, sk, stages, nwg, false)) {
-        smem = bytes;
-        return k;
-      }
       break;
     }
+    if (rs) throw std::runtime_error("mlx_moe CUDA: no register-sourced grouped kernel fits");
   }
 #endif
   if (nwg != 2) throw std::runtime_error("mlx_moe CUDA: no grouped kernel for tiles of 192 pairs");
