@@ -325,15 +325,6 @@ bool wg_available() {
 #endif
 }
 
-// Warpgroups of the grouped wgmma kernels, which fixes the bucketing tile (64 pairs per
-// warpgroup): 3 (tiles of 192 pairs) where both projections have such a kernel with 3 raw
-// stages in shared memory and the experts average at least 128 pairs, else 2. With ~256
-// pairs per expert (Qwen3, 4096 tokens) an expert takes two tiles of 192 instead of two or
-// three of 128, and each dequantized weight tile feeds 1.5x the products: H100, same process,
-// affine4 1285 -> 1208 us per layer, mxfp4 1337 -> 1185; with 64 or fewer per expert the
-// third warpgroup only idles (1024 tokens: 505 -> 549 us). MLX_MOE_CUDA_WG_TM=128 / 192:
-// that tile whatever the pairs.
-constexpr uint32_t WG3_MIN_AVG_PAIRS = 128;
 // Whether the grouped projections take the register-sourced wgmma kernel (mlp_wg_kernel RS:
 // the weights dequantized into wgmma's A registers; tiles of 128 pairs): both affine 4-bit /
 // mxfp4 with 4 raw stages in shared memory, and the experts averaging fewer than
@@ -355,10 +346,20 @@ bool wg_rs(int fgu, int fdn, const MlpDesc& md) {
   return false;
 #endif
 }
-int wg_groups(int fgu, int fdn, const MlpDesc& md) {
+
+// Warpgroups of the grouped wgmma kernels, which fixes the bucketing tile (64 pairs per
+// warpgroup): 3 (tiles of 192 pairs) where both projections have such a kernel with 3 raw
+// stages in shared memory and the experts average at least 128 pairs, else 2. With ~256
+// pairs per expert (Qwen3, 4096 tokens) an expert takes two tiles of 192 instead of two or
+// three of 128, and each dequantized weight tile feeds 1.5x the products: H100, same process,
+// affine4 1285 -> 1208 us per layer, mxfp4 1337 -> 1185; with 64 or fewer per expert the
+// third warpgroup only idles (1024 tokens: 505 -> 549 us). MLX_MOE_CUDA_WG_TM=128 / 192:
+// that tile whatever the pairs. rs (wg_rs): 2, the register-sourced kernel's tiles of 128.
+constexpr uint32_t WG3_MIN_AVG_PAIRS = 128;
+int wg_groups(int fgu, int fdn, const MlpDesc& md, bool rs) {
 #if defined(MLX_MOE_SM90A)
   const uint32_t tm = env_u32("MLX_MOE_CUDA_WG_TM", 0u);
-  if (!wg_available() || tm == 128u || wg_rs(fgu, fdn, md)) return 2;
+  if (!wg_available() || tm == 128u || rs) return 2;
   if (tm != 192u && uint64_t(md.P) < uint64_t(WG3_MIN_AVG_PAIRS) * md.E) return 2;
   if (fgu == GG_TR || fdn == GG_TR) return 2;
   if (wg_smem(fgu, 3, md.gate, md.up, 3, false) > 227u * 1024u ||
@@ -366,7 +367,7 @@ int wg_groups(int fgu, int fdn, const MlpDesc& md) {
     return 2;
   return 3;
 #else
-  (void)fgu, (void)fdn, (void)md;
+  (void)fgu, (void)fdn, (void)md, (void)rs;
   return 2;
 #endif
 }
@@ -526,8 +527,8 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // Bucketing (device-side; no host sync). Grids below are sized for the worst case and
   // read the actual counts (meta) on the device, exiting early (CUDA graphs: no indirect
   // dispatch).
-  const int gg_nwg = gg ? wg_groups(gg_fgu, gg_fdn, md) : 2;
   const bool gg_rs = gg && wg_rs(gg_fgu, gg_fdn, md);
+  const int gg_nwg = gg ? wg_groups(gg_fgu, gg_fdn, md, gg_rs) : 2;
   const uint32_t btile = gg ? uint32_t(64 * gg_nwg) : uint32_t(G_TM);
   const uint32_t max_tiles = (P + btile - 1) / btile + max_active;
   // Few pairs, affine 4-bit / mxfp4: the whole layer as one kernel (cuda_fused.cu), opt-in:
