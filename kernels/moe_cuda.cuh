@@ -648,7 +648,6 @@ static __global__ void bucket_scan_kernel(uint32_t* __restrict__ block_counts, u
   if (threadIdx.x < 32u) {
     const uint32_t lane = threadIdx.x;
     uint32_t off = 0, nt = 0, na = 0;
-    uint64_t ptiles = 0;
     for (uint32_t base = 0; base < E; base += 32u) {
       const uint32_t e = base + lane;
       const uint32_t c = e < E ? cnt[e] : 0u;
@@ -670,16 +669,14 @@ static __global__ void bucket_scan_kernel(uint32_t* __restrict__ block_counts, u
         tpre[e] = nt + st - t;
         apre[e] = na + sa - a;
       }
-      const uint32_t lc = __shfl_sync(0xffffffffu, sc, 31), lt = __shfl_sync(0xffffffffu, st, 31);
-      off += lc;
-      nt += lt;
+      off += __shfl_sync(0xffffffffu, sc, 31);
+      nt += __shfl_sync(0xffffffffu, st, 31);
       na += __shfl_sync(0xffffffffu, sa, 31);
-      ptiles += lt;
     }
     if (lane == 0) {
       offsets[E] = off;
       if (dispatch) {
-        dispatch[0] = uint32_t(ptiles > 1 ? ptiles : 1);
+        dispatch[0] = nt > 1u ? nt : 1u;  // the tiles (at least one)
         dispatch[1] = 1u;
         dispatch[2] = 1u;
         dispatch[3] = P - off;
