@@ -1508,7 +1508,9 @@ __global__ void __launch_bounds__(128, GATEUP ? 3 : 4)
 // codes enter mma.m16n8k16 (bf16 -> fp32) as exact bf16 integers (a LOP3 places two nibbles
 // in the mantissas of 128.0, a bf16x2 subtract of 128 leaves the codes) against up to 8
 // tokens as the B operand, and the unit is scaled afterwards in fp32 as in the grouped
-// kernel: acc += s * (q . x) + b * sum(x). K is permuted inside each unit (the same way for
+// kernel: acc += s * (q . x) + b * sum(x). Affine gate/up items skip the subtract and scale
+// once per group of two units: acc += s * ((128 + q) . x) + (b - 128 s) * sum(x), sum(x)
+// the staged operand's. K is permuted inside each unit (the same way for
 // the weights and the activations): thread (g, t) holds word t of its rows' unit (what
 // ldmatrix gives), nibbles {2h, 2h+4} and {2h+1, 2h+5} form the k-pairs of MMA h, and the
 // activations are staged in that order. Activations that are not bf16 (and the fp32 hidden
@@ -1580,6 +1582,14 @@ __device__ __forceinline__ uint32_t nib2_bf16(uint32_t w, int s) {
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(v) : "r"(w >> (4 * s)), "r"(0x000F000Fu), "r"(0x43004300u));
   __nv_bfloat162 b = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&v), bf16x2_bits(0x43004300u));
   return *reinterpret_cast<uint32_t*>(&b);
+}
+
+// The same nibbles as 128 + code (exact bf16): no subtract; the unit loop takes the
+// 128 * sum(x) this adds out with the bias (mm_compute, affine gate/up).
+__device__ __forceinline__ uint32_t nib2_bf16_128(uint32_t w, int s) {
+  uint32_t v;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(v) : "r"(w >> (4 * s)), "r"(0x000F000Fu), "r"(0x43004300u));
+  return v;
 }
 
 // mxfp4 (E2M1) nibbles s and s + 4 of w as exact bf16 values of 2*v (the unit's scale is
@@ -1795,6 +1805,8 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
     gsh[p] = uint32_t(__ffs(int(gsu[p])) - 1);
     pow2[p] = (gsu[p] & (gsu[p] - 1u)) == 0u;
   }
+  // The unit loop's form (below): per scale group for affine gate/up, per unit otherwise.
+  const bool grp = GATEUP && !fp4[0] && !fp4[NP - 1];
 
   for (uint32_t c0 = first; c0 < last; c0 += maxt) {
     const uint32_t nt = min(maxt, last - c0);
@@ -1805,8 +1817,11 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
       const uint32_t t = task / units, u = task % units;
       const uint32_t i = c0 + t;
       float v[32];
-      const float sum = dec_stage_unit<GATEUP, XT, CG>(md, ex, x, H_in, pairs, i, u, Kd, v);
-      XSum[t * units + u] = sum;
+      dec_stage_unit<GATEUP, XT, CG>(md, ex, x, H_in, pairs, i, u, Kd, v);
+      // The unit's sum is that of the staged operand (hi, + lo when split; hi + lo is exact in
+      // fp32), so that the 128 * sum the affine gate/up loop takes out of its products of
+      // 128 + code cancels to fp32 rounding (bf16 activations: hi is v).
+      float sum = 0.f;
 #pragma unroll
       for (int q4 = 0; q4 < 4; ++q4) {
         __nv_bfloat16 hi[8], lo[8];
@@ -1815,6 +1830,7 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
           const float f = v[8 * q4 + j];
           hi[j] = __float2bfloat16_rn(f);
           lo[j] = __float2bfloat16_rn(f - __bfloat162float(hi[j]));
+          sum += SPLIT ? __bfloat162float(hi[j]) + __bfloat162float(lo[j]) : __bfloat162float(hi[j]);
         }
         uint4 wv = make_uint4(pack2_bf16(hi[0], hi[4]), pack2_bf16(hi[1], hi[5]),
                               pack2_bf16(hi[2], hi[6]), pack2_bf16(hi[3], hi[7]));
@@ -1825,6 +1841,7 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
           *reinterpret_cast<uint4*>(Xs + (maxt + t) * sm.tstride + u * 64u + q4 * 16u) = wv;
         }
       }
+      XSum[t * units + u] = sum;
     }
     // The scale group (the oldest) has landed for this thread's copies; the barrier makes
     // every thread's visible.
@@ -1879,61 +1896,115 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
       for (int p = 0; p < NP; ++p)
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) ldsm_x4(wq[p][mt] + du * 16u, fr[p][mt]);
+      // Unit u + h2's products for projection p, rows mt, added to t: the B fragments bq,
+      // codes decoded to bf16 (affine: q, or 128 + q without the subtract when o128; mxfp4:
+      // 2v).
+      auto unit_mma = [&](int p, int mt, int h2, const uint32_t (&bq)[NS][4], float (&t)[4],
+                          bool o128) {
+        const uint32_t wa = fr[p][mt][2 * h2], wb = fr[p][mt][2 * h2 + 1];
+        uint32_t af[2][4];
+        if (fp4[p]) {
+          uint32_t la, ha, lb, hb;
+          fp4_mag2(wa, la, ha);
+          fp4_mag2(wb, lb, hb);
 #pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) {
-        const uint32_t uu = u + h2;
-        if (uu >= ub) break;
-        uint32_t bf[NS][4];
+          for (int h = 0; h < 2; ++h) {
+            af[h][0] = fp4_pair_bf16(wa, la, ha, 2 * h);
+            af[h][1] = fp4_pair_bf16(wb, lb, hb, 2 * h);
+            af[h][2] = fp4_pair_bf16(wa, la, ha, 2 * h + 1);
+            af[h][3] = fp4_pair_bf16(wb, lb, hb, 2 * h + 1);
+          }
+        } else {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            af[h][0] = o128 ? nib2_bf16_128(wa, 2 * h) : nib2_bf16(wa, 2 * h);
+            af[h][1] = o128 ? nib2_bf16_128(wb, 2 * h) : nib2_bf16(wb, 2 * h);
+            af[h][2] = o128 ? nib2_bf16_128(wa, 2 * h + 1) : nib2_bf16(wa, 2 * h + 1);
+            af[h][3] = o128 ? nib2_bf16_128(wb, 2 * h + 1) : nib2_bf16(wb, 2 * h + 1);
+          }
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int sp = 0; sp < NS; ++sp) {
+            const uint32_t b[2] = {bq[sp][2 * h], bq[sp][2 * h + 1]};
+            mma_bf16(t, af[h], b);
+          }
+        }
+      };
+      // acc += s * t + (b - 128 s) * sum(x) for group g of projection p, rows mt (codes
+      // entered as 128 + q when o128, else b * sum(x)).
+      auto apply = [&](int p, int mt, uint32_t g, const float (&t)[4], float ya, float yb,
+                       bool o128) {
+        const float2* sc = scq[p] + mt * 16u * gst[p] + g;
+        const float2 sb0 = sc[0], sb1 = sc[8u * gst[p]];
+        const float c0 = o128 ? fmaf(-128.f, sb0.x, sb0.y) : sb0.y;
+        const float c1 = o128 ? fmaf(-128.f, sb1.x, sb1.y) : sb1.y;
+        acc[p][mt][0] += sb0.x * t[0] + c0 * ya;
+        acc[p][mt][1] += sb0.x * t[1] + c0 * yb;
+        acc[p][mt][2] += sb1.x * t[2] + c1 * ya;
+        acc[p][mt][3] += sb1.x * t[3] + c1 * yb;
+      };
+      auto load_b = [&](int h2, uint32_t (&bq)[NS][4]) {
 #pragma unroll
         for (int sp = 0; sp < NS; ++sp) {
           uint4 bv = make_uint4(0u, 0u, 0u, 0u);
           if (bx) bv = *reinterpret_cast<const uint4*>(xq + sp * xlo + (du + h2) * 64u);
-          bf[sp][0] = bv.x; bf[sp][1] = bv.y; bf[sp][2] = bv.z; bf[sp][3] = bv.w;
+          bq[sp][0] = bv.x; bq[sp][1] = bv.y; bq[sp][2] = bv.z; bq[sp][3] = bv.w;
         }
-        const float xs0 = bs0 ? xsq[du + h2] : 0.f;
-        const float xs1 = bs1 ? xsq[units + du + h2] : 0.f;
+      };
+      if (grp) {
+        // Affine gate/up: units u and u + 1 in one scale group (groups of 2+ units) get one
+        // scale application, their products in two accumulators (two short MMA chains)
+        // added first, the codes entered as 128 + q.
+        const bool two = u + 1u < ub;
+        uint32_t bf[2][NS][4];
+        load_b(0, bf[0]);
+        const float xa0 = bs0 ? xsq[du] : 0.f, xb0 = bs1 ? xsq[units + du] : 0.f;
+        float xa1 = 0.f, xb1 = 0.f;
+        if (two) {
+          load_b(1, bf[1]);
+          xa1 = bs0 ? xsq[du + 1u] : 0.f;
+          xb1 = bs1 ? xsq[units + du + 1u] : 0.f;
+        }
 #pragma unroll
         for (int p = 0; p < NP; ++p) {
-          const uint32_t g = pow2[p] ? uu >> gsh[p] : uu / gsu[p];
+          const uint32_t g0 = pow2[p] ? u >> gsh[p] : u / gsu[p];
+          const uint32_t g1 = pow2[p] ? (u + 1u) >> gsh[p] : (u + 1u) / gsu[p];
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
-            const uint32_t wa = fr[p][mt][2 * h2], wb = fr[p][mt][2 * h2 + 1];
-            float tmp[4] = {0.f, 0.f, 0.f, 0.f};
-            uint32_t af[2][4];
-            if (fp4[p]) {
-              uint32_t la, ha, lb, hb;
-              fp4_mag2(wa, la, ha);
-              fp4_mag2(wb, lb, hb);
-#pragma unroll
-              for (int h = 0; h < 2; ++h) {
-                af[h][0] = fp4_pair_bf16(wa, la, ha, 2 * h);
-                af[h][1] = fp4_pair_bf16(wb, lb, hb, 2 * h);
-                af[h][2] = fp4_pair_bf16(wa, la, ha, 2 * h + 1);
-                af[h][3] = fp4_pair_bf16(wb, lb, hb, 2 * h + 1);
-              }
+            float t0[4] = {0.f, 0.f, 0.f, 0.f}, t1[4] = {0.f, 0.f, 0.f, 0.f};
+            unit_mma(p, mt, 0, bf[0], t0, true);
+            if (two) unit_mma(p, mt, 1, bf[1], t1, true);
+            if (two && g0 == g1) {
+              const float ts[4] = {t0[0] + t1[0], t0[1] + t1[1], t0[2] + t1[2], t0[3] + t1[3]};
+              apply(p, mt, g0, ts, xa0 + xa1, xb0 + xb1, true);
             } else {
-#pragma unroll
-              for (int h = 0; h < 2; ++h) {
-                af[h][0] = nib2_bf16(wa, 2 * h);
-                af[h][1] = nib2_bf16(wb, 2 * h);
-                af[h][2] = nib2_bf16(wa, 2 * h + 1);
-                af[h][3] = nib2_bf16(wb, 2 * h + 1);
-              }
+              apply(p, mt, g0, t0, xa0, xb0, true);
+              if (two) apply(p, mt, g1, t1, xa1, xb1, true);
             }
+          }
+        }
+      } else {
+        // Down and mxfp4: one scale application per unit (the codes as q; measured faster
+        // there than the form above).
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
+        for (int h2 = 0; h2 < 2; ++h2) {
+          const uint32_t uu = u + h2;
+          if (uu >= ub) break;
+          uint32_t bf[NS][4];
+          load_b(h2, bf);
+          const float xs0 = bs0 ? xsq[du + h2] : 0.f;
+          const float xs1 = bs1 ? xsq[units + du + h2] : 0.f;
 #pragma unroll
-              for (int sp = 0; sp < NS; ++sp) {
-                const uint32_t b[2] = {bf[sp][2 * h], bf[sp][2 * h + 1]};
-                mma_bf16(tmp, af[h], b);
-              }
+          for (int p = 0; p < NP; ++p) {
+            const uint32_t g = pow2[p] ? uu >> gsh[p] : uu / gsu[p];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              float t[4] = {0.f, 0.f, 0.f, 0.f};
+              unit_mma(p, mt, h2, bf, t, false);
+              apply(p, mt, g, t, xs0, xs1, false);
             }
-            const float2* sc = scq[p] + mt * 16u * gst[p] + g;
-            const float2 sb0 = sc[0], sb1 = sc[8u * gst[p]];
-            acc[p][mt][0] += sb0.x * tmp[0] + sb0.y * xs0;
-            acc[p][mt][1] += sb0.x * tmp[1] + sb0.y * xs1;
-            acc[p][mt][2] += sb1.x * tmp[2] + sb1.y * xs0;
-            acc[p][mt][3] += sb1.x * tmp[3] + sb1.y * xs1;
           }
         }
       }
@@ -1984,8 +2055,10 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
   }
 }
 
+// Gate/up: 3 blocks of 8 warps per SM (<= 80 registers; shared memory allows 3 too at
+// Qwen3's widths): without the bound the unit loop takes 89 and a block per SM is lost.
 template <bool GATEUP, typename XT, bool SPLIT, int MT, int MM_WARPS>
-__global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 2 : 4)
+__global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 3 : 4)
     mlp_mma_dec_kernel(MlpDesc md, const XT* __restrict__ x, const float* __restrict__ H_in,
                        const uint32_t* __restrict__ pairs, const uint32_t* __restrict__ offsets,
                        const uint32_t* __restrict__ active, const uint32_t* __restrict__ meta,
