@@ -1576,20 +1576,20 @@ __device__ __forceinline__ __nv_bfloat162 bf16x2_bits(uint32_t v) {
   return *reinterpret_cast<__nv_bfloat162*>(&v);
 }
 
-// Nibbles s and s + 4 of w as exact bf16 values (low half: nibble s).
-__device__ __forceinline__ uint32_t nib2_bf16(uint32_t w, int s) {
-  uint32_t v;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(v) : "r"(w >> (4 * s)), "r"(0x000F000Fu), "r"(0x43004300u));
-  __nv_bfloat162 b = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&v), bf16x2_bits(0x43004300u));
-  return *reinterpret_cast<uint32_t*>(&b);
-}
-
-// The same nibbles as 128 + code (exact bf16): no subtract; the unit loop takes the
-// 128 * sum(x) this adds out with the bias (mm_compute, affine gate/up).
+// Nibbles s and s + 4 of w as exact bf16 values of 128 + code (low half: nibble s; a LOP3
+// places them in the mantissas of 128.0). The affine gate/up loop uses them as they are and
+// takes the 128 * sum(x) out with the bias (mm_compute).
 __device__ __forceinline__ uint32_t nib2_bf16_128(uint32_t w, int s) {
   uint32_t v;
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(v) : "r"(w >> (4 * s)), "r"(0x000F000Fu), "r"(0x43004300u));
   return v;
+}
+
+// The same nibbles as exact bf16 codes (a bf16x2 subtract of 128).
+__device__ __forceinline__ uint32_t nib2_bf16(uint32_t w, int s) {
+  const uint32_t v = nib2_bf16_128(w, s);
+  __nv_bfloat162 b = __hsub2(bf16x2_bits(v), bf16x2_bits(0x43004300u));
+  return *reinterpret_cast<uint32_t*>(&b);
 }
 
 // mxfp4 (E2M1) nibbles s and s + 4 of w as exact bf16 values of 2*v (the unit's scale is
@@ -1807,6 +1807,7 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
   }
   // The unit loop's form (below): per scale group for affine gate/up, per unit otherwise.
   const bool grp = GATEUP && !fp4[0] && !fp4[NP - 1];
+  auto group_of = [&](int p, uint32_t u) { return pow2[p] ? u >> gsh[p] : u / gsu[p]; };
 
   for (uint32_t c0 = first; c0 < last; c0 += maxt) {
     const uint32_t nt = min(maxt, last - c0);
@@ -1969,8 +1970,7 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
         }
 #pragma unroll
         for (int p = 0; p < NP; ++p) {
-          const uint32_t g0 = pow2[p] ? u >> gsh[p] : u / gsu[p];
-          const uint32_t g1 = pow2[p] ? (u + 1u) >> gsh[p] : (u + 1u) / gsu[p];
+          const uint32_t g0 = group_of(p, u), g1 = group_of(p, u + 1u);
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             float t0[4] = {0.f, 0.f, 0.f, 0.f}, t1[4] = {0.f, 0.f, 0.f, 0.f};
@@ -1998,7 +1998,7 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
           const float xs1 = bs1 ? xsq[units + du + h2] : 0.f;
 #pragma unroll
           for (int p = 0; p < NP; ++p) {
-            const uint32_t g = pow2[p] ? uu >> gsh[p] : uu / gsu[p];
+            const uint32_t g = group_of(p, uu);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
               float t[4] = {0.f, 0.f, 0.f, 0.f};
