@@ -1572,24 +1572,30 @@ __device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
                : "r"(addr));
 }
 
+// 16 bytes from a shared-space address when `on`, else zeros, as one predicated load (the
+// unit loop's B operand: through a generic pointer the compiler rebuilt the shared window
+// from SR_CgaCtaId at each load of the down kernel).
+__device__ __forceinline__ uint4 lds128_if(bool on, uint32_t addr) {
+  uint4 v = make_uint4(0u, 0u, 0u, 0u);
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %4, 0;\n"
+      " @p ld.shared.v4.u32 {%0,%1,%2,%3}, [%5];\n}\n"
+      : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+      : "r"(uint32_t(on)), "r"(addr));
+  return v;
+}
+
 __device__ __forceinline__ __nv_bfloat162 bf16x2_bits(uint32_t v) {
   return *reinterpret_cast<__nv_bfloat162*>(&v);
 }
 
 // Nibbles s and s + 4 of w as exact bf16 values of 128 + code (low half: nibble s; a LOP3
-// places them in the mantissas of 128.0). The affine gate/up loop uses them as they are and
-// takes the 128 * sum(x) out with the bias (mm_compute).
+// places them in the mantissas of 128.0). The unit loop uses them as they are and takes the
+// 128 * sum(x) out with the bias (mm_compute).
 __device__ __forceinline__ uint32_t nib2_bf16_128(uint32_t w, int s) {
   uint32_t v;
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(v) : "r"(w >> (4 * s)), "r"(0x000F000Fu), "r"(0x43004300u));
   return v;
-}
-
-// The same nibbles as exact bf16 codes (a bf16x2 subtract of 128).
-__device__ __forceinline__ uint32_t nib2_bf16(uint32_t w, int s) {
-  const uint32_t v = nib2_bf16_128(w, s);
-  __nv_bfloat162 b = __hsub2(bf16x2_bits(v), bf16x2_bits(0x43004300u));
-  return *reinterpret_cast<uint32_t*>(&b);
 }
 
 // mxfp4 (E2M1) nibbles s and s + 4 of w as exact bf16 values of 2*v (the unit's scale is
@@ -1820,8 +1826,8 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
       float v[32];
       dec_stage_unit<GATEUP, XT, CG>(md, ex, x, H_in, pairs, i, u, Kd, v);
       // The unit's sum is that of the staged operand (hi, + lo when split; hi + lo is exact in
-      // fp32), so that the 128 * sum the affine gate/up loop takes out of its products of
-      // 128 + code cancels to fp32 rounding (bf16 activations: hi is v).
+      // fp32), so that the 128 * sum the unit loop takes out of its products of 128 + code
+      // (affine) cancels to fp32 rounding (bf16 activations: hi is v).
       float sum = 0.f;
 #pragma unroll
       for (int q4 = 0; q4 < 4; ++q4) {
@@ -1879,131 +1885,134 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
         wq[p][mt] = smem_u32(Ws + (p * ROWS + mt * 16 + lrow) * sm.wstride + (ua + lunit) * 16u);
-    const unsigned char* xq = Xs + gid * sm.tstride + ua * 64u + t4 * 16u;  // B operand
+    const uint32_t xq = smem_u32(Xs + gid * sm.tstride + ua * 64u + t4 * 16u);  // B operand
     const uint32_t xlo = maxt * sm.tstride;                                   // its lo half
     const float* xsq = XSum + (2u * t4) * units + ua;
     const bool bx = gid < nt, bs0 = 2u * t4 < nt, bs1 = 2u * t4 + 1u < nt;
     const float2* scq[NP];  // row gid's {s, b} pairs
 #pragma unroll
     for (int p = 0; p < NP; ++p) scq[p] = sm.SC + p * ROWS * G + gid * gst[p];
-    for (uint32_t du = 0; ua + du < ub; du += 2u) {
-      const uint32_t u = ua + du;
-      if (du % MM_GRP == 0u) {  // this group's copies (and the earlier ones) have landed
-        cp_async_wait_pending(ngroups - 1u - du / MM_GRP + extra);
-        __syncwarp();
-      }
-      uint32_t fr[NP][MT][4];
+    // A commit group (MM_GRP units) per iteration: its wait once, then its units two at a
+    // time (the loop's address setup, rebuilt at each iteration under gate/up's register
+    // bound, is paid once per commit group).
+    for (uint32_t dq = 0; ua + dq < ub; dq += MM_GRP) {
+      cp_async_wait_pending(ngroups - 1u - dq / MM_GRP + extra);  // this group has landed
+      __syncwarp();
 #pragma unroll
-      for (int p = 0; p < NP; ++p)
+      for (uint32_t d2 = 0; d2 < uint32_t(MM_GRP); d2 += 2u) {
+        const uint32_t du = dq + d2;
+        if (ua + du >= ub) break;
+        const uint32_t u = ua + du;
+        uint32_t fr[NP][MT][4];
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) ldsm_x4(wq[p][mt] + du * 16u, fr[p][mt]);
-      // Unit u + h2's products for projection p, rows mt, added to t: the B fragments bq,
-      // codes decoded to bf16 (affine: q, or 128 + q without the subtract when o128; mxfp4:
-      // 2v).
-      auto unit_mma = [&](int p, int mt, int h2, const uint32_t (&bq)[NS][4], float (&t)[4],
-                          bool o128) {
-        const uint32_t wa = fr[p][mt][2 * h2], wb = fr[p][mt][2 * h2 + 1];
-        uint32_t af[2][4];
-        if (fp4[p]) {
-          uint32_t la, ha, lb, hb;
-          fp4_mag2(wa, la, ha);
-          fp4_mag2(wb, lb, hb);
+        for (int p = 0; p < NP; ++p)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            af[h][0] = fp4_pair_bf16(wa, la, ha, 2 * h);
-            af[h][1] = fp4_pair_bf16(wb, lb, hb, 2 * h);
-            af[h][2] = fp4_pair_bf16(wa, la, ha, 2 * h + 1);
-            af[h][3] = fp4_pair_bf16(wb, lb, hb, 2 * h + 1);
-          }
-        } else {
+          for (int mt = 0; mt < MT; ++mt) ldsm_x4(wq[p][mt] + du * 16u, fr[p][mt]);
+        // Unit u + h2's products for projection p, rows mt, added to t: the B fragments bq,
+        // codes decoded to bf16 (affine: 128 + q, without a subtract; mxfp4: 2v).
+        auto unit_mma = [&](int p, int mt, int h2, const uint32_t (&bq)[NS][4], float (&t)[4]) {
+          const uint32_t wa = fr[p][mt][2 * h2], wb = fr[p][mt][2 * h2 + 1];
+          uint32_t af[2][4];
+          if (fp4[p]) {
+            uint32_t la, ha, lb, hb;
+            fp4_mag2(wa, la, ha);
+            fp4_mag2(wb, lb, hb);
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            af[h][0] = o128 ? nib2_bf16_128(wa, 2 * h) : nib2_bf16(wa, 2 * h);
-            af[h][1] = o128 ? nib2_bf16_128(wb, 2 * h) : nib2_bf16(wb, 2 * h);
-            af[h][2] = o128 ? nib2_bf16_128(wa, 2 * h + 1) : nib2_bf16(wa, 2 * h + 1);
-            af[h][3] = o128 ? nib2_bf16_128(wb, 2 * h + 1) : nib2_bf16(wb, 2 * h + 1);
-          }
-        }
+            for (int h = 0; h < 2; ++h) {
+              af[h][0] = fp4_pair_bf16(wa, la, ha, 2 * h);
+              af[h][1] = fp4_pair_bf16(wb, lb, hb, 2 * h);
+              af[h][2] = fp4_pair_bf16(wa, la, ha, 2 * h + 1);
+              af[h][3] = fp4_pair_bf16(wb, lb, hb, 2 * h + 1);
+            }
+          } else {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-#pragma unroll
-          for (int sp = 0; sp < NS; ++sp) {
-            const uint32_t b[2] = {bq[sp][2 * h], bq[sp][2 * h + 1]};
-            mma_bf16(t, af[h], b);
-          }
-        }
-      };
-      // acc += s * t + (b - 128 s) * sum(x) for group g of projection p, rows mt (codes
-      // entered as 128 + q when o128, else b * sum(x)).
-      auto apply = [&](int p, int mt, uint32_t g, const float (&t)[4], float ya, float yb,
-                       bool o128) {
-        const float2* sc = scq[p] + mt * 16u * gst[p] + g;
-        const float2 sb0 = sc[0], sb1 = sc[8u * gst[p]];
-        const float c0 = o128 ? fmaf(-128.f, sb0.x, sb0.y) : sb0.y;
-        const float c1 = o128 ? fmaf(-128.f, sb1.x, sb1.y) : sb1.y;
-        acc[p][mt][0] += sb0.x * t[0] + c0 * ya;
-        acc[p][mt][1] += sb0.x * t[1] + c0 * yb;
-        acc[p][mt][2] += sb1.x * t[2] + c1 * ya;
-        acc[p][mt][3] += sb1.x * t[3] + c1 * yb;
-      };
-      auto load_b = [&](int h2, uint32_t (&bq)[NS][4]) {
-#pragma unroll
-        for (int sp = 0; sp < NS; ++sp) {
-          uint4 bv = make_uint4(0u, 0u, 0u, 0u);
-          if (bx) bv = *reinterpret_cast<const uint4*>(xq + sp * xlo + (du + h2) * 64u);
-          bq[sp][0] = bv.x; bq[sp][1] = bv.y; bq[sp][2] = bv.z; bq[sp][3] = bv.w;
-        }
-      };
-      if (grp) {
-        // Affine gate/up: units u and u + 1 in one scale group (groups of 2+ units) get one
-        // scale application, their products in two accumulators (two short MMA chains)
-        // added first, the codes entered as 128 + q.
-        const bool two = u + 1u < ub;
-        uint32_t bf[2][NS][4];
-        load_b(0, bf[0]);
-        const float xa0 = bs0 ? xsq[du] : 0.f, xb0 = bs1 ? xsq[units + du] : 0.f;
-        float xa1 = 0.f, xb1 = 0.f;
-        if (two) {
-          load_b(1, bf[1]);
-          xa1 = bs0 ? xsq[du + 1u] : 0.f;
-          xb1 = bs1 ? xsq[units + du + 1u] : 0.f;
-        }
-#pragma unroll
-        for (int p = 0; p < NP; ++p) {
-          const uint32_t g0 = group_of(p, u), g1 = group_of(p, u + 1u);
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            float t0[4] = {0.f, 0.f, 0.f, 0.f}, t1[4] = {0.f, 0.f, 0.f, 0.f};
-            unit_mma(p, mt, 0, bf[0], t0, true);
-            if (two) unit_mma(p, mt, 1, bf[1], t1, true);
-            if (two && g0 == g1) {
-              const float ts[4] = {t0[0] + t1[0], t0[1] + t1[1], t0[2] + t1[2], t0[3] + t1[3]};
-              apply(p, mt, g0, ts, xa0 + xa1, xb0 + xb1, true);
-            } else {
-              apply(p, mt, g0, t0, xa0, xb0, true);
-              if (two) apply(p, mt, g1, t1, xa1, xb1, true);
+            for (int h = 0; h < 2; ++h) {
+              af[h][0] = nib2_bf16_128(wa, 2 * h);
+              af[h][1] = nib2_bf16_128(wb, 2 * h);
+              af[h][2] = nib2_bf16_128(wa, 2 * h + 1);
+              af[h][3] = nib2_bf16_128(wb, 2 * h + 1);
             }
           }
-        }
-      } else {
-        // Down and mxfp4: one scale application per unit (the codes as q; measured faster
-        // there than the form above).
 #pragma unroll
-        for (int h2 = 0; h2 < 2; ++h2) {
-          const uint32_t uu = u + h2;
-          if (uu >= ub) break;
-          uint32_t bf[NS][4];
-          load_b(h2, bf);
-          const float xs0 = bs0 ? xsq[du + h2] : 0.f;
-          const float xs1 = bs1 ? xsq[units + du + h2] : 0.f;
+          for (int h = 0; h < 2; ++h) {
+#pragma unroll
+            for (int sp = 0; sp < NS; ++sp) {
+              const uint32_t b[2] = {bq[sp][2 * h], bq[sp][2 * h + 1]};
+              mma_bf16(t, af[h], b);
+            }
+          }
+        };
+        // acc += s * t + (b - 128 s) * sum(x) for group g of projection p, rows mt (affine:
+        // the codes entered as 128 + q; mxfp4: no bias and no offset).
+        auto apply = [&](int p, int mt, uint32_t g, const float (&t)[4], float ya, float yb) {
+          const float2* sc = scq[p] + mt * 16u * gst[p] + g;
+          const float2 sb0 = sc[0], sb1 = sc[8u * gst[p]];
+          const bool o128 = !fp4[p];
+          const float c0 = o128 ? fmaf(-128.f, sb0.x, sb0.y) : sb0.y;
+          const float c1 = o128 ? fmaf(-128.f, sb1.x, sb1.y) : sb1.y;
+          acc[p][mt][0] += sb0.x * t[0] + c0 * ya;
+          acc[p][mt][1] += sb0.x * t[1] + c0 * yb;
+          acc[p][mt][2] += sb1.x * t[2] + c1 * ya;
+          acc[p][mt][3] += sb1.x * t[3] + c1 * yb;
+        };
+        auto load_b = [&](int h2, uint32_t (&bq)[NS][4]) {
+#pragma unroll
+          for (int sp = 0; sp < NS; ++sp) {
+            const uint4 bv = lds128_if(bx, xq + sp * xlo + (du + h2) * 64u);
+            bq[sp][0] = bv.x; bq[sp][1] = bv.y; bq[sp][2] = bv.z; bq[sp][3] = bv.w;
+          }
+        };
+        if (grp) {
+          // Affine gate/up: units u and u + 1 in one scale group (groups of 2+ units) get one
+          // scale application, their products in two accumulators (two short MMA chains)
+          // added first.
+          const bool two = u + 1u < ub;
+          uint32_t bf[2][NS][4];
+          load_b(0, bf[0]);
+          const float xa0 = bs0 ? xsq[du] : 0.f, xb0 = bs1 ? xsq[units + du] : 0.f;
+          float xa1 = 0.f, xb1 = 0.f;
+          if (two) {
+            load_b(1, bf[1]);
+            xa1 = bs0 ? xsq[du + 1u] : 0.f;
+            xb1 = bs1 ? xsq[units + du + 1u] : 0.f;
+          }
 #pragma unroll
           for (int p = 0; p < NP; ++p) {
-            const uint32_t g = group_of(p, uu);
+            const uint32_t g0 = group_of(p, u), g1 = group_of(p, u + 1u);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-              float t[4] = {0.f, 0.f, 0.f, 0.f};
-              unit_mma(p, mt, h2, bf, t, false);
-              apply(p, mt, g, t, xs0, xs1, false);
+              float t0[4] = {0.f, 0.f, 0.f, 0.f}, t1[4] = {0.f, 0.f, 0.f, 0.f};
+              unit_mma(p, mt, 0, bf[0], t0);
+              if (two) unit_mma(p, mt, 1, bf[1], t1);
+              if (two && g0 == g1) {
+                const float ts[4] = {t0[0] + t1[0], t0[1] + t1[1], t0[2] + t1[2], t0[3] + t1[3]};
+                apply(p, mt, g0, ts, xa0 + xa1, xb0 + xb1);
+              } else {
+                apply(p, mt, g0, t0, xa0, xb0);
+                if (two) apply(p, mt, g1, t1, xa1, xb1);
+              }
+            }
+          }
+        } else {
+          // Down and mxfp4: one scale application per unit (measured faster there than the
+          // form above).
+#pragma unroll
+          for (int h2 = 0; h2 < 2; ++h2) {
+            const uint32_t uu = u + h2;
+            if (uu >= ub) break;
+            uint32_t bf[NS][4];
+            load_b(h2, bf);
+            const float xs0 = bs0 ? xsq[du + h2] : 0.f;
+            const float xs1 = bs1 ? xsq[units + du + h2] : 0.f;
+#pragma unroll
+            for (int p = 0; p < NP; ++p) {
+              const uint32_t g = group_of(p, uu);
+#pragma unroll
+              for (int mt = 0; mt < MT; ++mt) {
+                float t[4] = {0.f, 0.f, 0.f, 0.f};
+                unit_mma(p, mt, h2, bf, t);
+                apply(p, mt, g, t, xs0, xs1);
+              }
             }
           }
         }
