@@ -1562,6 +1562,14 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return uint32_t(__cvta_generic_to_shared(p));
 }
 
+// v, as a value the compiler cannot rebuild from its inputs: it stays in a register (under a
+// register bound the compiler otherwise recomputes loop-invariant shared addresses from
+// SR_CgaCtaId at each iteration).
+__device__ __forceinline__ uint32_t opaque_u32(uint32_t v) {
+  asm volatile("mov.b32 %0, %0;\n" : "+r"(v));
+  return v;
+}
+
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint32_t n) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
@@ -1582,6 +1590,22 @@ __device__ __forceinline__ uint4 lds128_if(bool on, uint32_t addr) {
       " @p ld.shared.v4.u32 {%0,%1,%2,%3}, [%5];\n}\n"
       : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
       : "r"(uint32_t(on)), "r"(addr));
+  return v;
+}
+
+// 4 bytes (as float) from a shared-space address when `on`, else 0, as one predicated load.
+__device__ __forceinline__ float lds32_if(bool on, uint32_t addr) {
+  float v = 0.f;
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %1, 0;\n @p ld.shared.f32 %0, [%2];\n}\n"
+               : "+f"(v)
+               : "r"(uint32_t(on)), "r"(addr));
+  return v;
+}
+
+// 8 bytes (a float pair) from a shared-space address.
+__device__ __forceinline__ float2 lds64(uint32_t addr) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr));
   return v;
 }
 
@@ -1884,17 +1908,20 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
     for (int p = 0; p < NP; ++p)
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
-        wq[p][mt] = smem_u32(Ws + (p * ROWS + mt * 16 + lrow) * sm.wstride + (ua + lunit) * 16u);
+        wq[p][mt] = opaque_u32(
+            smem_u32(Ws + (p * ROWS + mt * 16 + lrow) * sm.wstride + (ua + lunit) * 16u));
     const uint32_t xq = smem_u32(Xs + gid * sm.tstride + ua * 64u + t4 * 16u);  // B operand
     const uint32_t xlo = maxt * sm.tstride;                                   // its lo half
-    const float* xsq = XSum + (2u * t4) * units + ua;
+    const uint32_t xsq = opaque_u32(smem_u32(XSum + (2u * t4) * units + ua));  // unit sums
     const bool bx = gid < nt, bs0 = 2u * t4 < nt, bs1 = 2u * t4 + 1u < nt;
-    const float2* scq[NP];  // row gid's {s, b} pairs
+    uint32_t scq[NP];  // row gid's {s, b} pairs
 #pragma unroll
-    for (int p = 0; p < NP; ++p) scq[p] = sm.SC + p * ROWS * G + gid * gst[p];
-    // A commit group (MM_GRP units) per iteration: its wait once, then its units two at a
-    // time (the loop's address setup, rebuilt at each iteration under gate/up's register
-    // bound, is paid once per commit group).
+    for (int p = 0; p < NP; ++p)
+      scq[p] = opaque_u32(smem_u32(sm.SC + p * ROWS * G + gid * gst[p]));
+    // The operand addresses above are opaque to the compiler (opaque_u32), so that it keeps
+    // them in registers rather than rebuilding them at each iteration under gate/up's
+    // register bound. A commit group (MM_GRP units) per iteration: its wait once, then its
+    // units two at a time.
     for (uint32_t dq = 0; ua + dq < ub; dq += MM_GRP) {
       cp_async_wait_pending(ngroups - 1u - dq / MM_GRP + extra);  // this group has landed
       __syncwarp();
@@ -1945,8 +1972,8 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
         // acc += s * t + (b - 128 s) * sum(x) for group g of projection p, rows mt (affine:
         // the codes entered as 128 + q; mxfp4: no bias and no offset).
         auto apply = [&](int p, int mt, uint32_t g, const float (&t)[4], float ya, float yb) {
-          const float2* sc = scq[p] + mt * 16u * gst[p] + g;
-          const float2 sb0 = sc[0], sb1 = sc[8u * gst[p]];
+          const uint32_t sc = scq[p] + (mt * 16u * gst[p] + g) * 8u;
+          const float2 sb0 = lds64(sc), sb1 = lds64(sc + 64u * gst[p]);
           const bool o128 = !fp4[p];
           const float c0 = o128 ? fmaf(-128.f, sb0.x, sb0.y) : sb0.y;
           const float c1 = o128 ? fmaf(-128.f, sb1.x, sb1.y) : sb1.y;
@@ -1969,12 +1996,13 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
           const bool two = u + 1u < ub;
           uint32_t bf[2][NS][4];
           load_b(0, bf[0]);
-          const float xa0 = bs0 ? xsq[du] : 0.f, xb0 = bs1 ? xsq[units + du] : 0.f;
+          const float xa0 = lds32_if(bs0, xsq + du * 4u);
+          const float xb0 = lds32_if(bs1, xsq + (units + du) * 4u);
           float xa1 = 0.f, xb1 = 0.f;
           if (two) {
             load_b(1, bf[1]);
-            xa1 = bs0 ? xsq[du + 1u] : 0.f;
-            xb1 = bs1 ? xsq[units + du + 1u] : 0.f;
+            xa1 = lds32_if(bs0, xsq + (du + 1u) * 4u);
+            xb1 = lds32_if(bs1, xsq + (units + du + 1u) * 4u);
           }
 #pragma unroll
           for (int p = 0; p < NP; ++p) {
@@ -2002,8 +2030,8 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
             if (uu >= ub) break;
             uint32_t bf[NS][4];
             load_b(h2, bf);
-            const float xs0 = bs0 ? xsq[du + h2] : 0.f;
-            const float xs1 = bs1 ? xsq[units + du + h2] : 0.f;
+            const float xs0 = lds32_if(bs0, xsq + (du + h2) * 4u);
+            const float xs1 = lds32_if(bs1, xsq + (units + du + h2) * 4u);
 #pragma unroll
             for (int p = 0; p < NP; ++p) {
               const uint32_t g = group_of(p, uu);
