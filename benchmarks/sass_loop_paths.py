@@ -1,0 +1,150 @@
+"""Instruction counts of the CUDA decode kernels' unit loop, read off their SASS (no GPU needed).
+
+Compiles the tensor-core decode kernels of kernels/moe_cuda.cuh for sm_90 with nvcc (the
+instantiations the host launches for bf16 activations: gate/up with 8 warps and 16 rows, down
+with 4 warps and 32 rows), disassembles them with cuobjdump, and prints per kernel its
+registers and the number of instructions on the shortest path through one iteration of its
+unit loop (from the join after the cp.async wait to the back-edge) that executes as many
+HMMA as any path does and skips the blocks that divide (MUFU) or decode mxfp4 (the byte
+permute of fp4_mag2): the iteration of an affine layer whose units are all present, scaled
+to 4 units. The counts compare two versions of the loop; device time decides what lands
+(bench_moe.py).
+
+    python benchmarks/sass_loop_paths.py                      # the working tree's kernels
+    python benchmarks/sass_loop_paths.py --kernels /path/to/other/kernels
+
+nvcc must be on PATH (or --nvcc); cuobjdump ships with the CUDA toolkit or in PyPI's
+nvidia-cuda-cuobjdump wheel (--cuobjdump).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# (name, template arguments, activation type, HMMA per unit: 2 per projection and 16 rows,
+# twice with split activations)
+KERNELS = [
+    ("gate/up bf16", "true, __nv_bfloat16, false, 1, MM_WARPS_GU", "__nv_bfloat16", 4),
+    ("down", "false, float, true, 2, MM_WARPS_DN", "float", 8),
+]
+
+
+def instantiate() -> str:
+    lines = ['#include "moe_cuda.cuh"', "namespace mlx_moe::cuda {"]
+    for _, targs, xt, _ in KERNELS:
+        lines.append(
+            f"template __global__ void mlp_mma_dec_kernel<{targs}>(MlpDesc, const {xt}*, const float*,"
+            " const uint32_t*, const uint32_t*, const uint32_t*, const uint32_t*, const float*,"
+            " uint32_t, float*, DecExtra);")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def parse(sass: str) -> list[tuple[int, str]]:
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            ins.append((int(m.group(1), 16), re.sub(r"\s+", " ", m.group(2).strip())))
+    return ins
+
+
+def loop_path(ins: list[tuple[int, str]]) -> tuple[float, int]:
+    """(instructions, HMMA) of the shortest path through the unit loop's iteration among
+    those with the most HMMA."""
+    idx = {a: i for i, (a, _) in enumerate(ins)}
+    loop = None  # the backward branch whose body holds the most HMMA (the unit loop)
+    for a, t in ins:
+        m = re.search(r"BRA (0x[0-9a-f]+)$", t)
+        if m and int(m.group(1), 16) <= a:
+            lo = int(m.group(1), 16)
+            n = sum(1 for x, y in ins if lo <= x <= a and "HMMA" in y)
+            if loop is None or n > loop[2] or (n == loop[2] and a - lo < loop[1] - loop[0]):
+                loop = (lo, a, n)
+    lo, hi, _ = loop
+    start = next(int(m.group(1), 16) for a, t in ins if a >= lo
+                 for m in [re.search(r"^BRA (0x[0-9a-f]+)$", t)] if m and int(m.group(1), 16) > a)
+    skip = ("MUFU", "0xc080604")
+    sys.setrecursionlimit(100000)
+
+    def succs(i: int) -> list[int]:
+        a, t = ins[i]
+        if any(s in t for s in skip) or t.startswith(("BRX", "EXIT", "RET")) or a == hi:
+            return []
+        m = re.search(r"BRA (?:!?U?P\d, )?(0x[0-9a-f]+)$", t)
+        if not m:
+            return [i + 1]
+        out = []
+        tgt = int(m.group(1), 16)
+        if lo <= tgt <= hi and tgt > a:
+            out.append(idx[tgt])
+        if t.startswith("@") or re.search(r"BRA !?U?P\d,", t):
+            out.append(i + 1)
+        return [s for s in out if ins[s][0] <= hi]
+
+    @functools.lru_cache(None)
+    def most(i: int) -> float:  # most HMMA on a path from i to the back-edge
+        a, t = ins[i]
+        if any(s in t for s in skip):
+            return -float("inf")
+        if a == hi:
+            return 0
+        return ("HMMA" in t) + max((most(s) for s in succs(i)), default=-float("inf"))
+
+    need_mma = int(most(idx[start]))
+
+    @functools.lru_cache(None)
+    def walk(i: int, mma: int):
+        a, t = ins[i]
+        if any(s in t for s in skip):
+            return float("inf")
+        mma = min(need_mma, mma + ("HMMA" in t))
+        if a == hi:
+            return 1 if mma >= need_mma else float("inf")
+        return 1 + min((walk(s, mma) for s in succs(i)), default=float("inf"))
+
+    return walk(idx[start], 0), need_mma
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kernels", type=Path, default=ROOT / "kernels", help="the kernels/ folder")
+    ap.add_argument("--nvcc", default="nvcc")
+    ap.add_argument("--cuobjdump", default="cuobjdump")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, cubin = Path(tmp) / "dec.cu", Path(tmp) / "dec.cubin"
+        src.write_text(instantiate())
+        r = subprocess.run([args.nvcc, f"-I{args.kernels}", "-O3", "-std=c++20", "-arch=sm_90",
+                            "--expt-relaxed-constexpr", "-diag-suppress=997,20012", "-cubin",
+                            "-Xptxas", "-v", "-o", str(cubin), str(src)],
+                           capture_output=True, text=True, check=True)
+        sass = subprocess.run([args.cuobjdump, "-sass", str(cubin)], capture_output=True,
+                              text=True, check=True).stdout
+    regs, fn = {}, None
+    for line in r.stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)'", line)
+        fn = m.group(1) if m else fn
+        m = re.search(r"Used (\d+) registers", line)
+        if m and fn:
+            regs[fn] = int(m.group(1))
+    funcs = {m.group(1): body for body in re.split(r"(?=\t\tFunction : )", sass)
+             for m in [re.match(r"\t\tFunction : (\S+)", body)] if m}
+    for name, targs, _, per_unit in KERNELS:
+        tag = "Lb1E" if targs.startswith("true") else "Lb0E"
+        fn = next(f for f in funcs if "mlp_mma_dec_kernel" in f and f"kernelI{tag}" in f)
+        n, mma = loop_path(parse(funcs[fn]))
+        units = mma / per_unit
+        print(f"{name}: {regs.get(fn, '?')} registers; unit loop: {n} instructions per iteration "
+              f"of {units:g} units ({mma} HMMA), {n * 4 / units:.0f} per 4 units")
+
+
+if __name__ == "__main__":
+    main()
