@@ -113,15 +113,16 @@ def main(argv=None):
             for lib in so.parent.glob("*.metallib"):
                 shutil.copy2(lib, root / "mlx_moe" / lib.name)
             roots[name] = root
-        case_args = [a for c in args.case for a in ("--case", f"{c[0]}:{c[1]}:{','.join(map(str, c[2]))}")]
+        case_args = [a for shape, fmt, tokens in args.case
+                     for a in ("--case", f"{shape}:{fmt}:{','.join(map(str, tokens))}")]
         for r in range(args.rounds):
             for name, _ in builds:
                 env = dict(os.environ, MLX_MOE_AB_ROOT=str(roots[name]),
                            PYTHONPATH=os.pathsep.join([str(roots[name])] + (
                                [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-                out = subprocess.run([sys.executable, __file__, "--worker", "--rounds", "1",
-                                      "--layers", str(args.layers), "--dtype", args.dtype, *case_args],
-                                     env=env, capture_output=True, text=True, cwd=tmp)
+                cmd = [sys.executable, __file__, "--worker", "--layers", str(args.layers),
+                       "--dtype", args.dtype, *case_args]
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp)
                 if out.returncode != 0:
                     sys.exit(f"build {name}, round {r + 1} failed:\n{out.stdout}{out.stderr}")
                 for line in out.stdout.splitlines():

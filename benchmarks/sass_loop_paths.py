@@ -5,13 +5,14 @@ instantiations the host launches for bf16 activations: gate/up with 8 warps and 
 with 4 warps and 32 rows), disassembles them with cuobjdump, and prints per kernel its
 registers and the number of instructions on the shortest path through one iteration of its
 unit loop (from the join after the cp.async wait to the back-edge) that executes as many
-HMMA as any path does and skips the blocks that divide (MUFU) or decode mxfp4 (the byte
-permute of fp4_mag2): the iteration of an affine layer whose units are all present, scaled
-to 4 units. The counts compare two versions of the loop; device time decides what lands
-(bench_moe.py).
+HMMA as any path does and skips the blocks that divide (MUFU) or decode the other format
+(mxfp4: the byte permute of fp4_mag2; affine: the LOP3 of nib2_bf16_128): the iteration of a
+layer in --format whose units are all present, scaled to 4 units. The counts compare two
+versions of the loop; device time decides what lands (bench_moe.py).
 
     python benchmarks/sass_loop_paths.py                      # the working tree's kernels
     python benchmarks/sass_loop_paths.py --kernels /path/to/other/kernels
+    python benchmarks/sass_loop_paths.py --format mxfp4
 
 nvcc must be on PATH (or --nvcc); cuobjdump ships with the CUDA toolkit or in PyPI's
 nvidia-cuda-cuobjdump wheel (--cuobjdump).
@@ -40,7 +41,8 @@ def instantiate() -> str:
     lines = ['#include "moe_cuda.cuh"', "namespace mlx_moe::cuda {"]
     for _, targs, xt, _ in KERNELS:
         lines.append(
-            f"template __global__ void mlp_mma_dec_kernel<{targs}>(MlpDesc, const {xt}*, const float*,"
+            f"template __global__ void mlp_mma_dec_kernel<{targs}>(MlpDesc, const {xt}*,"
+            " const float*,"
             " const uint32_t*, const uint32_t*, const uint32_t*, const uint32_t*, const float*,"
             " uint32_t, float*, DecExtra);")
     lines.append("}")
@@ -56,7 +58,7 @@ def parse(sass: str) -> list[tuple[int, str]]:
     return ins
 
 
-def loop_path(ins: list[tuple[int, str]]) -> tuple[float, int]:
+def loop_path(ins: list[tuple[int, str]], skip: tuple[str, ...]) -> tuple[float, int]:
     """(instructions, HMMA) of the shortest path through the unit loop's iteration among
     those with the most HMMA."""
     idx = {a: i for i, (a, _) in enumerate(ins)}
@@ -71,7 +73,6 @@ def loop_path(ins: list[tuple[int, str]]) -> tuple[float, int]:
     lo, hi, _ = loop
     start = next(int(m.group(1), 16) for a, t in ins if a >= lo
                  for m in [re.search(r"^BRA (0x[0-9a-f]+)$", t)] if m and int(m.group(1), 16) > a)
-    skip = ("MUFU", "0xc080604")
     sys.setrecursionlimit(100000)
 
     def succs(i: int) -> list[int]:
@@ -118,7 +119,11 @@ def main(argv=None):
     ap.add_argument("--kernels", type=Path, default=ROOT / "kernels", help="the kernels/ folder")
     ap.add_argument("--nvcc", default="nvcc")
     ap.add_argument("--cuobjdump", default="cuobjdump")
+    ap.add_argument("--format", choices=["affine4", "mxfp4"], default="affine4",
+                    help="the codes the counted path decodes")
     args = ap.parse_args(argv)
+    # division, and the other format's decode (fp4_mag2's byte permute / nib2_bf16_128's LOP3)
+    skip = ("MUFU", "0xc080604") if args.format == "affine4" else ("MUFU", "0xf000f,")
     with tempfile.TemporaryDirectory() as tmp:
         src, cubin = Path(tmp) / "dec.cu", Path(tmp) / "dec.cubin"
         src.write_text(instantiate())
@@ -140,10 +145,11 @@ def main(argv=None):
     for name, targs, _, per_unit in KERNELS:
         tag = "Lb1E" if targs.startswith("true") else "Lb0E"
         fn = next(f for f in funcs if "mlp_mma_dec_kernel" in f and f"kernelI{tag}" in f)
-        n, mma = loop_path(parse(funcs[fn]))
+        n, mma = loop_path(parse(funcs[fn]), skip)
         units = mma / per_unit
-        print(f"{name}: {regs.get(fn, '?')} registers; unit loop: {n} instructions per iteration "
-              f"of {units:g} units ({mma} HMMA), {n * 4 / units:.0f} per 4 units")
+        print(f"{name}, {args.format}: {regs.get(fn, '?')} registers; unit loop: {n} "
+              f"instructions per iteration of {units:g} units ({mma} HMMA), "
+              f"{n * 4 / units:.0f} per 4 units")
 
 
 if __name__ == "__main__":
