@@ -1505,13 +1505,12 @@ __global__ void __launch_bounds__(128, GATEUP ? 3 : 4)
 // commit groups of MM_GRP units, scales and biases are the first group), and each warp takes
 // its slice of K (split-K, summed in warp order at the end: deterministic), starting on its
 // first units while later ones are in flight. Per unit of 32 codes and 16 rows, the
-// codes enter mma.m16n8k16 (bf16 -> fp32) as exact bf16 integers (a LOP3 places two nibbles
-// in the mantissas of 128.0, a bf16x2 subtract of 128 leaves the codes) against up to 8
-// tokens as the B operand, and the unit is scaled afterwards in fp32 as in the grouped
-// kernel: acc += s * (q . x) + b * sum(x). Affine gate/up items skip the subtract and scale
-// once per group of two units: acc += s * ((128 + q) . x) + (b - 128 s) * sum(x), sum(x)
-// the staged operand's. K is permuted inside each unit (the same way for
-// the weights and the activations): thread (g, t) holds word t of its rows' unit (what
+// codes enter mma.m16n8k16 (bf16 -> fp32) as exact bf16 values of 128 + q (a LOP3 places two
+// nibbles in the mantissas of 128.0; mxfp4: 2v by a byte permute) against up to 8 tokens as
+// the B operand, and the unit is scaled afterwards in fp32:
+// acc += s * ((128 + q) . x) + (b - 128 s) * sum(x), sum(x) the staged operand's. Affine
+// gate/up items scale once per group of two units. K is permuted inside each unit (the same
+// way for the weights and the activations): thread (g, t) holds word t of its rows' unit (what
 // ldmatrix gives), nibbles {2h, 2h+4} and {2h+1, 2h+5} form the k-pairs of MMA h, and the
 // activations are staged in that order. Activations that are not bf16 (and the fp32 hidden
 // layer) are split into bf16 hi + lo, two MMAs.
@@ -1625,8 +1624,8 @@ __device__ __forceinline__ uint32_t nib2_bf16_128(uint32_t w, int s) {
 // mxfp4 (E2M1) nibbles s and s + 4 of w as exact bf16 values of 2*v (the unit's scale is
 // halved to match): the 3 magnitude bits index the bytes {0,1,2,3,4,6,8,12} (= 2*|v|) with a
 // byte permute (lo4/hi4: nibbles 0-3 / 4-7 of w, see fp4_mag2), the pair is placed in the
-// mantissas of 128.0 and 128 subtracted as for affine codes, and bit 3 of each nibble becomes
-// the bf16 sign.
+// mantissas of 128.0 and 128 subtracted (unlike affine codes, which the unit loop takes as
+// 128 + q), and bit 3 of each nibble becomes the bf16 sign.
 __device__ __forceinline__ void fp4_mag2(uint32_t w, uint32_t& lo4, uint32_t& hi4) {
   lo4 = __byte_perm(0x03020100u, 0x0C080604u, w & 0x7777u);
   hi4 = __byte_perm(0x03020100u, 0x0C080604u, (w >> 16) & 0x7777u);
