@@ -1520,6 +1520,7 @@ constexpr int MM_MAXT = 8;
 
 struct MmLayout {
   uint32_t wstride, w_bytes, sc_off, raw_off, x_off, tstride, xs_off, red_off, total;
+  uint32_t w1_off, cb_off, su_off;  // trellis (mm_layout_tr) only
 };
 
 // How a tensor-core decode item gets a projection's scales and biases into shared memory:
@@ -1553,6 +1554,37 @@ __host__ __device__ inline MmLayout mm_layout(uint32_t units, uint32_t G, uint32
   l.tstride = units * 64u + 16u;                         // per token: [units][4] uint4
   l.xs_off = l.x_off + NS * maxt * l.tstride;
   l.red_off = l.xs_off + ((maxt * units * 4u + 15u) & ~15u);
+  l.total = l.red_off + NW * NP * MT * 4u * 32u * 4u;
+  return l;
+}
+
+// Shared-memory layout of the trellis form of mlp_mma_dec_kernel (TR; host and device compute
+// it the same way). Weights: each projection's tiles as they are in memory, [MT][K/16] tiles
+// of 32 * bits bytes (projection 1 from w1_off), plus 16 bytes that the two-word code reads
+// may touch past the last tile; scale * sv as fp32 in the {s, b} pairs' place ([NP][ROWS][G]);
+// the codebooks (cb_off: 1 KB of slack, then one 1 KB-aligned KB per projection: entry i is
+// bf16 hi | bf16 lo << 16 of level i); su as bf16 in k order ([NP][K]; only projections with
+// su); activations bf16 hi (+ lo) in natural k order; no unit sums (no bias).
+template <bool GATEUP>
+__host__ __device__ inline MmLayout mm_layout_tr(const MlpDesc& md, uint32_t maxt, int NS, int MT,
+                                                 int NW) {
+  constexpr int NP = GATEUP ? 2 : 1;
+  const WDesc& a = GATEUP ? md.gate : md.down;
+  const WDesc& b = GATEUP ? md.up : md.down;
+  const uint32_t units = a.K / 32u, G = GATEUP ? (a.groups > b.groups ? a.groups : b.groups) : a.groups;
+  const uint32_t rows = 16u * MT;
+  MmLayout l{};
+  l.w1_off = MT * 64u * units * a.bits;
+  l.w_bytes = (l.w1_off + (NP == 2 ? MT * 64u * units * b.bits : 0u) + 16u + 15u) & ~15u;
+  l.sc_off = l.w_bytes;
+  l.cb_off = l.sc_off + NP * rows * G * 8u;
+  l.su_off = l.cb_off + 1024u + NP * 1024u;
+  const uint32_t su_bytes = (a.has_su ? units * 64u : 0u) + (NP == 2 && b.has_su ? units * 64u : 0u);
+  l.raw_off = l.su_off + su_bytes;
+  l.x_off = l.raw_off;
+  l.tstride = units * 64u + 16u;
+  l.xs_off = l.x_off + NS * maxt * l.tstride;
+  l.red_off = l.xs_off;
   l.total = l.red_off + NW * NP * MT * 4u * 32u * 4u;
   return l;
 }
@@ -1608,6 +1640,32 @@ __device__ __forceinline__ float2 lds64(uint32_t addr) {
   return v;
 }
 
+// 8 bytes from a shared-space address when `on`, else zeros (trellis B operand and su).
+__device__ __forceinline__ uint2 lds64u_if(bool on, uint32_t addr) {
+  uint2 v = make_uint2(0u, 0u);
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p ld.shared.v2.u32 {%0,%1}, [%3];\n}\n"
+      : "+r"(v.x), "+r"(v.y)
+      : "r"(uint32_t(on)), "r"(addr));
+  return v;
+}
+
+// 4 bytes from a shared-space address when `on`, else 0, as one predicated load.
+__device__ __forceinline__ uint32_t lds32u_if(bool on, uint32_t addr) {
+  uint32_t v = 0u;
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %1, 0;\n @p ld.shared.u32 %0, [%2];\n}\n"
+               : "+r"(v)
+               : "r"(uint32_t(on)), "r"(addr));
+  return v;
+}
+
+// 4 bytes from a shared-space address.
+__device__ __forceinline__ uint32_t lds32u(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
+}
+
 __device__ __forceinline__ __nv_bfloat162 bf16x2_bits(uint32_t v) {
   return *reinterpret_cast<__nv_bfloat162*>(&v);
 }
@@ -1641,6 +1699,31 @@ __device__ __forceinline__ uint32_t fp4_pair_bf16(uint32_t w, uint32_t lo4, uint
 
 __device__ __forceinline__ uint32_t pack2_bf16(__nv_bfloat16 lo, __nv_bfloat16 hi) {
   return uint32_t(__bfloat16_as_ushort(lo)) | (uint32_t(__bfloat16_as_ushort(hi)) << 16);
+}
+
+__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
+  __nv_bfloat162 r = __hmul2(bf16x2_bits(a), bf16x2_bits(b));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+
+// Four trellis codes (bits each, from bit 0 of v) to bf16 levels through the codebook at the
+// 1 KB-aligned shared address cb (entry i: bf16 hi | bf16 lo << 16): h01 / h23 are the hi
+// halves of codes (0, 1) / (2, 3) as bf16x2 (code 0 / 2 low), l01 / l23 the lo halves (LO).
+// m2 = mask << 2; s1..s3 = j * bits - 2.
+template <bool LO>
+__device__ __forceinline__ void tr_decode4(uint32_t v, uint32_t cb, uint32_t m2, uint32_t s1,
+                                           uint32_t s2, uint32_t s3, uint32_t& h01, uint32_t& h23,
+                                           uint32_t& l01, uint32_t& l23) {
+  const uint32_t e0 = lds32u(cb | ((v << 2) & m2));
+  const uint32_t e1 = lds32u(cb | ((v >> s1) & m2));
+  const uint32_t e2 = lds32u(cb | ((v >> s2) & m2));
+  const uint32_t e3 = lds32u(cb | ((v >> s3) & m2));
+  h01 = __byte_perm(e0, e1, 0x5410u);
+  h23 = __byte_perm(e2, e3, 0x5410u);
+  if (LO) {
+    l01 = __byte_perm(e0, e1, 0x7632u);
+    l23 = __byte_perm(e2, e3, 0x7632u);
+  }
 }
 
 // Weight copies are issued per warp, for the warp's own slice of K, in commit groups of
@@ -1703,6 +1786,13 @@ struct MmSmem {
   float* XSum;        // [maxt][units]: per-unit activation sums
   float* Red;         // [warp][NP][MT][4][32]: split-K partial sums; null: alias Ws (single chunk)
   uint32_t wstride, tstride, G;
+  // trellis (mm_smem_tr): projection 1's tiles, the codebooks (1 KB-aligned shared-space
+  // address of projection 0's; projection 1's 1 KB above) and su ([NP][K] bf16; su1: null or
+  // projection 1's)
+  unsigned char* W1;
+  uint32_t cb;
+  __nv_bfloat16* Su0;
+  __nv_bfloat16* Su1;
 };
 
 __device__ __forceinline__ MmSmem mm_smem_at(unsigned char* base, const MmLayout& L, uint32_t G) {
@@ -1717,6 +1807,130 @@ __device__ __forceinline__ MmSmem mm_smem_at(unsigned char* base, const MmLayout
   s.tstride = L.tstride;
   s.G = G;
   return s;
+}
+
+template <bool GATEUP>
+__device__ __forceinline__ MmSmem mm_smem_tr(unsigned char* base, const MmLayout& L,
+                                             const MlpDesc& md, uint32_t G) {
+  const WDesc& a = GATEUP ? md.gate : md.down;
+  MmSmem s = mm_smem_at(base, L, G);
+  s.W1 = base + L.w1_off;
+  s.cb = (smem_u32(base + L.cb_off) + 1023u) & ~1023u;
+  s.Su0 = reinterpret_cast<__nv_bfloat16*>(base + L.su_off);
+  s.Su1 = GATEUP && md.up.has_su ? s.Su0 + (a.has_su ? a.K : 0u) : nullptr;
+  s.XSum = nullptr;
+  return s;
+}
+
+// The trellis item's copies and tables (expert e, rows n0 ..; md's projections all trellis):
+// an empty commit group where mm_issue has the scales' (mm_compute waits for it), then this
+// warp's K slice of the block's tiles in commit groups of MM_GRP units (the 2 * MM_GRP
+// 16-row tiles of each 16 rows, 32 * bits bytes each, copied as they are: consecutive in
+// shared memory, TN tiles apart in memory); then scale * sv, the codebooks and su, loaded,
+// converted and stored (visible to all warps after mm_compute's first barrier). A tile
+// column past the weight's last one is zero-filled. Returns this warp's number of groups.
+template <bool GATEUP, int MT, int MM_WARPS>
+__device__ __forceinline__ uint32_t mm_issue_tr(const MlpDesc& md, uint32_t e, uint32_t n0,
+                                                const MmSmem& sm) {
+  constexpr int NP = GATEUP ? 2 : 1;
+  constexpr int ROWS = 16 * MT;
+  const WDesc& w0 = GATEUP ? md.gate : md.down;
+  const uint32_t N = w0.N, units = w0.K / 32u, TK = 2u * units, TN = (N + 15u) / 16u;
+  const uint32_t G = sm.G;
+  const uint32_t tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
+  const uint32_t per_w = (((units + MM_WARPS - 1) / MM_WARPS) + 1u) & ~1u;
+  const uint32_t ua = min(units, warp * per_w), ub = min(units, ua + per_w);
+  const uint32_t ngroups = (ub - ua + MM_GRP - 1) / MM_GRP;
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+  // Lane l copies 16-byte chunk l % CB of tiles l / CB + j * (32 / CB) (CB = 2 * bits chunks
+  // per tile; 32 / CB whole tiles per pass).
+  uint32_t cb_n[NP], c_t[NP], c_b[NP], c_tpp[NP];
+#pragma unroll
+  for (int p = 0; p < NP; ++p) {
+    const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
+    cb_n[p] = moe_trellis_run_bytes(wd.bits);  // (a tile is 16 runs: 2 * bits chunks of 16 bytes)
+    c_tpp[p] = 32u / cb_n[p];
+    c_t[p] = lane / cb_n[p];
+    c_b[p] = lane % cb_n[p];
+  }
+  for (uint32_t q = 0; q < ngroups; ++q) {
+    const uint32_t r0 = 2u * (ua + q * MM_GRP), r1 = 2u * min(ub, ua + (q + 1u) * MM_GRP);
+#pragma unroll
+    for (int p = 0; p < NP; ++p) {
+      const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
+      const uint32_t tb = moe_trellis_tile_bytes(wd.bits);
+      const unsigned char* wb = reinterpret_cast<const unsigned char*>(wd.w);
+      unsigned char* ws = p == 0 ? sm.Ws : sm.W1;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const uint32_t nt = n0 / 16u + mt;
+        const bool ok = nt < TN;
+        const unsigned char* src = wb + moe_trellis_tile_offset(e, 0u, ok ? nt : 0u, w0.K, N, wd.bits);
+        const uint32_t dst = smem_u32(ws + (mt * TK) * tb);
+        if (c_b[p] < cb_n[p] && c_t[p] < c_tpp[p]) {
+          for (uint32_t r = r0 + c_t[p]; r < r1; r += c_tpp[p])
+            cp_async16(dst + r * tb + c_b[p] * 16u, src + int64_t(r) * TN * tb + c_b[p] * 16u,
+                       ok ? 16u : 0u);
+        }
+      }
+    }
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+  }
+  // scale * sv (fp32, in the pairs' .x), 8 loads of each in flight per thread; consecutive
+  // threads take consecutive rows (coalesced: scales are [E, K / group_size, N]).
+#pragma unroll
+  for (int p = 0; p < NP; ++p) {
+    const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
+    float2* sc = sm.SC + p * ROWS * G;  // row r's group g at r * groups + g, as mm_compute reads
+    const uint32_t tot = ROWS * wd.groups;
+    constexpr int B = 8;
+    for (uint32_t c0 = tid; c0 < tot; c0 += B * blockDim.x) {
+      float v[B];
+#pragma unroll
+      for (int j = 0; j < B; ++j) {
+        const uint32_t c = c0 + j * blockDim.x, r = c % ROWS, g = c / ROWS, n = n0 + r;
+        const bool ok = c < tot && n < N;
+        const float s = ok ? load_scale(wd.scales, wd.scale_kind,
+                                        moe_trellis_scale_index(e, g, n, wd.groups, N)) : 0.f;
+        const float sv = ok && wd.has_sv ? load_scale(wd.sv, wd.sv_kind, moe_trellis_sv_index(e, n, N)) : 1.f;
+        v[j] = s * sv;
+      }
+#pragma unroll
+      for (int j = 0; j < B; ++j) {
+        const uint32_t c = c0 + j * blockDim.x;
+        if (c < tot) sc[(c % ROWS) * wd.groups + c / ROWS] = make_float2(v[j], 0.f);
+      }
+    }
+    // the codebook: level i as bf16 hi | bf16 lo << 16 (hi + lo: the level to ~16 bits)
+    const uint32_t nl = moe_trellis_levels(wd.bits);
+    uint32_t* cbk = reinterpret_cast<uint32_t*>(reinterpret_cast<unsigned char*>(sm.Ws) +
+                                                (sm.cb + 1024u * p - smem_u32(sm.Ws)));
+    for (uint32_t i = tid; i < nl; i += blockDim.x) {
+      const float lv = load_scale(wd.grid, wd.grid_kind, moe_trellis_grid_index(e, i, wd.bits, wd.grid_per_expert));
+      const __nv_bfloat16 hi = __float2bfloat16_rn(lv);
+      const __nv_bfloat16 lo = __float2bfloat16_rn(lv - __bfloat162float(hi));
+      cbk[i] = pack2_bf16(hi, lo);
+    }
+    // su as bf16, k order
+    __nv_bfloat16* su = p == 0 ? sm.Su0 : sm.Su1;
+    if (wd.has_su) {
+      const uint32_t K = wd.K;
+      for (uint32_t c0 = tid; c0 < K; c0 += B * blockDim.x) {
+        float v[B];
+#pragma unroll
+        for (int j = 0; j < B; ++j) {
+          const uint32_t c = c0 + j * blockDim.x;
+          v[j] = c < K ? load_scale(wd.su, wd.su_kind, moe_trellis_su_index(e, c, K)) : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < B; ++j) {
+          const uint32_t c = c0 + j * blockDim.x;
+          if (c < K) su[c] = __float2bfloat16_rn(v[j]);
+        }
+      }
+    }
+  }
+  return ngroups;
 }
 
 // Issues the item's copies (expert e, rows n0 ..): raw scales/biases as one commit group,
@@ -1802,7 +2016,7 @@ __device__ __forceinline__ uint32_t mm_issue(const MlpDesc& md, uint32_t e, uint
 // `extra`: commit groups this thread issued after the item's (they may stay in flight).
 // CG: H_in was written by other blocks of the same launch (read through L2).
 // Warps from MM_WARPS on (a larger block) only help staging and meet the barriers.
-template <bool GATEUP, typename XT, bool SPLIT, int MT, int MM_WARPS, bool CG>
+template <bool GATEUP, typename XT, bool SPLIT, int MT, int MM_WARPS, bool CG, bool TR = false>
 __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex,
                                            const XT* __restrict__ x, const float* H_in,
                                            const uint32_t* __restrict__ pairs,
@@ -1862,16 +2076,18 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
           lo[j] = __float2bfloat16_rn(f - __bfloat162float(hi[j]));
           sum += SPLIT ? __bfloat162float(hi[j]) + __bfloat162float(lo[j]) : __bfloat162float(hi[j]);
         }
-        uint4 wv = make_uint4(pack2_bf16(hi[0], hi[4]), pack2_bf16(hi[1], hi[5]),
-                              pack2_bf16(hi[2], hi[6]), pack2_bf16(hi[3], hi[7]));
+        // (trellis: natural k order, see the trellis unit loop)
+        constexpr int o = TR ? 1 : 4, m = TR ? 2 : 1;
+        uint4 wv = make_uint4(pack2_bf16(hi[0], hi[o]), pack2_bf16(hi[m], hi[m + o]),
+                              pack2_bf16(hi[2 * m], hi[2 * m + o]), pack2_bf16(hi[3 * m], hi[3 * m + o]));
         *reinterpret_cast<uint4*>(Xs + t * sm.tstride + u * 64u + q4 * 16u) = wv;
         if (SPLIT) {
-          wv = make_uint4(pack2_bf16(lo[0], lo[4]), pack2_bf16(lo[1], lo[5]),
-                          pack2_bf16(lo[2], lo[6]), pack2_bf16(lo[3], lo[7]));
+          wv = make_uint4(pack2_bf16(lo[0], lo[o]), pack2_bf16(lo[m], lo[m + o]),
+                          pack2_bf16(lo[2 * m], lo[2 * m + o]), pack2_bf16(lo[3 * m], lo[3 * m + o]));
           *reinterpret_cast<uint4*>(Xs + (maxt + t) * sm.tstride + u * 64u + q4 * 16u) = wv;
         }
       }
-      XSum[t * units + u] = sum;
+      if (!TR) XSum[t * units + u] = sum;
     }
     // The scale group (the oldest) has landed for this thread's copies; the barrier makes
     // every thread's visible.
@@ -1900,145 +2116,284 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int c = 0; c < 4; ++c) acc[p][mt][c] = 0.f;
-    // Per-thread operand addresses at unit ua, stepped by the unit offset du in the loop.
-    const uint32_t lrow = (lane & 7u) + ((lane >> 3) & 1u) * 8u, lunit = lane >> 4;
-    uint32_t wq[NP][MT];  // ldmatrix rows
+    if constexpr (TR) {
+      // Trellis: a run (16 k of one row, in one tile) is one MMA k step. Thread (gid, t4)
+      // takes codes 4 t4 .. 4 t4 + 3 of rows gid and gid + 8 -- 4 * bits bits from bit
+      // moe_trellis_bit(moe_trellis_pos(4 t4, row)) of the tile, one word, or two and a funnel
+      // shift where they may straddle (3, 5, 6, 7 bits) -- as the A fragment's k pairs
+      // (2 t4, 2 t4 + 1) and (2 t4 + 8, 2 t4 + 9), and the staged activations' k 4 t4 .. 4 t4
+      // + 3 (natural order) as B; each code is a 4-byte load from the codebook (bf16 hi, lo)
+      // at cb | (code << 2) (1 KB-aligned). B is multiplied by su (bf16, exact for sign
+      // vectors), and each run's product -- or, when every group is whole units, each unit's
+      // -- is scaled by its group's scale * sv in fp32. Split activations (NS = 2) take the
+      // levels' lo half too: hi.hi + hi.lo + lo.hi (three MMAs). The unit's body has no branch
+      // (predicated loads, the scale group by a counter), so that its four runs' load ->
+      // lookup -> MMA chains can overlap. Measured (H200, Qwen3 trellis4, 16 tokens): this
+      // form 405 us per layer; applying the scale per run also with whole-unit groups 428; a
+      // table of code pairs (one load per two 4-bit codes, 35% fewer loop instructions) 446
+      // -- its 256 entries take the loads' bank conflicts.
+      uint32_t wq[NP][MT], tbp[NP], shp[NP], m2[NP], s1[NP], s2[NP], s3[NP], suq[NP], scq[NP];
+      uint32_t rpg[NP], rstep[NP], gq[NP], left[NP];
+      bool hsu[NP], word1[NP];
 #pragma unroll
-    for (int p = 0; p < NP; ++p)
+      for (int p = 0; p < NP; ++p) {
+        const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
+        const uint32_t bits = wd.bits;
+        tbp[p] = moe_trellis_tile_bytes(bits);
+        const uint32_t bit = moe_trellis_bit(moe_trellis_pos(4u * t4, gid), bits);
+        shp[p] = bit & 31u;
+        rstep[p] = 8u * moe_trellis_run_bytes(bits);  // row gid + 8's run: 8 runs further
+        unsigned char* ws = p == 0 ? Ws : sm.W1;
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-        wq[p][mt] = opaque_u32(
-            smem_u32(Ws + (p * ROWS + mt * 16 + lrow) * sm.wstride + (ua + lunit) * 16u));
-    const uint32_t xq = smem_u32(Xs + gid * sm.tstride + ua * 64u + t4 * 16u);  // B operand
-    const uint32_t xlo = maxt * sm.tstride;                                   // its lo half
-    const uint32_t xsq = opaque_u32(smem_u32(XSum + (2u * t4) * units + ua));  // unit sums
-    const bool bx = gid < nt, bs0 = 2u * t4 < nt, bs1 = 2u * t4 + 1u < nt;
-    uint32_t scq[NP];  // row gid's {s, b} pairs
+        for (int mt = 0; mt < MT; ++mt)
+          wq[p][mt] = opaque_u32(smem_u32(ws + (mt * 2u * units + 2u * ua) * tbp[p] + (bit >> 5) * 4u));
+        m2[p] = moe_trellis_mask(bits) << 2;
+        // 2, 4 or 8 bits: a thread's 4 codes never straddle a word (one load, no funnel shift)
+        word1[p] = (bits & (bits - 1u)) == 0u;
+        s1[p] = bits - 2u;
+        s2[p] = 2u * bits - 2u;
+        s3[p] = 3u * bits - 2u;
+        hsu[p] = wd.has_su != 0u;
+        suq[p] = hsu[p] ? smem_u32((p == 0 ? sm.Su0 : sm.Su1) + 32u * ua + 4u * t4) : 0u;
+        scq[p] = opaque_u32(smem_u32(sm.SC + p * ROWS * G + gid * gst[p]));
+        // runs per scale group; the group of the warp's first run (its {s, b} pair's address)
+        // and the runs left in it
+        rpg[p] = wd.group_size / 16u;
+        gq[p] = scq[p] + (2u * ua / rpg[p]) * 8u;
+        left[p] = rpg[p] - 2u * ua % rpg[p];
+      }
+      const uint32_t xq = smem_u32(Xs + gid * sm.tstride + ua * 64u + t4 * 8u);  // B operand
+      const uint32_t xlo = maxt * sm.tstride;
+      const bool bx = gid < nt;
+      // UNIT: every projection's groups are whole units (group_size % 32 == 0): the unit's two
+      // runs share a scale, so their products are applied once (the loop's form is chosen here,
+      // outside it, so that its body stays without branches).
+      auto unit_loop = [&](auto unit_c) {
+        constexpr bool UNIT = decltype(unit_c)::value;
+        for (uint32_t dq = 0; ua + dq < ub; dq += MM_GRP) {
+          cp_async_wait_pending(ngroups - 1u - dq / MM_GRP + extra);  // this group has landed
+          __syncwarp();
+#pragma unroll 1
+          for (uint32_t du = dq; du < dq + MM_GRP && ua + du < ub; ++du) {
+            float t[NP][MT][4];
 #pragma unroll
-    for (int p = 0; p < NP; ++p)
-      scq[p] = opaque_u32(smem_u32(sm.SC + p * ROWS * G + gid * gst[p]));
-    // The operand addresses above are opaque to the compiler (opaque_u32), so that it keeps
-    // them in registers rather than rebuilding them at each iteration under gate/up's
-    // register bound. A commit group (MM_GRP units) per iteration: its wait once, then its
-    // units two at a time.
-    for (uint32_t dq = 0; ua + dq < ub; dq += MM_GRP) {
-      cp_async_wait_pending(ngroups - 1u - dq / MM_GRP + extra);  // this group has landed
-      __syncwarp();
+            for (int p = 0; p < NP; ++p)
 #pragma unroll
-      for (uint32_t d2 = 0; d2 < uint32_t(MM_GRP); d2 += 2u) {
-        const uint32_t du = dq + d2;
-        if (ua + du >= ub) break;
-        const uint32_t u = ua + du;
-        uint32_t fr[NP][MT][4];
+              for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int p = 0; p < NP; ++p)
+                for (int c = 0; c < 4; ++c) t[p][mt][c] = 0.f;
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) ldsm_x4(wq[p][mt] + du * 16u, fr[p][mt]);
-        // Unit u + h2's products for projection p, rows mt, added to t: the B fragments bq,
-        // codes decoded to bf16 (affine: 128 + q, without a subtract; mxfp4: 2v).
-        auto unit_mma = [&](int p, int mt, int h2, const uint32_t (&bq)[NS][4], float (&t)[4]) {
-          const uint32_t wa = fr[p][mt][2 * h2], wb = fr[p][mt][2 * h2 + 1];
-          uint32_t af[2][4];
-          if (fp4[p]) {
-            uint32_t la, ha, lb, hb;
-            fp4_mag2(wa, la, ha);
-            fp4_mag2(wb, lb, hb);
+            for (uint32_t h = 0; h < 2u; ++h) {
+              const uint32_t kr = 2u * du + h;  // run, from the warp's first
+              uint32_t bxs[NS][2];
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              af[h][0] = fp4_pair_bf16(wa, la, ha, 2 * h);
-              af[h][1] = fp4_pair_bf16(wb, lb, hb, 2 * h);
-              af[h][2] = fp4_pair_bf16(wa, la, ha, 2 * h + 1);
-              af[h][3] = fp4_pair_bf16(wb, lb, hb, 2 * h + 1);
-            }
-          } else {
+              for (int sp = 0; sp < NS; ++sp) {
+                const uint2 v = lds64u_if(bx, xq + sp * xlo + du * 64u + h * 32u);
+                bxs[sp][0] = v.x;
+                bxs[sp][1] = v.y;
+              }
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              af[h][0] = nib2_bf16_128(wa, 2 * h);
-              af[h][1] = nib2_bf16_128(wb, 2 * h);
-              af[h][2] = nib2_bf16_128(wa, 2 * h + 1);
-              af[h][3] = nib2_bf16_128(wb, 2 * h + 1);
-            }
-          }
+              for (int p = 0; p < NP; ++p) {
+                uint32_t b[NS][2];
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
+                for (int sp = 0; sp < NS; ++sp) {
+                  b[sp][0] = bxs[sp][0];
+                  b[sp][1] = bxs[sp][1];
+                }
+                if (hsu[p]) {
+                  const uint2 su = lds64u_if(true, suq[p] + kr * 32u);
 #pragma unroll
-            for (int sp = 0; sp < NS; ++sp) {
-              const uint32_t b[2] = {bq[sp][2 * h], bq[sp][2 * h + 1]};
-              mma_bf16(t, af[h], b);
-            }
-          }
-        };
-        // acc += s * t + (b - 128 s) * sum(x) for group g of projection p, rows mt (affine:
-        // the codes entered as 128 + q; mxfp4: no bias and no offset).
-        auto apply = [&](int p, int mt, uint32_t g, const float (&t)[4], float ya, float yb) {
-          const uint32_t sc = scq[p] + (mt * 16u * gst[p] + g) * 8u;
-          const float2 sb0 = lds64(sc), sb1 = lds64(sc + 64u * gst[p]);
-          const bool o128 = !fp4[p];
-          const float c0 = o128 ? fmaf(-128.f, sb0.x, sb0.y) : sb0.y;
-          const float c1 = o128 ? fmaf(-128.f, sb1.x, sb1.y) : sb1.y;
-          acc[p][mt][0] += sb0.x * t[0] + c0 * ya;
-          acc[p][mt][1] += sb0.x * t[1] + c0 * yb;
-          acc[p][mt][2] += sb1.x * t[2] + c1 * ya;
-          acc[p][mt][3] += sb1.x * t[3] + c1 * yb;
-        };
-        auto load_b = [&](int h2, uint32_t (&bq)[NS][4]) {
+                  for (int sp = 0; sp < NS; ++sp) {
+                    b[sp][0] = bf16x2_mul(b[sp][0], su.x);
+                    b[sp][1] = bf16x2_mul(b[sp][1], su.y);
+                  }
+                }
 #pragma unroll
-          for (int sp = 0; sp < NS; ++sp) {
-            const uint4 bv = lds128_if(bx, xq + sp * xlo + (du + h2) * 64u);
-            bq[sp][0] = bv.x; bq[sp][1] = bv.y; bq[sp][2] = bv.z; bq[sp][3] = bv.w;
-          }
-        };
-        if (grp) {
-          // Affine gate/up: units u and u + 1 in one scale group (groups of 2+ units) get one
-          // scale application, their products in two accumulators (two short MMA chains)
-          // added first.
-          const bool two = u + 1u < ub;
-          uint32_t bf[2][NS][4];
-          load_b(0, bf[0]);
-          const float xa0 = lds32_if(bs0, xsq + du * 4u);
-          const float xb0 = lds32_if(bs1, xsq + (units + du) * 4u);
-          float xa1 = 0.f, xb1 = 0.f;
-          if (two) {
-            load_b(1, bf[1]);
-            xa1 = lds32_if(bs0, xsq + (du + 1u) * 4u);
-            xb1 = lds32_if(bs1, xsq + (units + du + 1u) * 4u);
-          }
+                for (int mt = 0; mt < MT; ++mt) {
+                  const uint32_t wa = wq[p][mt] + kr * tbp[p];
+                  // (the second word only where a thread's codes may straddle two)
+                  const uint32_t va = __funnelshift_r(lds32u(wa), lds32u_if(!word1[p], wa + 4u), shp[p]);
+                  const uint32_t vb = __funnelshift_r(lds32u(wa + rstep[p]),
+                                                      lds32u_if(!word1[p], wa + rstep[p] + 4u), shp[p]);
+                  uint32_t ah[4], al[4];
+                  const uint32_t cb = sm.cb + 1024u * p;
+                  tr_decode4<NS == 2>(va, cb, m2[p], s1[p], s2[p], s3[p], ah[0], ah[2], al[0], al[2]);
+                  tr_decode4<NS == 2>(vb, cb, m2[p], s1[p], s2[p], s3[p], ah[1], ah[3], al[1], al[3]);
+                  mma_bf16(t[p][mt], ah, b[0]);
+                  if (NS == 2) {
+                    mma_bf16(t[p][mt], ah, b[NS - 1]);
+                    mma_bf16(t[p][mt], al, b[0]);
+                  }
+                }
+                // the run's (UNIT: the unit's, after its second run) scale: the group's, stepped
+                // by a counter (no branch, no division)
+                if (UNIT && h == 0u) continue;
 #pragma unroll
-          for (int p = 0; p < NP; ++p) {
-            const uint32_t g0 = group_of(p, u), g1 = group_of(p, u + 1u);
+                for (int mt = 0; mt < MT; ++mt) {
+                  const uint32_t sc = gq[p] + mt * 16u * gst[p] * 8u;
+                  const float sa = lds32_if(true, sc), sb = lds32_if(true, sc + 64u * gst[p]);
+                  acc[p][mt][0] += sa * t[p][mt][0];
+                  acc[p][mt][1] += sa * t[p][mt][1];
+                  acc[p][mt][2] += sb * t[p][mt][2];
+                  acc[p][mt][3] += sb * t[p][mt][3];
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-              float t0[4] = {0.f, 0.f, 0.f, 0.f}, t1[4] = {0.f, 0.f, 0.f, 0.f};
-              unit_mma(p, mt, 0, bf[0], t0);
-              if (two) unit_mma(p, mt, 1, bf[1], t1);
-              if (two && g0 == g1) {
-                const float ts[4] = {t0[0] + t1[0], t0[1] + t1[1], t0[2] + t1[2], t0[3] + t1[3]};
-                apply(p, mt, g0, ts, xa0 + xa1, xb0 + xb1);
-              } else {
-                apply(p, mt, g0, t0, xa0, xb0);
-                if (two) apply(p, mt, g1, t1, xa1, xb1);
+                  for (int c = 0; c < 4; ++c) t[p][mt][c] = 0.f;
+                }
+                left[p] -= UNIT ? 2u : 1u;
+                const bool adv = left[p] == 0u;
+                gq[p] += adv ? 8u : 0u;
+                left[p] = adv ? rpg[p] : left[p];
               }
             }
           }
-        } else {
-          // Down and mxfp4: one scale application per unit (measured faster there than the
-          // form above).
+        }
+      };
+      bool unit_groups = true;
 #pragma unroll
-          for (int h2 = 0; h2 < 2; ++h2) {
-            const uint32_t uu = u + h2;
-            if (uu >= ub) break;
-            uint32_t bf[NS][4];
-            load_b(h2, bf);
-            const float xs0 = lds32_if(bs0, xsq + (du + h2) * 4u);
-            const float xs1 = lds32_if(bs1, xsq + (units + du + h2) * 4u);
+      for (int p = 0; p < NP; ++p) unit_groups = unit_groups && rpg[p] % 2u == 0u;
+      if (unit_groups) unit_loop(std::true_type{});
+      else unit_loop(std::false_type{});
+    } else {
+      // Per-thread operand addresses at unit ua, stepped by the unit offset du in the loop.
+      const uint32_t lrow = (lane & 7u) + ((lane >> 3) & 1u) * 8u, lunit = lane >> 4;
+      uint32_t wq[NP][MT];  // ldmatrix rows
+#pragma unroll
+      for (int p = 0; p < NP; ++p)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+          wq[p][mt] = opaque_u32(
+              smem_u32(Ws + (p * ROWS + mt * 16 + lrow) * sm.wstride + (ua + lunit) * 16u));
+      const uint32_t xq = smem_u32(Xs + gid * sm.tstride + ua * 64u + t4 * 16u);  // B operand
+      const uint32_t xlo = maxt * sm.tstride;                                   // its lo half
+      const uint32_t xsq = opaque_u32(smem_u32(XSum + (2u * t4) * units + ua));  // unit sums
+      const bool bx = gid < nt, bs0 = 2u * t4 < nt, bs1 = 2u * t4 + 1u < nt;
+      uint32_t scq[NP];  // row gid's {s, b} pairs
+#pragma unroll
+      for (int p = 0; p < NP; ++p)
+        scq[p] = opaque_u32(smem_u32(sm.SC + p * ROWS * G + gid * gst[p]));
+      // The operand addresses above are opaque to the compiler (opaque_u32), so that it keeps
+      // them in registers rather than rebuilding them at each iteration under gate/up's
+      // register bound. A commit group (MM_GRP units) per iteration: its wait once, then its
+      // units two at a time.
+      for (uint32_t dq = 0; ua + dq < ub; dq += MM_GRP) {
+        cp_async_wait_pending(ngroups - 1u - dq / MM_GRP + extra);  // this group has landed
+        __syncwarp();
+#pragma unroll
+        for (uint32_t d2 = 0; d2 < uint32_t(MM_GRP); d2 += 2u) {
+          const uint32_t du = dq + d2;
+          if (ua + du >= ub) break;
+          const uint32_t u = ua + du;
+          uint32_t fr[NP][MT][4];
+#pragma unroll
+          for (int p = 0; p < NP; ++p)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) ldsm_x4(wq[p][mt] + du * 16u, fr[p][mt]);
+          // Unit u + h2's products for projection p, rows mt, added to t: the B fragments bq,
+          // codes decoded to bf16 (affine: 128 + q, without a subtract; mxfp4: 2v).
+          auto unit_mma = [&](int p, int mt, int h2, const uint32_t (&bq)[NS][4], float (&t)[4]) {
+            const uint32_t wa = fr[p][mt][2 * h2], wb = fr[p][mt][2 * h2 + 1];
+            uint32_t af[2][4];
+            if (fp4[p]) {
+              uint32_t la, ha, lb, hb;
+              fp4_mag2(wa, la, ha);
+              fp4_mag2(wb, lb, hb);
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                af[h][0] = fp4_pair_bf16(wa, la, ha, 2 * h);
+                af[h][1] = fp4_pair_bf16(wb, lb, hb, 2 * h);
+                af[h][2] = fp4_pair_bf16(wa, la, ha, 2 * h + 1);
+                af[h][3] = fp4_pair_bf16(wb, lb, hb, 2 * h + 1);
+              }
+            } else {
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                af[h][0] = nib2_bf16_128(wa, 2 * h);
+                af[h][1] = nib2_bf16_128(wb, 2 * h);
+                af[h][2] = nib2_bf16_128(wa, 2 * h + 1);
+                af[h][3] = nib2_bf16_128(wb, 2 * h + 1);
+              }
+            }
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+#pragma unroll
+              for (int sp = 0; sp < NS; ++sp) {
+                const uint32_t b[2] = {bq[sp][2 * h], bq[sp][2 * h + 1]};
+                mma_bf16(t, af[h], b);
+              }
+            }
+          };
+          // acc += s * t + (b - 128 s) * sum(x) for group g of projection p, rows mt (affine:
+          // the codes entered as 128 + q; mxfp4: no bias and no offset).
+          auto apply = [&](int p, int mt, uint32_t g, const float (&t)[4], float ya, float yb) {
+            const uint32_t sc = scq[p] + (mt * 16u * gst[p] + g) * 8u;
+            const float2 sb0 = lds64(sc), sb1 = lds64(sc + 64u * gst[p]);
+            const bool o128 = !fp4[p];
+            const float c0 = o128 ? fmaf(-128.f, sb0.x, sb0.y) : sb0.y;
+            const float c1 = o128 ? fmaf(-128.f, sb1.x, sb1.y) : sb1.y;
+            acc[p][mt][0] += sb0.x * t[0] + c0 * ya;
+            acc[p][mt][1] += sb0.x * t[1] + c0 * yb;
+            acc[p][mt][2] += sb1.x * t[2] + c1 * ya;
+            acc[p][mt][3] += sb1.x * t[3] + c1 * yb;
+          };
+          auto load_b = [&](int h2, uint32_t (&bq)[NS][4]) {
+#pragma unroll
+            for (int sp = 0; sp < NS; ++sp) {
+              const uint4 bv = lds128_if(bx, xq + sp * xlo + (du + h2) * 64u);
+              bq[sp][0] = bv.x; bq[sp][1] = bv.y; bq[sp][2] = bv.z; bq[sp][3] = bv.w;
+            }
+          };
+          if (grp) {
+            // Affine gate/up: units u and u + 1 in one scale group (groups of 2+ units) get one
+            // scale application, their products in two accumulators (two short MMA chains)
+            // added first.
+            const bool two = u + 1u < ub;
+            uint32_t bf[2][NS][4];
+            load_b(0, bf[0]);
+            const float xa0 = lds32_if(bs0, xsq + du * 4u);
+            const float xb0 = lds32_if(bs1, xsq + (units + du) * 4u);
+            float xa1 = 0.f, xb1 = 0.f;
+            if (two) {
+              load_b(1, bf[1]);
+              xa1 = lds32_if(bs0, xsq + (du + 1u) * 4u);
+              xb1 = lds32_if(bs1, xsq + (units + du + 1u) * 4u);
+            }
 #pragma unroll
             for (int p = 0; p < NP; ++p) {
-              const uint32_t g = group_of(p, uu);
+              const uint32_t g0 = group_of(p, u), g1 = group_of(p, u + 1u);
 #pragma unroll
               for (int mt = 0; mt < MT; ++mt) {
-                float t[4] = {0.f, 0.f, 0.f, 0.f};
-                unit_mma(p, mt, h2, bf, t);
-                apply(p, mt, g, t, xs0, xs1);
+                float t0[4] = {0.f, 0.f, 0.f, 0.f}, t1[4] = {0.f, 0.f, 0.f, 0.f};
+                unit_mma(p, mt, 0, bf[0], t0);
+                if (two) unit_mma(p, mt, 1, bf[1], t1);
+                if (two && g0 == g1) {
+                  const float ts[4] = {t0[0] + t1[0], t0[1] + t1[1], t0[2] + t1[2], t0[3] + t1[3]};
+                  apply(p, mt, g0, ts, xa0 + xa1, xb0 + xb1);
+                } else {
+                  apply(p, mt, g0, t0, xa0, xb0);
+                  if (two) apply(p, mt, g1, t1, xa1, xb1);
+                }
+              }
+            }
+          } else {
+            // Down and mxfp4: one scale application per unit (measured faster there than the
+            // form above).
+#pragma unroll
+            for (int h2 = 0; h2 < 2; ++h2) {
+              const uint32_t uu = u + h2;
+              if (uu >= ub) break;
+              uint32_t bf[NS][4];
+              load_b(h2, bf);
+              const float xs0 = lds32_if(bs0, xsq + (du + h2) * 4u);
+              const float xs1 = lds32_if(bs1, xsq + (units + du + h2) * 4u);
+#pragma unroll
+              for (int p = 0; p < NP; ++p) {
+                const uint32_t g = group_of(p, uu);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                  float t[4] = {0.f, 0.f, 0.f, 0.f};
+                  unit_mma(p, mt, h2, bf, t);
+                  apply(p, mt, g, t, xs0, xs1);
+                }
               }
             }
           }
@@ -2093,7 +2448,8 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
 
 // Gate/up: 3 blocks of 8 warps per SM (<= 80 registers; shared memory allows 3 too at
 // Qwen3's widths): without the bound the unit loop takes 89 and a block per SM is lost.
-template <bool GATEUP, typename XT, bool SPLIT, int MT, int MM_WARPS>
+// TR: the trellis form (all projections of the kernel trellis; mm_issue_tr, mm_layout_tr).
+template <bool GATEUP, typename XT, bool SPLIT, int MT, int MM_WARPS, bool TR = false>
 __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 3 : 4)
     mlp_mma_dec_kernel(MlpDesc md, const XT* __restrict__ x, const float* __restrict__ H_in,
                        const uint32_t* __restrict__ pairs, const uint32_t* __restrict__ offsets,
@@ -2128,17 +2484,21 @@ __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 3 : 4)
   const WDesc& w0 = GATEUP ? md.gate : md.down;
   const uint32_t units = w0.K / 32u;
   const uint32_t G = GATEUP ? max(md.gate.groups, md.up.groups) : w0.groups;
-  const MmLayout L = mm_layout(units, G, maxt, NP, NS, MT, MM_WARPS, mm_raw16<GATEUP>(md));
-  const MmSmem sm = mm_smem_at(mm_smem, L, G);
+  const MmLayout L = TR ? mm_layout_tr<GATEUP>(md, maxt, NS, MT, MM_WARPS)
+                       : mm_layout(units, G, maxt, NP, NS, MT, MM_WARPS, mm_raw16<GATEUP>(md));
+  const MmSmem sm = TR ? mm_smem_tr<GATEUP>(mm_smem, L, md, G) : mm_smem_at(mm_smem, L, G);
   const uint32_t n0 = blockIdx.y * 16u * MT;
   uint32_t ngroups = 0;
-  if (work) ngroups = mm_issue<GATEUP, MT, MM_WARPS>(md, e, n0, sm);
+  if (work) {
+    if constexpr (TR) ngroups = mm_issue_tr<GATEUP, MT, MM_WARPS>(md, e, n0, sm);
+    else ngroups = mm_issue<GATEUP, MT, MM_WARPS>(md, e, n0, sm);
+  }
   // Down as gate/up's programmatic dependent: its weight copies are in flight; H and the
   // counters are gate/up's (a no-op otherwise).
   if (!GATEUP) pdl_wait();
   if (work)
-    mm_compute<GATEUP, XT, SPLIT, MT, MM_WARPS, false>(md, ex, x, H_in, pairs, rw, first, last,
-                                                       maxt, out, n0, sm, ngroups, 0u);
+    mm_compute<GATEUP, XT, SPLIT, MT, MM_WARPS, false, TR>(md, ex, x, H_in, pairs, rw, first,
+                                                           last, maxt, out, n0, sm, ngroups, 0u);
   if (!GATEUP && ex.counters) dec_fused_combine(md, ex, out, n0, 16 * MT, &s_flag);
 }
 

@@ -7,7 +7,8 @@ product in the same order); moe_mlp within the fp32-accumulation tolerance of th
 CPU suite (different summation orders; the large-batch path multiplies on tensor cores
 with exact codes and split activations), except the grouped path for bf16/fp16 activations
 (affine 4/8-bit, mxfp4, trellis), which rounds weights, H and the per-slot outputs
-to the activation type: it is checked against a float64 reference with a derived error bound
+to the activation type, and trellis on the tensor-core decode kernels (codebook levels
+rounded to bf16): both are checked against a float64 reference with a derived error bound
 (below)."""
 
 import numpy as np
@@ -149,7 +150,9 @@ def assert_mlp_gpu_close_to_cpu(x, ids, w, experts, dtype):
 def experts_for(rng, E, D, F, fmt, bits, gs, sdt):
     projs = []
     for shape, b in zip(((E, F, D), (E, F, D), (E, D, F)), bits):
-        if fmt == "affine":
+        if fmt == "trellis":
+            projs.append(random_trellis(rng, *shape, b, group_size=gs, scale_dtype=sdt))
+        elif fmt == "affine":
             w, s, bi = random_affine(rng, shape, b, gs, sdt)
             projs.append(mlx_moe.QuantizedWeight(w, s, bi, mode="affine", bits=b, group_size=gs))
         else:
@@ -190,11 +193,12 @@ def test_moe_mlp_gpu_vs_cpu(rng, T, E, D, F, k, fmt, bits, gs, dtype):
 )
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_moe_mlp_trellis_gpu_vs_cpu(rng, monkeypatch, T, E, D, F, k, bits, dtype):
-    # The fp32 decode kernels (the grouped kernels, which round the weights to the activation
-    # type, are kept off here and checked below with the grouped cases). Bits differ
+    # The fp32 decode kernels (the grouped kernels and the tensor-core decode kernels, which
+    # round the weights, are kept off here and checked below against float64). Bits differ
     # per projection; up has no sv; same tolerance as the affine case above (the GPU decodes
     # the same fp32 weight values as the CPU and differs in summation order only).
     monkeypatch.setenv("MLX_MOE_CUDA_TR_GG_MIN_PAIRS", str(1 << 30))
+    monkeypatch.setenv("MLX_MOE_CUDA_TR_MMA_MAX_PAIRS", "0")
     projs = [random_trellis(rng, E, n, kk, b, group_size=64, su=True, sv=(i != 1))
              for i, ((n, kk), b) in enumerate(zip(((F, D), (F, D), (D, F)), bits))]
     experts = mlx_moe.Experts(*projs)
@@ -257,7 +261,8 @@ def test_moe_mlp_tensor_core_decode_gpu_vs_cpu(rng, T, E, D, F, k, gs, dtype):
         assert_mlp_gpu_close_to_cpu(x, ids, w, experts, dtype)
 
 
-@pytest.mark.parametrize("fmt,bits", [("affine", (4, 4, 4)), ("affine", (4, 8, 4)), ("mxfp4", (4, 4, 4))])
+@pytest.mark.parametrize("fmt,bits", [("affine", (4, 4, 4)), ("affine", (4, 8, 4)), ("mxfp4", (4, 4, 4)),
+                                      ("trellis", (4, 3, 2))])
 @pytest.mark.parametrize("T", [1, 3, 9])
 def test_moe_mlp_decode_variants_bitwise(rng, monkeypatch, fmt, bits, T):
     """Direct (no bucketing) and bucketed decode, fused and separate combine, one-block and
@@ -295,6 +300,36 @@ def test_moe_mlp_tensor_core_decode_many_pairs_gpu_vs_cpu(rng, monkeypatch, T):
         x = mx.array(rng.standard_normal((T, 256)).astype(np.float32)).astype(dtype)
         ids, w = mlx_moe.route(random_logits(rng, T, 16), 4, stream=mx.cpu)
         assert_mlp_gpu_close_to_cpu(x, ids, w, experts, dtype)
+
+
+# Trellis layers with bf16 / fp16 activations, up to MLX_MOE_CUDA_TR_MMA_MAX_PAIRS (1024) pairs:
+# the tensor-core decode kernels in their trellis form. Codebook levels enter the MMA as bf16
+# (fp16 activations: bf16 hi + lo, ~16 bits, with the activations split likewise), su
+# multiplies the bf16 activation operand (exact for the sign vectors used here and written
+# by quantize), scale * sv is applied in fp32 to each run's (or pair of runs') products, and
+# H and the per-slot outputs stay fp32: so each weight is rounded at most once to the
+# activation type, the grouped path's error model, and _gg_check's float64 bound (below)
+# applies as it is. Cases: Qwen3 widths at 1 token (direct) and 16 (bucketed), every bit
+# width, gate / up / down of different widths, su / sv absent, per-expert and fp16 codebooks,
+# bf16 / fp32 scales, group sizes 16 (one scale per run), 48 (three runs, not a power of two)
+# to 128, widths with an odd number of units.
+@pytest.mark.parametrize(
+    "T,E,D,F,k,bits,gs,sdt,tr",
+    [
+        (1, 128, 2048, 768, 8, (4, 4, 4), 128, mx.float16, None),
+        (16, 128, 2048, 768, 8, (4, 4, 4), 64, mx.float16, None),
+        (64, 16, 256, 96, 4, (2, 3, 5), 32, mx.bfloat16,
+         [(True, False, False, mx.float32), (False, True, True, mx.float32),
+          (False, False, False, mx.float16)]),
+        (9, 8, 192, 96, 3, (6, 7, 8), 48, mx.float32,
+         [(False, True, False, mx.float32), (True, True, False, mx.float16),
+          (True, False, True, mx.float32)]),
+        (33, 16, 160, 224, 2, (8, 5, 4), 16, mx.float16, None),
+    ],
+)
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_moe_mlp_trellis_tensor_core_decode(rng, T, E, D, F, k, bits, gs, sdt, tr, dtype):
+    _gg_check(rng, T, E, D, F, k, "trellis", bits, gs, dtype, sdt, tr=tr)
 
 
 # ------------------------------------------------------------------ grouped tensor-core path
@@ -554,7 +589,8 @@ def test_unevaluated_and_strided_inputs_without_copy_nodes(rng, tmp_path):
 @pytest.mark.parametrize("T", [1, 4, 16, 200])  # 8 / 32 pairs: direct; 128 / 1600: bucketed
 @pytest.mark.parametrize("ldtype", [mx.float32, mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_router_folded_into_moe_mlp(rng, monkeypatch, tmp_path, T, ldtype, normalize):
+@pytest.mark.parametrize("fmt", ["affine", "trellis"])
+def test_router_folded_into_moe_mlp(rng, monkeypatch, tmp_path, T, ldtype, normalize, fmt):
     """On a CUDA stream, moe_mlp over the two outputs of an unevaluated route() routes inside
     its own primitive (no route node in the graph): at 1 token inside its gate/up kernel, from
     4 tokens as the first kernel of the decode chain of programmatic dependents (sm_90; with
@@ -562,9 +598,10 @@ def test_router_folded_into_moe_mlp(rng, monkeypatch, tmp_path, T, ldtype, norma
     moe_mlp over its outputs (the same routing function), with PDL=0, with PDL=0 and
     MLX_MOE_CUDA_ROUTE_IN_GU=0 (a router kernel with plain edges), with ROUTE_IN_GU=0 (at 1
     token too: the chain) and with MLX_MOE_CUDA_FUSED_ROUTE=0 too, and agrees with the CPU
-    path."""
+    path (affine; trellis rounds its levels, checked against float64 in
+    test_moe_mlp_trellis_tensor_core_decode)."""
     E, D, F, k = 128, 256, 128, 8
-    experts = experts_for(rng, E, D, F, "affine", (4, 4, 4), 64, mx.float16)
+    experts = experts_for(rng, E, D, F, fmt, (4, 4, 4), 64, mx.float16)
     x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(mx.bfloat16)
     logits = random_logits(rng, T, E).astype(ldtype)
     mx.eval(x, logits, *[a for p in (experts.gate, experts.up, experts.down) for a in p.arrays()])
@@ -601,7 +638,8 @@ def test_router_folded_into_moe_mlp(rng, monkeypatch, tmp_path, T, ldtype, norma
     assert np.array_equal(to_np(y_nopdl_kernel), to_np(y_sep))
     assert np.array_equal(to_np(y_kernel), to_np(y_sep))
     assert np.array_equal(to_np(y_off), to_np(y_sep))
-    assert_mlp_gpu_close_to_cpu(x, ids, w, experts, mx.bfloat16)
+    if fmt == "affine":
+        assert_mlp_gpu_close_to_cpu(x, ids, w, experts, mx.bfloat16)
 
 
 def _one_launch_case(rng, T, E, D, F, k, fmt, dtype):

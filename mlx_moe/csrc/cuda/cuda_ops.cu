@@ -21,6 +21,7 @@
 #include "moe_cuda.cuh"
 #include "moe_mlp.h"
 #include "route.h"
+#include "tr_dec.h"
 
 namespace mlx_moe::gpu {
 
@@ -475,6 +476,22 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   };
   const bool mma_all = mma_on && affine4(md.gate) && affine4(md.up) && affine4(md.down);
   const uint32_t mma_max_pairs = env_u32("MLX_MOE_CUDA_MMA_MAX_PAIRS", 1024u);
+  // Trellis layers with bf16 / fp16 activations take the same kernels in their trellis form
+  // (codebook levels as bf16, + their lo half for fp16; su on the activation operand; scale
+  // * sv applied in fp32 per run or unit), up to MLX_MOE_CUDA_TR_MMA_MAX_PAIRS pairs (768:
+  // H200, Qwen3 trellis4 layer, device time per layer against the grouped path: 702 vs 846 us
+  // at 512 pairs, 834 vs 853 at 768; a first version 998 vs 870 at 1024), where their shared
+  // memory fits at one token per chunk.
+  const bool x16 = x.dtype() == mx::bfloat16 || x.dtype() == mx::float16;
+  bool tr_mm = mma_on && x16 && md.gate.mode == 2u && md.up.mode == 2u && md.down.mode == 2u &&
+               P <= env_u32("MLX_MOE_CUDA_TR_MMA_MAX_PAIRS", 768u);
+  if (tr_mm) {
+    const int ns = x.dtype() == mx::bfloat16 ? 1 : 2;
+    auto al16 = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) % 16) == 0; };  // cp.async
+    tr_mm = mm_layout_tr<true>(md, 1, ns, 1, MM_WARPS_GU).total <= 227u * 1024u &&
+            mm_layout_tr<false>(md, 1, 2, 2, MM_WARPS_DN).total <= 227u * 1024u &&
+            al16(md.gate.w) && al16(md.up.w) && al16(md.down.w);
+  }
   // Grouped tensor-core kernels (bf16 / fp16 activations; gate/up of one format among affine
   // 4-bit, 8-bit, mxfp4 and trellis, down of one of them; MLX_MOE_CUDA_GG=0: the older
   // fp32-rescale kernel): mlp_gg_kernel (moe_cuda_grouped.cuh) / mlp_wg_kernel
@@ -518,7 +535,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   const uint32_t max_active = std::min(E, P);
   const bool gg_tiles_ok = (P + GG_TM - 1) / GG_TM + max_active <= 65535u;  // grid.y
   const bool grouped =
-      any_trellis ? gg_ok && gg_tiles_ok && P >= tr_gg_min
+      any_trellis ? !tr_mm && gg_ok && gg_tiles_ok && P >= tr_gg_min
                   : P > (mma_all ? std::max(mma_max_pairs, decode_max_pairs) : decode_max_pairs);
   const bool gg = grouped && gg_ok && gg_tiles_ok;
   const bool direct = !grouped && P <= direct_max_pairs;
@@ -544,8 +561,8 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   mx::array active = scratch(enc, direct ? 1 : E),
             tiles = scratch(enc, grouped ? size_t(2) * max_tiles : 1), meta = scratch(enc, 4);
   // Decode path on the tensor-core kernels (affine 4-bit / mxfp4 projections).
-  const bool gu_mm = mma_on && affine4(md.gate) && affine4(md.up);
-  const bool dn_mm = mma_on && affine4(md.down);
+  const bool gu_mm = tr_mm || (mma_on && affine4(md.gate) && affine4(md.up));
+  const bool dn_mm = tr_mm || (mma_on && affine4(md.down));
   // ... on sm_90+ (MLX_MOE_CUDA_PDL=0: off): its kernels -- the router when folded in, the
   // one-block bucketing, gate/up, down, the combine -- as one chain of programmatic dependents
   // (launch_pdl): each kernel's blocks start while the one before runs, and wait
@@ -588,11 +605,15 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
       // the block's shared memory is large (fewer blocks per SM).
       auto mm_smem = [&](uint32_t units, uint32_t G, int NP, int NS, int MT, int NW, bool raw16,
                          uint32_t& maxt) {
+        auto layout = [&](uint32_t mt) {
+          if (!tr_mm) return mm_layout(units, G, mt, NP, NS, MT, NW, raw16);
+          return NP == 2 ? mm_layout_tr<true>(md, mt, NS, MT, NW) : mm_layout_tr<false>(md, mt, NS, MT, NW);
+        };
         maxt = direct ? 1u : std::min<uint32_t>(MM_MAXT, P);
-        MmLayout l = mm_layout(units, G, maxt, NP, NS, MT, NW, raw16);
+        MmLayout l = layout(maxt);
         while (maxt > 1 && l.total > 76u * 1024u) {
           maxt = (maxt + 1) / 2;
-          l = mm_layout(units, G, maxt, NP, NS, MT, NW, raw16);
+          l = layout(maxt);
         }
         return l.total;
       };
@@ -625,8 +646,11 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
       ex.y = ptr<void>(out);
       ex.y_kind = uint32_t(float_kind(x.dtype()));
       const dim3 grid_gu(gx, (F + rows_gu - 1) / rows_gu), grid_d(gx, gy_d);
-      auto gu_kernel = gu_mm ? mlp_mma_dec_kernel<true, XT, xsplit, 1, MM_WARPS_GU>
-                             : mlp_decode_kernel<true, XT>;
+      MmDecKernel<XT> gu_kernel = gu_mm ? mlp_mma_dec_kernel<true, XT, xsplit, 1, MM_WARPS_GU>
+                                        : mlp_decode_kernel<true, XT>;
+      if constexpr (!std::is_same_v<XT, float>) {
+        if (tr_mm) gu_kernel = tr_gu_kernel<XT>();
+      }
       // Routing in the gate/up kernel costs each block ~3 us before its weight loads can
       // start: only while the whole grid is resident at once (one wave; measured 1.3 us/layer
       // faster at 8 pairs, equal at 16, slower at 32, where every wave pays it).
@@ -648,8 +672,9 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
                             ptr<float>(rw), mt1, ptr<float>(H), ex),
                 {&x, route_in_gu ? &logits : &ids, &pairs, &offsets, &active, &meta},
                 {&H, &counters, route_in_gu ? &ids : nullptr, route_in_gu ? &rw : nullptr});
-      auto dn_kernel = dn_mm ? mlp_mma_dec_kernel<false, float, true, 2, MM_WARPS_DN>
-                             : mlp_decode_kernel<false, float>;
+      const MmDecKernel<float> dn_kernel = tr_mm ? tr_dn_kernel()
+                                           : dn_mm ? mlp_mma_dec_kernel<false, float, true, 2, MM_WARPS_DN>
+                                                   : mlp_decode_kernel<false, float>;
       const dim3 block_d(dn_mm ? MM_WARPS_DN * 32 : DEC_WARPS * 32);
       combined = fused_combine;
       chain.add(kernel_node(dn_kernel, grid_d, block_d, sm2, md, static_cast<const float*>(nullptr),
