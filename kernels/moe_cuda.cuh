@@ -1730,6 +1730,37 @@ __device__ __forceinline__ void tr_decode4(uint32_t v, uint32_t cb, uint32_t m2,
 // MM_GRP units, so that a warp starts on its first units while later ones are in flight.
 constexpr int MM_GRP = 4;
 
+// This warp's slice [ua, ub) of the item's units (an even number per warp; the last warps'
+// may be short or empty) and the number of its commit groups of MM_GRP units: mm_issue's and
+// mm_compute's arithmetic (which keep their own copy: the tuned kernels' registers differ
+// through the helper).
+template <int MM_WARPS>
+__device__ __forceinline__ uint32_t mm_warp_units(uint32_t units, uint32_t& ua, uint32_t& ub) {
+  const uint32_t per_w = (((units + MM_WARPS - 1) / MM_WARPS) + 1u) & ~1u;
+  ua = min(units, (threadIdx.x >> 5) * per_w);
+  ub = min(units, ua + per_w);
+  return (ub - ua + MM_GRP - 1) / MM_GRP;
+}
+
+// store(c, load(c)) for c < n, over the block's threads with 8 loads in flight per thread.
+template <typename Load, typename Store>
+__device__ __forceinline__ void block_load8(uint32_t n, Load load, Store store) {
+  constexpr int B = 8;
+  for (uint32_t c0 = threadIdx.x; c0 < n; c0 += B * blockDim.x) {
+    float v[B];
+#pragma unroll
+    for (int j = 0; j < B; ++j) {
+      const uint32_t c = c0 + j * blockDim.x;
+      v[j] = c < n ? load(c) : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < B; ++j) {
+      const uint32_t c = c0 + j * blockDim.x;
+      if (c < n) store(c, v[j]);
+    }
+  }
+}
+
 __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, uint32_t n) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
@@ -1836,11 +1867,9 @@ __device__ __forceinline__ uint32_t mm_issue_tr(const MlpDesc& md, uint32_t e, u
   constexpr int ROWS = 16 * MT;
   const WDesc& w0 = GATEUP ? md.gate : md.down;
   const uint32_t N = w0.N, units = w0.K / 32u, TK = 2u * units, TN = (N + 15u) / 16u;
-  const uint32_t G = sm.G;
-  const uint32_t tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
-  const uint32_t per_w = (((units + MM_WARPS - 1) / MM_WARPS) + 1u) & ~1u;
-  const uint32_t ua = min(units, warp * per_w), ub = min(units, ua + per_w);
-  const uint32_t ngroups = (ub - ua + MM_GRP - 1) / MM_GRP;
+  const uint32_t lane = threadIdx.x & 31u;
+  uint32_t ua, ub;
+  const uint32_t ngroups = mm_warp_units<MM_WARPS>(units, ua, ub);
   asm volatile("cp.async.commit_group;\n" ::: "memory");
   // Lane l copies 16-byte chunk l % CB of tiles l / CB + j * (32 / CB) (CB = 2 * bits chunks
   // per tile; 32 / CB whole tiles per pass).
@@ -1876,36 +1905,29 @@ __device__ __forceinline__ uint32_t mm_issue_tr(const MlpDesc& md, uint32_t e, u
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
   }
-  // scale * sv (fp32, in the pairs' .x), 8 loads of each in flight per thread; consecutive
-  // threads take consecutive rows (coalesced: scales are [E, K / group_size, N]).
+  // scale * sv (fp32, in the pairs' .x; row r's group g at r * groups + g, as mm_compute
+  // reads it); consecutive threads take consecutive rows (coalesced: scales are
+  // [E, K / group_size, N]).
 #pragma unroll
   for (int p = 0; p < NP; ++p) {
     const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
-    float2* sc = sm.SC + p * ROWS * G;  // row r's group g at r * groups + g, as mm_compute reads
-    const uint32_t tot = ROWS * wd.groups;
-    constexpr int B = 8;
-    for (uint32_t c0 = tid; c0 < tot; c0 += B * blockDim.x) {
-      float v[B];
-#pragma unroll
-      for (int j = 0; j < B; ++j) {
-        const uint32_t c = c0 + j * blockDim.x, r = c % ROWS, g = c / ROWS, n = n0 + r;
-        const bool ok = c < tot && n < N;
-        const float s = ok ? load_scale(wd.scales, wd.scale_kind,
-                                        moe_trellis_scale_index(e, g, n, wd.groups, N)) : 0.f;
-        const float sv = ok && wd.has_sv ? load_scale(wd.sv, wd.sv_kind, moe_trellis_sv_index(e, n, N)) : 1.f;
-        v[j] = s * sv;
-      }
-#pragma unroll
-      for (int j = 0; j < B; ++j) {
-        const uint32_t c = c0 + j * blockDim.x;
-        if (c < tot) sc[(c % ROWS) * wd.groups + c / ROWS] = make_float2(v[j], 0.f);
-      }
-    }
+    float2* sc = sm.SC + p * ROWS * sm.G;
+    block_load8(
+        ROWS * wd.groups,
+        [&](uint32_t c) {
+          const uint32_t n = n0 + c % ROWS;
+          const bool ok = n < N;
+          const float s = ok ? load_scale(wd.scales, wd.scale_kind,
+                                          moe_trellis_scale_index(e, c / ROWS, n, wd.groups, N)) : 0.f;
+          const float sv = ok && wd.has_sv ? load_scale(wd.sv, wd.sv_kind, moe_trellis_sv_index(e, n, N)) : 1.f;
+          return s * sv;
+        },
+        [&](uint32_t c, float v) { sc[(c % ROWS) * wd.groups + c / ROWS] = make_float2(v, 0.f); });
     // the codebook: level i as bf16 hi | bf16 lo << 16 (hi + lo: the level to ~16 bits)
     const uint32_t nl = moe_trellis_levels(wd.bits);
     uint32_t* cbk = reinterpret_cast<uint32_t*>(reinterpret_cast<unsigned char*>(sm.Ws) +
                                                 (sm.cb + 1024u * p - smem_u32(sm.Ws)));
-    for (uint32_t i = tid; i < nl; i += blockDim.x) {
+    for (uint32_t i = threadIdx.x; i < nl; i += blockDim.x) {
       const float lv = load_scale(wd.grid, wd.grid_kind, moe_trellis_grid_index(e, i, wd.bits, wd.grid_per_expert));
       const __nv_bfloat16 hi = __float2bfloat16_rn(lv);
       const __nv_bfloat16 lo = __float2bfloat16_rn(lv - __bfloat162float(hi));
@@ -1914,20 +1936,9 @@ __device__ __forceinline__ uint32_t mm_issue_tr(const MlpDesc& md, uint32_t e, u
     // su as bf16, k order
     __nv_bfloat16* su = p == 0 ? sm.Su0 : sm.Su1;
     if (wd.has_su) {
-      const uint32_t K = wd.K;
-      for (uint32_t c0 = tid; c0 < K; c0 += B * blockDim.x) {
-        float v[B];
-#pragma unroll
-        for (int j = 0; j < B; ++j) {
-          const uint32_t c = c0 + j * blockDim.x;
-          v[j] = c < K ? load_scale(wd.su, wd.su_kind, moe_trellis_su_index(e, c, K)) : 0.f;
-        }
-#pragma unroll
-        for (int j = 0; j < B; ++j) {
-          const uint32_t c = c0 + j * blockDim.x;
-          if (c < K) su[c] = __float2bfloat16_rn(v[j]);
-        }
-      }
+      block_load8(
+          wd.K, [&](uint32_t c) { return load_scale(wd.su, wd.su_kind, moe_trellis_su_index(e, c, wd.K)); },
+          [&](uint32_t c, float v) { su[c] = __float2bfloat16_rn(v); });
     }
   }
   return ngroups;
