@@ -302,7 +302,7 @@ def test_moe_mlp_tensor_core_decode_many_pairs_gpu_vs_cpu(rng, monkeypatch, T):
         assert_mlp_gpu_close_to_cpu(x, ids, w, experts, dtype)
 
 
-# Trellis layers with bf16 / fp16 activations, up to MLX_MOE_CUDA_TR_MMA_MAX_PAIRS (1024) pairs:
+# Trellis layers with bf16 / fp16 activations, up to MLX_MOE_CUDA_TR_MMA_MAX_PAIRS (768) pairs:
 # the tensor-core decode kernels in their trellis form. Codebook levels enter the MMA as bf16
 # (fp16 activations: bf16 hi + lo, ~16 bits, with the activations split likewise), su
 # multiplies the bf16 activation operand (exact for the sign vectors used here and written

@@ -560,7 +560,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
             pairs = scratch(enc, direct ? 1 : P);
   mx::array active = scratch(enc, direct ? 1 : E),
             tiles = scratch(enc, grouped ? size_t(2) * max_tiles : 1), meta = scratch(enc, 4);
-  // Decode path on the tensor-core kernels (affine 4-bit / mxfp4 projections).
+  // Decode path on the tensor-core kernels (affine 4-bit / mxfp4 projections, or trellis: tr_mm).
   const bool gu_mm = tr_mm || (mma_on && affine4(md.gate) && affine4(md.up));
   const bool dn_mm = tr_mm || (mma_on && affine4(md.down));
   // ... on sm_90+ (MLX_MOE_CUDA_PDL=0: off): its kernels -- the router when folded in, the
