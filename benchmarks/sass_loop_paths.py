@@ -7,12 +7,17 @@ registers and the number of instructions on the shortest path through one iterat
 unit loop (from the join after the cp.async wait to the back-edge) that executes as many
 HMMA as any path does and skips the blocks that divide (MUFU) or decode the other format
 (mxfp4: the byte permute of fp4_mag2; affine: the LOP3 of nib2_bf16_128): the iteration of a
-layer in --format whose units are all present, scaled to 4 units. The counts compare two
-versions of the loop; device time decides what lands (bench_moe.py).
+layer in --format whose units are all present, scaled to 4 units and per 16 x 16 x 16 MMA
+step (a unit is 4 steps in every form: 2 projections or 2 row tiles, 2 halves or runs).
+--format trellis compiles the kernels' trellis form (TR), whose loop has two versions
+(scale applied per unit when every group is whole units, per run otherwise): both are
+counted, told apart by their FFMA. The counts compare two versions of the loop; device time
+decides what lands (bench_moe.py).
 
     python benchmarks/sass_loop_paths.py                      # the working tree's kernels
     python benchmarks/sass_loop_paths.py --kernels /path/to/other/kernels
     python benchmarks/sass_loop_paths.py --format mxfp4
+    python benchmarks/sass_loop_paths.py --format trellis
 
 nvcc must be on PATH (or --nvcc); cuobjdump ships with the CUDA toolkit or in PyPI's
 nvidia-cuda-cuobjdump wheel (--cuobjdump).
@@ -30,16 +35,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # (name, template arguments, activation type, HMMA per unit: 2 per projection and 16 rows,
-# twice with split activations)
+# twice with split activations; trellis: 1 per run, projection and 16 rows, three times
+# with split activations)
 KERNELS = [
     ("gate/up bf16", "true, __nv_bfloat16, false, 1, MM_WARPS_GU", "__nv_bfloat16", 4),
     ("down", "false, float, true, 2, MM_WARPS_DN", "float", 8),
 ]
+KERNELS_TR = [
+    ("gate/up bf16", "true, __nv_bfloat16, false, 1, MM_WARPS_GU, true", "__nv_bfloat16", 4),
+    ("down", "false, float, true, 2, MM_WARPS_DN, true", "float", 12),
+]
+STEPS_PER_UNIT = 4
 
 
-def instantiate() -> str:
+def instantiate(kernels=KERNELS) -> str:
     lines = ['#include "moe_cuda.cuh"', "namespace mlx_moe::cuda {"]
-    for _, targs, xt, _ in KERNELS:
+    for _, targs, xt, _ in kernels:
         lines.append(
             f"template __global__ void mlp_mma_dec_kernel<{targs}>(MlpDesc, const {xt}*,"
             " const float*,"
@@ -58,21 +69,31 @@ def parse(sass: str) -> list[tuple[int, str]]:
     return ins
 
 
-def loop_path(ins: list[tuple[int, str]], skip: tuple[str, ...]) -> tuple[float, int]:
-    """(instructions, HMMA) of the shortest path through the unit loop's iteration among
-    those with the most HMMA."""
-    idx = {a: i for i, (a, _) in enumerate(ins)}
-    loop = None  # the backward branch whose body holds the most HMMA (the unit loop)
+def unit_loops(ins: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """The unit loops: the backward branches (start, back-edge) whose bodies hold HMMA and
+    contain no other such loop (the trellis form has two)."""
+    loops = []
     for a, t in ins:
-        m = re.search(r"BRA (0x[0-9a-f]+)$", t)
+        m = re.search(r"BRA (?:!?U?P\d, )?(0x[0-9a-f]+)$", t)
         if m and int(m.group(1), 16) <= a:
             lo = int(m.group(1), 16)
-            n = sum(1 for x, y in ins if lo <= x <= a and "HMMA" in y)
-            if loop is None or n > loop[2] or (n == loop[2] and a - lo < loop[1] - loop[0]):
-                loop = (lo, a, n)
-    lo, hi, _ = loop
-    start = next(int(m.group(1), 16) for a, t in ins if a >= lo
-                 for m in [re.search(r"^BRA (0x[0-9a-f]+)$", t)] if m and int(m.group(1), 16) > a)
+            if any(lo <= x <= a and "HMMA" in y for x, y in ins):
+                loops.append((lo, a))
+    return sorted({(lo, hi) for lo, hi in loops
+                   if not any((l2, h2) != (lo, hi) and lo <= l2 and h2 <= hi for l2, h2 in loops)})
+
+
+def loop_path(ins: list[tuple[int, str]], skip: tuple[str, ...],
+              loop: tuple[int, int] | None = None) -> tuple[float, int]:
+    """(instructions, HMMA) of the shortest path through the unit loop's iteration among
+    those with the most HMMA (loop: one of unit_loops, else the first)."""
+    idx = {a: i for i, (a, _) in enumerate(ins)}
+    lo, hi = loop or unit_loops(ins)[0]
+    # the join after the cp.async wait's switch (the first forward jump in the loop), or the
+    # loop's start where the wait is outside it (the trellis form's loop over units)
+    start = next((int(m.group(1), 16) for a, t in ins if lo <= a <= hi
+                  for m in [re.search(r"^BRA (0x[0-9a-f]+)$", t)]
+                  if m and a < int(m.group(1), 16) <= hi), lo)
     sys.setrecursionlimit(100000)
 
     def succs(i: int) -> list[int]:
@@ -119,14 +140,16 @@ def main(argv=None):
     ap.add_argument("--kernels", type=Path, default=ROOT / "kernels", help="the kernels/ folder")
     ap.add_argument("--nvcc", default="nvcc")
     ap.add_argument("--cuobjdump", default="cuobjdump")
-    ap.add_argument("--format", choices=["affine4", "mxfp4"], default="affine4",
+    ap.add_argument("--format", choices=["affine4", "mxfp4", "trellis"], default="affine4",
                     help="the codes the counted path decodes")
     args = ap.parse_args(argv)
     # division, and the other format's decode (fp4_mag2's byte permute / nib2_bf16_128's LOP3)
-    skip = ("MUFU", "0xc080604") if args.format == "affine4" else ("MUFU", "0xf000f,")
+    skip = {"affine4": ("MUFU", "0xc080604"), "mxfp4": ("MUFU", "0xf000f,"),
+            "trellis": ("MUFU",)}[args.format]
+    kernels = KERNELS_TR if args.format == "trellis" else KERNELS
     with tempfile.TemporaryDirectory() as tmp:
         src, cubin = Path(tmp) / "dec.cu", Path(tmp) / "dec.cubin"
-        src.write_text(instantiate())
+        src.write_text(instantiate(kernels))
         r = subprocess.run([args.nvcc, f"-I{args.kernels}", "-O3", "-std=c++20", "-arch=sm_90",
                             "--expt-relaxed-constexpr", "-diag-suppress=997,20012", "-cubin",
                             "-Xptxas", "-v", "-o", str(cubin), str(src)],
@@ -142,14 +165,21 @@ def main(argv=None):
             regs[fn] = int(m.group(1))
     funcs = {m.group(1): body for body in re.split(r"(?=\t\tFunction : )", sass)
              for m in [re.match(r"\t\tFunction : (\S+)", body)] if m}
-    for name, targs, _, per_unit in KERNELS:
+    for name, targs, _, per_unit in kernels:
         tag = "Lb1E" if targs.startswith("true") else "Lb0E"
         fn = next(f for f in funcs if "mlp_mma_dec_kernel" in f and f"kernelI{tag}" in f)
-        n, mma = loop_path(parse(funcs[fn]), skip)
-        units = mma / per_unit
-        print(f"{name}, {args.format}: {regs.get(fn, '?')} registers; unit loop: {n} "
-              f"instructions per iteration of {units:g} units ({mma} HMMA), "
-              f"{n * 4 / units:.0f} per 4 units")
+        ins = parse(funcs[fn])
+        loops = unit_loops(ins)
+        ffma = [sum(1 for a, t in ins if lo <= a <= hi and "FFMA" in t) for lo, hi in loops]
+        for (lo, hi), nf in sorted(zip(loops, ffma), key=lambda z: z[1]):
+            n, mma = loop_path(ins, skip, (lo, hi))
+            units = mma / per_unit
+            form = ""
+            if len(loops) > 1:
+                form = " (scale per unit)" if nf == min(ffma) else " (scale per run)"
+            print(f"{name}, {args.format}{form}: {regs.get(fn, '?')} registers; unit loop: {n} "
+                  f"instructions per iteration of {units:g} units ({mma} HMMA), "
+                  f"{n * 4 / units:.0f} per 4 units, {n / (units * STEPS_PER_UNIT):.1f} per MMA step")
 
 
 if __name__ == "__main__":
