@@ -5,13 +5,16 @@ The layers are bench_moe.py's (route + moe_mlp, L layers with distinct weights c
 eval, the same weights and inputs). On MLX's CUDA backend with PyTorch the figure is device
 time, as `bench_moe.py --device-time` measures it (CUPTI kernel timeline: first kernel start
 to last kernel end of each eval, median of 10, per layer); elsewhere wall-clock per layer.
-Each build runs with the working tree's Python package and its own `_ext` module. This
-compares builds of mlx_moe with each other; the benchmark of record, with mlx-lm's path beside
-ours, is bench_moe.py.
+Each build runs with the working tree's Python package and its own `_ext` module, and with
+its own environment settings if given (`--env NAME:VAR=VALUE`: one extension under two
+settings of the MLX_MOE_CUDA_* knobs is two builds). This compares builds of mlx_moe with
+each other; the benchmark of record, with mlx-lm's path beside ours, is bench_moe.py.
 
     python benchmarks/ab_builds.py --build old=/tmp/old/_ext.cpython-312-x86_64-linux-gnu.so \\
         --build new=build/dev/_ext.cpython-312-x86_64-linux-gnu.so \\
         --case qwen3:affine4:1,2,4,16,64 --case glm47flash:affine4:16 --rounds 2
+    python benchmarks/ab_builds.py --build decode=$SO --build grouped=$SO \\
+        --env grouped:MLX_MOE_CUDA_TR_MMA_MAX_PAIRS=0 --case qwen3:trellis4:1,4,16,64,96
 """
 
 from __future__ import annotations
@@ -51,9 +54,12 @@ def worker(args):
         sys.exit(f"mlx_moe came from {mlx_moe.__file__}, not from the build under test ({expect})")
     device_time = mx.default_device().type == mx.gpu and mx.cuda.is_available()
     if device_time:
-        import torch
+        try:
+            import torch
 
-        torch.cuda.init()
+            torch.cuda.init()
+        except Exception as e:  # noqa: BLE001 -- any failure means no CUPTI timeline here
+            sys.exit(f"device time on MLX's CUDA backend needs PyTorch with CUDA ({e})")
     dtype = getattr(mx, args.dtype)
     for shape_name, fmt_name, tokens in args.case:
         shape, fmt = b.SHAPES[shape_name], b.FORMATS[fmt_name]
@@ -82,6 +88,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--build", action="append", default=[], metavar="NAME=PATH",
                     help="a compiled mlx_moe extension (_ext*.so / .pyd); two or more")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME:VAR=VALUE",
+                    help="an environment variable for build NAME's processes (repeatable)")
     ap.add_argument("--case", action="append", type=parse_case, metavar="SHAPE:FORMAT:T,..",
                     help="bench_moe.py shape and format, token counts (default qwen3:affine4:1,16)")
     ap.add_argument("--rounds", type=int, default=2)
@@ -100,6 +108,15 @@ def main(argv=None):
         builds.append((name, Path(path).resolve()))
     if len(builds) < 2:
         ap.error("give two or more --build NAME=PATH")
+    if len({name for name, _ in builds}) < len(builds):
+        ap.error("--build names must differ")
+    extra = defaultdict(dict)
+    for spec in args.env:
+        name, _, kv = spec.partition(":")
+        var, sep, val = kv.partition("=")
+        if name not in dict(builds) or not sep or not var:
+            ap.error(f"--env wants NAME:VAR=VALUE for a --build NAME, got {spec!r}")
+        extra[name][var] = val
 
     results = defaultdict(lambda: defaultdict(list))
     clock = "?"
@@ -117,7 +134,7 @@ def main(argv=None):
                      for a in ("--case", f"{shape}:{fmt}:{','.join(map(str, tokens))}")]
         for r in range(args.rounds):
             for name, _ in builds:
-                env = dict(os.environ, MLX_MOE_AB_ROOT=str(roots[name]),
+                env = dict(os.environ, **extra[name], MLX_MOE_AB_ROOT=str(roots[name]),
                            PYTHONPATH=os.pathsep.join([str(roots[name])] + (
                                [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
                 cmd = [sys.executable, __file__, "--worker", "--layers", str(args.layers),
@@ -134,6 +151,9 @@ def main(argv=None):
                 print(f"round {r + 1}: {name} done", file=sys.stderr, flush=True)
     unit = "device us/layer" if clock == "device" else "wall-clock us/layer"
     print(f"\n{args.layers} chained layers, {args.dtype}, {unit}, rounds separated by /:\n")
+    for name, kv in extra.items():
+        if kv:
+            print(f"{name}: " + " ".join(f"{k}={v}" for k, v in kv.items()))
     print("| shape | format | tokens | " + " | ".join(n for n, _ in builds) + " |")
     print("|---|---|---:|" + "---:|" * len(builds))
     for (shape, fmt, T), by in results.items():
