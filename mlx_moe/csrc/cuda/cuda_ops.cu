@@ -483,14 +483,15 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // at 512 pairs, 834 vs 853 at 768; a first version 998 vs 870 at 1024), where their shared
   // memory fits at one token per chunk.
   const bool x16 = x.dtype() == mx::bfloat16 || x.dtype() == mx::float16;
+  // 16-byte aligned (the tensor-core kernels' cp.async copies, trellis decode and grouped)
+  auto al16 = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) % 16) == 0; };
+  const bool w_al16 = al16(md.gate.w) && al16(md.up.w) && al16(md.down.w);
   bool tr_mm = mma_on && x16 && md.gate.mode == 2u && md.up.mode == 2u && md.down.mode == 2u &&
                P <= env_u32("MLX_MOE_CUDA_TR_MMA_MAX_PAIRS", 768u);
   if (tr_mm) {
     const int ns = x.dtype() == mx::bfloat16 ? 1 : 2;
-    auto al16 = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) % 16) == 0; };  // cp.async
     tr_mm = mm_layout_tr<true>(md, 1, ns, 1, MM_WARPS_GU).total <= 227u * 1024u &&
-            mm_layout_tr<false>(md, 1, 2, 2, MM_WARPS_DN).total <= 227u * 1024u &&
-            al16(md.gate.w) && al16(md.up.w) && al16(md.down.w);
+            mm_layout_tr<false>(md, 1, 2, 2, MM_WARPS_DN).total <= 227u * 1024u && w_al16;
   }
   // Grouped tensor-core kernels (bf16 / fp16 activations; gate/up of one format among affine
   // 4-bit, 8-bit, mxfp4 and trellis, down of one of them; MLX_MOE_CUDA_GG=0: the older
@@ -504,15 +505,13 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
       any_trellis ? env_u32("MLX_MOE_CUDA_TR_GG_MIN_PAIRS", wg_available() ? 1u : 16u) : 0u;
   int gg_fgu = -1, gg_fdn = -1, gg_sc_gu = 0, gg_sc_dn = 0, gg_sk_gu = 0, gg_sk_dn = 0;
   bool gg_ok = false;
-  if ((any_trellis ? P >= tr_gg_min : P > decode_max_pairs) &&
-      (x.dtype() == mx::bfloat16 || x.dtype() == mx::float16) &&
+  if ((any_trellis ? P >= tr_gg_min : P > decode_max_pairs) && x16 &&
       env_u32("MLX_MOE_CUDA_GG", 1u) != 0u) {
     gg_fgu = gg_format(md.gate);
     gg_fdn = gg_format(md.down);
     auto sc_of = [](const WDesc& d) { return d.mode == 2u ? 2 : gg_scale_copy(d); };
     gg_sc_gu = std::min(sc_of(md.gate), sc_of(md.up));
     gg_sc_dn = sc_of(md.down);
-    auto al16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) % 16) == 0; };
     // Affine scales / biases in the activation type (what mlx-community checkpoints have;
     // broadcast as they are) or fp32 (rounded to it); other scale dtypes keep the older kernel.
     const uint32_t xkind = x.dtype() == mx::bfloat16 ? 2u : 1u;
@@ -523,8 +522,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
     gg_sk_dn = sk_of(md.down);
     gg_ok = gg_fgu >= 0 && gg_fgu == gg_format(md.up) && gg_fdn >= 0 && gg_sc_gu > 0 &&
             gg_sk_gu >= 0 && gg_sk_gu == sk_of(md.up) && gg_sk_dn >= 0 &&
-            gg_sc_dn > 0 && al16(ptr<void>(x)) && al16(md.gate.w) && al16(md.up.w) &&
-            al16(md.down.w);
+            gg_sc_dn > 0 && al16(ptr<void>(x)) && w_al16;
     // Shared memory: the mma.sync kernel's (the sm_90a kernel falls back to it when its own
     // stages do not fit).
     auto fits = [&](int fmt, const WDesc& a, const WDesc& b) {
