@@ -159,13 +159,17 @@ void encode_bucket(NodeChain& chain, const mx::array& ids, uint32_t P, uint32_t 
 // The inputs as the kernels read them: row-major ones as they are, the others copied to
 // row-major scratch by a copy node (the op builders pass unevaluated inputs of CUDA streams
 // without a Contiguous node, which would cost host work at every evaluation even when it
-// copies nothing; see common.cpp, ensure_row_contiguous).
+// copies nothing; see common.cpp, ensure_row_contiguous). A row-major input whose data is
+// not 16-byte aligned (a view into a larger buffer) is copied too: the kernels read weights,
+// activations and scales with 16-byte loads and copies. (The device pointer: `ptr`, i.e.
+// mx::gpu_ptr; array::data() is not it on the CUDA backend.)
 std::vector<mx::array> row_major_inputs(cu::CommandEncoder& enc,
                                         const std::vector<mx::array>& inputs) {
   std::vector<mx::array> out;
   out.reserve(inputs.size());
   for (const auto& a : inputs) {
-    if (a.size() == 0 || a.flags().row_contiguous) {
+    if (a.size() == 0 ||
+        (a.flags().row_contiguous && reinterpret_cast<uintptr_t>(ptr<void>(a)) % 16 == 0)) {
       out.push_back(a);
       continue;
     }
