@@ -120,3 +120,26 @@ def poison_cache(nbytes_list, value=float("nan")):
     junk = [mx.full((max(1, n // 4),), value, dtype=mx.float32) for n in nbytes_list]
     mx.eval(*junk)
     del junk
+
+
+def misaligned_view(a: mx.array) -> mx.array:
+    """A row-major view of a's values whose data is not 16-byte aligned: a slice of a larger
+    buffer one element in, reshaped (no copy: checked where NumPy sees MLX's memory)."""
+    flat = mx.concatenate([a.reshape(-1)[:1], a.reshape(-1)])
+    mx.eval(flat)
+    v = flat[1:].reshape(a.shape)
+    mx.eval(v)
+    if v.dtype != mx.bfloat16:  # (NumPy has no bfloat16)
+        ptr = lambda z: np.asarray(z).__array_interface__["data"][0]
+        pf, pv = ptr(flat), ptr(v)
+        if pv - pf == a.itemsize and pf % 16 == 0:  # the view (MLX's allocations are aligned)
+            assert pv % 16 != 0
+    return v
+
+
+def misaligned_weight(q):
+    """q (a QuantizedWeight) with every array replaced by a misaligned view of it."""
+    import dataclasses
+
+    names = [n for n in ("w", "scales", "biases", "grid", "su", "sv") if getattr(q, n) is not None]
+    return dataclasses.replace(q, **{n: misaligned_view(getattr(q, n)) for n in names})

@@ -11,14 +11,13 @@ to the activation type, and trellis on the tensor-core decode kernels (codebook 
 rounded to bf16): both are checked against a float64 reference with a derived error bound
 (below)."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 
 import mlx.core as mx
 import mlx_moe
-from reference import random_affine, random_logits, random_mxfp4, random_routing, to_np
+from reference import (misaligned_view, misaligned_weight, random_affine, random_logits, random_mxfp4,
+                       random_routing, to_np)
 from test_trellis_ops import random_trellis
 
 pytestmark = pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's CUDA backend")
@@ -588,21 +587,6 @@ def test_unevaluated_and_strided_inputs_without_copy_nodes(rng, tmp_path):
         assert np.abs(yg64 - yc64).max() <= 4e-5 * scale + 1e-6
 
 
-def _misaligned(a):
-    """A row-major view of a's values whose data is not 16-byte aligned: a slice of a larger
-    buffer one element in, reshaped (no copy: checked where NumPy sees MLX's memory)."""
-    flat = mx.concatenate([a.reshape(-1)[:1], a.reshape(-1)])
-    mx.eval(flat)
-    v = flat[1:].reshape(a.shape)
-    mx.eval(v)
-    if v.dtype != mx.bfloat16:  # (NumPy has no bfloat16)
-        ptr = lambda z: np.asarray(z).__array_interface__["data"][0]
-        pf, pv = ptr(flat), ptr(v)
-        if pv - pf == a.itemsize and pf % 16 == 0:  # the view (MLX's allocations are aligned)
-            assert pv % 16 != 0
-    return v
-
-
 @pytest.mark.parametrize("T,fmt,dtype", [(1, "affine", mx.bfloat16), (16, "affine", mx.bfloat16),
                                          (16, "mxfp4", mx.float32), (300, "affine", mx.bfloat16),
                                          (300, "affine", mx.float16), (4, "trellis", mx.bfloat16),
@@ -618,12 +602,8 @@ def test_misaligned_inputs(rng, T, fmt, dtype):
     ids, w = mlx_moe.route(logits, k, stream=mx.gpu)
     mx.eval(x, ids, w)
     y = mlx_moe.moe_mlp(x, ids, w, ex, stream=mx.gpu)
-    def mis(pr):
-        names = [n for n in ("w", "scales", "biases", "grid", "su", "sv") if getattr(pr, n) is not None]
-        return dataclasses.replace(pr, **{n: _misaligned(getattr(pr, n)) for n in names})
-
-    exm = mlx_moe.Experts(mis(ex.gate), mis(ex.up), mis(ex.down))
-    ym = mlx_moe.moe_mlp(_misaligned(x), _misaligned(ids), _misaligned(w), exm, stream=mx.gpu)
+    exm = mlx_moe.Experts(*(misaligned_weight(p) for p in (ex.gate, ex.up, ex.down)))
+    ym = mlx_moe.moe_mlp(misaligned_view(x), misaligned_view(ids), misaligned_view(w), exm, stream=mx.gpu)
     assert np.array_equal(np.array(y.astype(mx.float32)), np.array(ym.astype(mx.float32)))
 
 
