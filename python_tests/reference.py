@@ -5,6 +5,8 @@ build fresh random inputs.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import mlx.core as mx
 
@@ -139,7 +141,5 @@ def misaligned_view(a: mx.array) -> mx.array:
 
 def misaligned_weight(q):
     """q (a QuantizedWeight) with every array replaced by a misaligned view of it."""
-    import dataclasses
-
     names = [n for n in ("w", "scales", "biases", "grid", "su", "sv") if getattr(q, n) is not None]
     return dataclasses.replace(q, **{n: misaligned_view(getattr(q, n)) for n in names})

@@ -566,18 +566,12 @@ def test_misaligned_views_same_result(rng, fmt, T):
     from test_trellis_ops import random_trellis
 
     E, D, F, k = 16, 256, 128, 4
-    projs = []
-    for shape in ((E, F, D), (E, F, D), (E, D, F)):
-        if fmt == "affine":
-            w, s, b = random_affine(rng, shape, 4, 64, mx.bfloat16)
-            projs.append(mlx_moe.QuantizedWeight(w, s, b, mode="affine", bits=4, group_size=64))
-        elif fmt == "mxfp4":
-            w, s = random_mxfp4(rng, shape)
-            projs.append(mlx_moe.QuantizedWeight(w, s, mode="mxfp4", bits=4, group_size=32))
-        else:
-            projs.append(random_trellis(rng, *shape, 4, group_size=64, scale_dtype=mx.bfloat16))
-    ex = mlx_moe.Experts(*projs)
-    exm = mlx_moe.Experts(*(misaligned_weight(p) for p in projs))
+    if fmt == "trellis":
+        ex = mlx_moe.Experts(*(random_trellis(rng, *shape, 4, group_size=64, scale_dtype=mx.bfloat16)
+                               for shape in ((E, F, D), (E, F, D), (E, D, F))))
+    else:
+        ex, _ = make_experts(rng, E, D, F, fmt, group_size=64, scale_dtype=mx.bfloat16)
+    exm = mlx_moe.Experts(*(misaligned_weight(p) for p in (ex.gate, ex.up, ex.down)))
     x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(mx.bfloat16)
     logits = random_logits(rng, T, E)
     ids, w = mlx_moe.route(logits, k)
@@ -586,6 +580,6 @@ def test_misaligned_views_same_result(rng, fmt, T):
     y = mlx_moe.moe_mlp(x, ids, w, ex)
     ym = mlx_moe.moe_mlp(misaligned_view(x), misaligned_view(ids), misaligned_view(w), exm)
     assert np.array_equal(np.array(y.astype(mx.float32)), np.array(ym.astype(mx.float32)))
-    d = mlx_moe.dequantize(projs[2], dtype=mx.float32)
+    d = mlx_moe.dequantize(ex.down, dtype=mx.float32)
     dm = mlx_moe.dequantize(exm.down, dtype=mx.float32)
     assert np.array_equal(np.array(d), np.array(dm))
