@@ -1783,6 +1783,41 @@ __device__ __forceinline__ void cp_async_wait_pending(uint32_t n) {
   }
 }
 
+// Bulk copies (sm_90: cp.async.bulk, the TMA unit's one-dimensional form) completing on an
+// mbarrier: one instruction per contiguous run of bytes (16-byte aligned, a multiple of 16),
+// instead of a cp.async per 16 (or 4) bytes and its address arithmetic. The barriers are used
+// for one phase (parity 0).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define MOE_SM90_ASM(...) asm volatile(__VA_ARGS__)
+#else
+#define MOE_SM90_ASM(...) ((void)0)
+#endif
+__device__ __forceinline__ void mbar_init(uint32_t bar) {
+  MOE_SM90_ASM("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
+  MOE_SM90_ASM("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+// The barrier's one arrival, expecting `bytes` of bulk copies.
+__device__ __forceinline__ void mbar_arrive_tx(uint32_t bar, uint32_t bytes) {
+  MOE_SM90_ASM("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait0(uint32_t bar) {
+  MOE_SM90_ASM(
+      "{\n .reg .pred p;\n MBAR_WAIT_%=:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 p, [%0], 0;\n"
+      " @!p bra MBAR_WAIT_%=;\n}\n" ::"r"(bar)
+      : "memory");
+}
+
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  MOE_SM90_ASM(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
 // Scales and biases of `valid` consecutive groups (rows of one expert are contiguous) into
 // shared memory as fp32 {s, b} pairs, zero past `valid`; 8 loads of each in flight per thread.
 __device__ __forceinline__ void copy_scales(float2* dsb, const WDesc& wd, int64_t base,
@@ -1824,6 +1859,8 @@ struct MmSmem {
   uint32_t cb;
   __nv_bfloat16* Su0;
   __nv_bfloat16* Su1;
+  // mm_issue's BULK: shared-space address of the mbarrier of the weight rows' bulk copies
+  uint32_t mbar;
 };
 
 __device__ __forceinline__ MmSmem mm_smem_at(unsigned char* base, const MmLayout& L, uint32_t G) {
@@ -1837,6 +1874,7 @@ __device__ __forceinline__ MmSmem mm_smem_at(unsigned char* base, const MmLayout
   s.wstride = L.wstride;
   s.tstride = L.tstride;
   s.G = G;
+  s.mbar = 0u;
   return s;
 }
 
@@ -1947,7 +1985,10 @@ __device__ __forceinline__ uint32_t mm_issue_tr(const MlpDesc& md, uint32_t e, u
 // Issues the item's copies (expert e, rows n0 ..): raw scales/biases as one commit group,
 // then this warp's slice of the weight rows in commit groups of MM_GRP units; scales of other
 // formats are loaded and converted here. Returns this warp's number of weight groups.
-template <bool GATEUP, int MT, int MM_WARPS>
+// BULK (sm_90; mlp_mma_dec_kernel): the weight rows instead as one bulk copy per row of all
+// of K, issued by warp 0's lanes and completing on the mbarrier at sm.mbar (returns 0 weight
+// groups then; mm_compute waits on the barrier before its first unit).
+template <bool GATEUP, int MT, int MM_WARPS, bool BULK = false>
 __device__ __forceinline__ uint32_t mm_issue(const MlpDesc& md, uint32_t e, uint32_t n0,
                                              const MmSmem& sm) {
   constexpr int NP = GATEUP ? 2 : 1;
@@ -1980,35 +2021,61 @@ __device__ __forceinline__ uint32_t mm_issue(const MlpDesc& md, uint32_t e, uint
     }
   }
   asm volatile("cp.async.commit_group;\n" ::: "memory");
-  // This warp's slice of the block's rows (zero-filled past N), in commit groups: lane copies
-  // unit ua + q * MM_GRP + lane % MM_GRP of rows lane / MM_GRP + j * (32 / MM_GRP). Addresses
-  // are set up once and stepped by a group per commit (rows past N keep the base pointer).
-  constexpr int RSTEP = 32 / MM_GRP, CPL = ROWS / RSTEP;
-  static_assert(ROWS % RSTEP == 0, "rows per block");
-  const uint32_t lu = ua + lane % MM_GRP, lr = lane / MM_GRP;
-  const uint32_t* src[NP][CPL];
-  uint32_t dst[NP][CPL], nb[NP][CPL];
-#pragma unroll
-  for (int p = 0; p < NP; ++p) {
-    const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
-#pragma unroll
-    for (int j = 0; j < CPL; ++j) {
-      const uint32_t r = lr + j * RSTEP, n = n0 + r;
-      nb[p][j] = n < N ? 16u : 0u;
-      src[p][j] = n < N ? wd.w + (int64_t(e) * N + n) * wd.row_words + lu * 4u : wd.w;
-      dst[p][j] = smem_u32(sm.Ws + (p * ROWS + r) * sm.wstride + lu * 16u);
+  uint32_t ng_out = 0u;
+  if constexpr (BULK) {
+    // warp 0's lane l copies rows l, l + 32, .. (row i: projection i / ROWS, row i % ROWS)
+    // whole, zero-filling rows past N
+    const uint32_t bar = sm.mbar;
+    if (warp == 0) {
+      if (lane == 0) {
+        mbar_init(bar);
+        mbar_arrive_tx(bar, NP * vrows * units * 16u);
+      }
+      __syncwarp();
+      for (uint32_t i = lane; i < uint32_t(NP * ROWS); i += 32u) {
+        const uint32_t p = i / ROWS, r = i % ROWS, n = n0 + r;
+        const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
+        const uint32_t dst = smem_u32(sm.Ws + i * sm.wstride);
+        if (n < N) {
+          bulk_copy(dst, wd.w + (int64_t(e) * N + n) * wd.row_words, units * 16u, bar);
+        } else {
+          for (uint32_t u = 0; u < units; ++u)
+            asm volatile("st.shared.v4.u32 [%0], {%1,%1,%1,%1};\n" ::"r"(dst + u * 16u), "r"(0u) : "memory");
+        }
+      }
     }
-  }
-  for (uint32_t q = 0; q < ngroups; ++q) {
-    if (lu + q * MM_GRP < ub) {
+  } else {
+    // This warp's slice of the block's rows (zero-filled past N), in commit groups: lane copies
+    // unit ua + q * MM_GRP + lane % MM_GRP of rows lane / MM_GRP + j * (32 / MM_GRP). Addresses
+    // are set up once and stepped by a group per commit (rows past N keep the base pointer).
+    constexpr int RSTEP = 32 / MM_GRP, CPL = ROWS / RSTEP;
+    static_assert(ROWS % RSTEP == 0, "rows per block");
+    const uint32_t lu = ua + lane % MM_GRP, lr = lane / MM_GRP;
+    const uint32_t* src[NP][CPL];
+    uint32_t dst[NP][CPL], nb[NP][CPL];
 #pragma unroll
-      for (int p = 0; p < NP; ++p)
+    for (int p = 0; p < NP; ++p) {
+      const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
 #pragma unroll
-        for (int j = 0; j < CPL; ++j)
-          cp_async16(dst[p][j] + q * (MM_GRP * 16u), src[p][j] + (nb[p][j] ? q * (MM_GRP * 4u) : 0u),
-                     nb[p][j]);
+      for (int j = 0; j < CPL; ++j) {
+        const uint32_t r = lr + j * RSTEP, n = n0 + r;
+        nb[p][j] = n < N ? 16u : 0u;
+        src[p][j] = n < N ? wd.w + (int64_t(e) * N + n) * wd.row_words + lu * 4u : wd.w;
+        dst[p][j] = smem_u32(sm.Ws + (p * ROWS + r) * sm.wstride + lu * 16u);
+      }
     }
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
+    for (uint32_t q = 0; q < ngroups; ++q) {
+      if (lu + q * MM_GRP < ub) {
+#pragma unroll
+        for (int p = 0; p < NP; ++p)
+#pragma unroll
+          for (int j = 0; j < CPL; ++j)
+            cp_async16(dst[p][j] + q * (MM_GRP * 16u), src[p][j] + (nb[p][j] ? q * (MM_GRP * 4u) : 0u),
+                       nb[p][j]);
+      }
+      asm volatile("cp.async.commit_group;\n" ::: "memory");
+    }
+    ng_out = ngroups;
   }
   // Other scale formats: loaded and converted (visible to all warps after the first barrier
   // of mm_compute).
@@ -2019,7 +2086,7 @@ __device__ __forceinline__ uint32_t mm_issue(const MlpDesc& md, uint32_t e, uint
     copy_scales(sm.SC + p * ROWS * G, wd, (int64_t(e) * N + n0) * wd.groups, ROWS * wd.groups,
                 vrows * wd.groups);
   }
-  return ngroups;
+  return ng_out;
 }
 
 // Computes the item issued by mm_issue over the bucketed positions [first, last) (chunks of
@@ -2027,7 +2094,8 @@ __device__ __forceinline__ uint32_t mm_issue(const MlpDesc& md, uint32_t e, uint
 // `extra`: commit groups this thread issued after the item's (they may stay in flight).
 // CG: H_in was written by other blocks of the same launch (read through L2).
 // Warps from MM_WARPS on (a larger block) only help staging and meet the barriers.
-template <bool GATEUP, typename XT, bool SPLIT, int MT, int MM_WARPS, bool CG, bool TR = false>
+template <bool GATEUP, typename XT, bool SPLIT, int MT, int MM_WARPS, bool CG, bool TR = false,
+          bool BULK = false>
 __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex,
                                            const XT* __restrict__ x, const float* H_in,
                                            const uint32_t* __restrict__ pairs,
@@ -2287,7 +2355,11 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
       // register bound. A commit group (MM_GRP units) per iteration: its wait once, then its
       // units two at a time.
       for (uint32_t dq = 0; ua + dq < ub; dq += MM_GRP) {
-        cp_async_wait_pending(ngroups - 1u - dq / MM_GRP + extra);  // this group has landed
+        if constexpr (BULK) {  // the block's whole rows have landed
+          if (dq == 0u) mbar_wait0(sm.mbar);
+        } else {
+          cp_async_wait_pending(ngroups - 1u - dq / MM_GRP + extra);  // this group has landed
+        }
         __syncwarp();
 #pragma unroll
         for (uint32_t d2 = 0; d2 < uint32_t(MM_GRP); d2 += 2u) {
@@ -2460,7 +2532,8 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
 // Gate/up: 3 blocks of 8 warps per SM (<= 80 registers; shared memory allows 3 too at
 // Qwen3's widths): without the bound the unit loop takes 89 and a block per SM is lost.
 // TR: the trellis form (all projections of the kernel trellis; mm_issue_tr, mm_layout_tr).
-template <bool GATEUP, typename XT, bool SPLIT, int MT, int MM_WARPS, bool TR = false>
+template <bool GATEUP, typename XT, bool SPLIT, int MT, int MM_WARPS, bool TR = false,
+          bool BULK_REQ = false>
 __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 3 : 4)
     mlp_mma_dec_kernel(MlpDesc md, const XT* __restrict__ x, const float* __restrict__ H_in,
                        const uint32_t* __restrict__ pairs, const uint32_t* __restrict__ offsets,
@@ -2469,8 +2542,14 @@ __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 3 : 4)
                        DecExtra ex) {
   constexpr int NP = GATEUP ? 2 : 1;
   constexpr int NS = SPLIT ? 2 : 1;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr bool BULK = !TR && BULK_REQ;  // mm_issue's bulk copies (sm_90)
+#else
+  constexpr bool BULK = false;
+#endif
   extern __shared__ __align__(16) unsigned char mm_smem[];
   __shared__ uint32_t s_flag;
+  __shared__ __align__(8) uint64_t s_mbar;
   // In a decode chain (launch_pdl) gate/up waits for the router's ids or the bucketing
   // first, and only then lets down start: down reads those before its own pdl_wait (a kernel
   // triggers only once whatever its dependent reads before waiting has completed). Down lets
@@ -2497,19 +2576,20 @@ __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 3 : 4)
   const uint32_t G = GATEUP ? max(md.gate.groups, md.up.groups) : w0.groups;
   const MmLayout L = TR ? mm_layout_tr<GATEUP>(md, maxt, NS, MT, MM_WARPS)
                        : mm_layout(units, G, maxt, NP, NS, MT, MM_WARPS, mm_raw16<GATEUP>(md));
-  const MmSmem sm = TR ? mm_smem_tr<GATEUP>(mm_smem, L, md, G) : mm_smem_at(mm_smem, L, G);
+  MmSmem sm = TR ? mm_smem_tr<GATEUP>(mm_smem, L, md, G) : mm_smem_at(mm_smem, L, G);
+  if constexpr (BULK) sm.mbar = smem_u32(&s_mbar);
   const uint32_t n0 = blockIdx.y * 16u * MT;
   uint32_t ngroups = 0;
   if (work) {
     if constexpr (TR) ngroups = mm_issue_tr<GATEUP, MT, MM_WARPS>(md, e, n0, sm);
-    else ngroups = mm_issue<GATEUP, MT, MM_WARPS>(md, e, n0, sm);
+    else ngroups = mm_issue<GATEUP, MT, MM_WARPS, BULK>(md, e, n0, sm);
   }
   // Down as gate/up's programmatic dependent: its weight copies are in flight; H and the
   // counters are gate/up's (a no-op otherwise).
   if (!GATEUP) pdl_wait();
   if (work)
-    mm_compute<GATEUP, XT, SPLIT, MT, MM_WARPS, false, TR>(md, ex, x, H_in, pairs, rw, first,
-                                                           last, maxt, out, n0, sm, ngroups, 0u);
+    mm_compute<GATEUP, XT, SPLIT, MT, MM_WARPS, false, TR, BULK>(md, ex, x, H_in, pairs, rw, first,
+                                                                 last, maxt, out, n0, sm, ngroups, 0u);
   if (!GATEUP && ex.counters) dec_fused_combine(md, ex, out, n0, 16 * MT, &s_flag);
 }
 

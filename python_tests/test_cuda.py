@@ -275,20 +275,56 @@ def test_moe_mlp_decode_variants_bitwise(rng, monkeypatch, fmt, bits, T):
     ids, w = mlx_moe.route(random_logits(rng, T, 16), 4, stream=mx.cpu)
 
     def run(**env):
-        for key in ("DIRECT_MAX_PAIRS", "FUSED_COMBINE", "BUCKET_ONE_BLOCK_MAX", "ONE_MAX_PAIRS", "PDL"):
+        for key in ("DIRECT_MAX_PAIRS", "FUSED_COMBINE", "BUCKET_ONE_BLOCK_MAX", "ONE_MAX_PAIRS", "PDL",
+                    "MM_BULK", "DN_MT"):
             monkeypatch.delenv("MLX_MOE_CUDA_" + key, raising=False)
         for key, v in env.items():
             monkeypatch.setenv("MLX_MOE_CUDA_" + key, str(v))
         return np.array(mlx_moe.moe_mlp(x, ids, w, experts, stream=mx.gpu).astype(mx.float32))
 
-    ref = run(DIRECT_MAX_PAIRS=0, FUSED_COMBINE=0, BUCKET_ONE_BLOCK_MAX=0, ONE_MAX_PAIRS=0, PDL=0)
+    ref = run(DIRECT_MAX_PAIRS=0, FUSED_COMBINE=0, BUCKET_ONE_BLOCK_MAX=0, ONE_MAX_PAIRS=0, PDL=0,
+              MM_BULK=0, DN_MT=2)
     for env in (dict(), dict(ONE_MAX_PAIRS=0), dict(ONE_MAX_PAIRS=0, PDL=0),
                 dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=0),
                 dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=64), dict(ONE_MAX_PAIRS=0, FUSED_COMBINE=64),
                 dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=0, FUSED_COMBINE=64),
                 dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=64, FUSED_COMBINE=0), dict(ONE_MAX_PAIRS=64),
-                dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=0, BUCKET_ONE_BLOCK_MAX=0)):
+                dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=0, BUCKET_ONE_BLOCK_MAX=0),
+                dict(ONE_MAX_PAIRS=0, MM_BULK=1), dict(ONE_MAX_PAIRS=0, DN_MT=4),
+                dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=0, MM_BULK=1, DN_MT=4)):
         assert np.array_equal(run(**env), ref), env
+
+
+@pytest.mark.parametrize("fmt", ["affine", "mxfp4"])
+@pytest.mark.parametrize("T", [1, 3, 40])  # 4 / 12 pairs: direct; 160: bucketed, several chunks
+def test_decode_row_tiles_and_bulk_copies_bitwise(rng, monkeypatch, fmt, T):
+    """The tensor-core decode kernels' down blocks of 32 or 64 rows (MLX_MOE_CUDA_DN_MT; D =
+    224: the last 64-row block is half past the end) and their weight rows copied whole by
+    bulk copies or in per-warp cp.async slices (MLX_MOE_CUDA_MM_BULK) compute the same sums
+    in the same order: bitwise the same outputs, whatever the default picks. The form of the
+    earlier sessions (32 rows, cp.async) is checked against the CPU path."""
+    E, D, F, k = 16, 224, 128, 4  # (affine: 7 scale groups per gate/up row, 4 per down row)
+    experts = experts_for(rng, E, D, F, fmt, (4, 4, 4), 32, mx.bfloat16)
+    ids, w = mlx_moe.route(random_logits(rng, T, E), k, stream=mx.cpu)
+    for dtype in (mx.bfloat16, mx.float16, mx.float32):
+        x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(dtype)
+
+        def run(**env):
+            for key in ("MM_BULK", "DN_MT", "ONE_MAX_PAIRS"):
+                monkeypatch.delenv("MLX_MOE_CUDA_" + key, raising=False)
+            for key, v in env.items():
+                monkeypatch.setenv("MLX_MOE_CUDA_" + key, str(v))
+            return np.array(mlx_moe.moe_mlp(x, ids, w, experts, stream=mx.gpu).astype(mx.float32))
+
+        ref = run(MM_BULK=0, DN_MT=2)
+        if dtype != mx.float16:
+            monkeypatch.setenv("MLX_MOE_CUDA_MM_BULK", "0")
+            monkeypatch.setenv("MLX_MOE_CUDA_DN_MT", "2")
+            assert_mlp_gpu_close_to_cpu(x, ids, w, experts, dtype)
+        assert np.isfinite(ref).all()
+        for env in (dict(), dict(MM_BULK=1), dict(DN_MT=4), dict(MM_BULK=1, DN_MT=4),
+                    dict(MM_BULK=0, DN_MT=4), dict(MM_BULK=1, DN_MT=2)):
+            assert np.array_equal(run(**env), ref), (dtype, env)
 
 
 @pytest.mark.parametrize("T", [64, 300])

@@ -21,7 +21,7 @@
 #include "moe_cuda.cuh"
 #include "moe_mlp.h"
 #include "route.h"
-#include "tr_dec.h"
+#include "mm_dec.h"
 
 namespace mlx_moe::gpu {
 
@@ -606,12 +606,12 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
       // Tensor-core kernel: tokens per chunk (one block per pair when direct), shrunk while
       // the block's shared memory is large (fewer blocks per SM).
       auto mm_smem = [&](uint32_t units, uint32_t G, int NP, int NS, int MT, int NW, bool raw16,
-                         uint32_t& maxt) {
+                         uint32_t& maxt, uint32_t cap) {
         auto layout = [&](uint32_t mt) {
           if (!tr_mm) return mm_layout(units, G, mt, NP, NS, MT, NW, raw16);
           return NP == 2 ? mm_layout_tr<true>(md, mt, NS, MT, NW) : mm_layout_tr<false>(md, mt, NS, MT, NW);
         };
-        maxt = direct ? 1u : std::min<uint32_t>(MM_MAXT, P);
+        maxt = direct ? 1u : std::min<uint32_t>(cap, P);
         MmLayout l = layout(maxt);
         while (maxt > 1 && l.total > 76u * 1024u) {
           maxt = (maxt + 1) / 2;
@@ -620,22 +620,52 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
         return l.total;
       };
       const uint32_t gx = direct ? P : max_active;
-      // Tensor-core blocks: gate/up 16 rows (32 measured slower or equal at 1-64 tokens),
-      // down 32 rows.
+      // Tensor-core blocks: gate/up 16 rows (32 measured slower or equal at 1-64 tokens).
       const uint32_t rows_gu = gu_mm ? 16 : DEC_WARPS * dec_rows<true>();
-      const uint32_t rows_d = dn_mm ? 32 : DEC_WARPS * dec_rows<false>();
+      // Down: 64 rows per block (MT 4) instead of 32 for affine 4-bit down from 32 pairs up,
+      // where four such blocks still fit on an SM at 4 tokens per chunk (Qwen3's widths; not
+      // GLM-4.7-Flash's 1536-wide down); tokens per chunk 4 while the experts average at most
+      // 2 pairs (that fourth block per SM), else up to 8. mxfp4 down keeps 32 rows (its scales
+      // are loaded and converted: a second round of loads per block at 64 rows, measured
+      // slower). MLX_MOE_CUDA_DN_MT=2 / 4 forces either. H200, Qwen3 affine4 layer, device
+      // time per layer, 64 rows against 32: 4 tokens 69.3 -> 65.4 us, 16 tokens 178.6 ->
+      // 167.7 (chunks of 4 tokens; 174.9 with 8), 64 tokens 319.2 -> 309.8; 1 token (8
+      // pairs) 28.9 -> 30.1, hence not below 32 pairs (docs/PERFORMANCE.md, sixteenth session).
+      const uint32_t dn_force = env_u32("MLX_MOE_CUDA_DN_MT", 0u);
+      const bool dn_fits4 = dn_mm && !tr_mm &&
+                            mm_layout(F / 32, md.down.groups, 1, 1, 2, 4, MM_WARPS_DN,
+                                      mm_raw16<false>(md)).total <= 227u * 1024u;
+      const bool dn_auto4 = dn_fits4 && md.down.mode == 0u && P >= 32u &&
+                            mm_layout(F / 32, md.down.groups, std::min(4u, P), 1, 2, 4, MM_WARPS_DN,
+                                      mm_raw16<false>(md)).total <= 56u * 1024u;
+      const uint32_t dn_mt = dn_fits4 && (dn_force == 4u || (dn_force != 2u && dn_auto4)) ? 4u : 2u;
+      const uint32_t dn_cap = dn_mt == 4u && P <= 2u * E ? 4u : MM_MAXT;
+      // Weight rows as bulk copies (mm_issue's BULK: one cp.async.bulk per row and all of K,
+      // from warp 0, on sm_90; other devices' code keeps the cp.async slices): gate/up for
+      // mxfp4 and up to 16 pairs, down for mxfp4 and the direct path (up to 32 pairs). The
+      // per-warp cp.async slices let each warp start on its first units while the rest are in
+      // flight, which is faster for affine gate/up from 32 pairs (16 tokens: 178.6 against
+      // 184.9 us per layer) and neutral for affine down there; the bulk copies take a quarter
+      // of the item's instructions off (docs/PERFORMANCE.md, sixteenth session).
+      // MLX_MOE_CUDA_MM_BULK=0: never, 1: always.
+      const uint32_t bulk_env = env_u32("MLX_MOE_CUDA_MM_BULK", 2u);
+      auto bulk = [&](bool fp4, bool few) { return bulk_env == 1u || (bulk_env == 2u && (fp4 || few)); };
+      const bool bulk_gu = bulk(md.gate.mode == 1u || md.up.mode == 1u, P <= 16u);
+      const bool bulk_dn = bulk(md.down.mode == 1u, direct);
+      const uint32_t rows_d = dn_mm ? 16 * dn_mt : DEC_WARPS * dec_rows<false>();
       const uint32_t gy_d = (D + rows_d - 1) / rows_d;
       mx::array counters = scratch(enc, fused_combine ? gy_d : 1);
       uint32_t mt1, mt2, sm1, sm2;
       constexpr bool xsplit = !std::is_same_v<XT, __nv_bfloat16>;
       if (gu_mm) {
         sm1 = mm_smem(D / 32, std::max(md.gate.groups, md.up.groups), 2, xsplit ? 2 : 1, 1,
-                      MM_WARPS_GU, mm_raw16<true>(md), mt1);
+                      MM_WARPS_GU, mm_raw16<true>(md), mt1, MM_MAXT);
       } else {
         sm1 = smem_for(D, DEC_MAXT, mt1);
       }
       if (dn_mm) {
-        sm2 = mm_smem(F / 32, md.down.groups, 1, 2, 2, MM_WARPS_DN, mm_raw16<false>(md), mt2);
+        sm2 = mm_smem(F / 32, md.down.groups, 1, 2, int(dn_mt), MM_WARPS_DN, mm_raw16<false>(md), mt2,
+                      dn_cap);
       } else {
         sm2 = smem_for(F, DEC_MAXT, mt2);
       }
@@ -648,8 +678,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
       ex.y = ptr<void>(out);
       ex.y_kind = uint32_t(float_kind(x.dtype()));
       const dim3 grid_gu(gx, (F + rows_gu - 1) / rows_gu), grid_d(gx, gy_d);
-      MmDecKernel<XT> gu_kernel = gu_mm ? mlp_mma_dec_kernel<true, XT, xsplit, 1, MM_WARPS_GU>
-                                        : mlp_decode_kernel<true, XT>;
+      MmDecKernel<XT> gu_kernel = gu_mm ? mm_gu_kernel<XT>(bulk_gu) : mlp_decode_kernel<true, XT>;
       if constexpr (!std::is_same_v<XT, float>) {
         if (tr_mm) gu_kernel = tr_gu_kernel<XT>();
       }
@@ -675,7 +704,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
                 {&x, route_in_gu ? &logits : &ids, &pairs, &offsets, &active, &meta},
                 {&H, &counters, route_in_gu ? &ids : nullptr, route_in_gu ? &rw : nullptr});
       const MmDecKernel<float> dn_kernel = tr_mm ? tr_dn_kernel()
-                                           : dn_mm ? mlp_mma_dec_kernel<false, float, true, 2, MM_WARPS_DN>
+                                           : dn_mm ? mm_dn_kernel(dn_mt, bulk_dn)
                                                    : mlp_decode_kernel<false, float>;
       const dim3 block_d(dn_mm ? MM_WARPS_DN * 32 : DEC_WARPS * 32);
       combined = fused_combine;

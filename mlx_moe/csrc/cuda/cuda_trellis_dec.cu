@@ -1,5 +1,5 @@
-// Instantiations of the trellis tensor-core decode kernels (tr_dec.h).
-#include "tr_dec.h"
+// Instantiations of the trellis tensor-core decode kernels (mm_dec.h).
+#include "mm_dec.h"
 
 namespace mlx_moe::gpu {
 
