@@ -308,19 +308,15 @@ def test_decode_row_tiles_and_bulk_copies_bitwise(rng, monkeypatch, fmt, T):
     ids, w = mlx_moe.route(random_logits(rng, T, E), k, stream=mx.cpu)
     for dtype in (mx.bfloat16, mx.float16, mx.float32):
         x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(dtype)
-
-        def run(**env):
-            for key in ("MM_BULK", "DN_MT", "ONE_MAX_PAIRS"):
-                monkeypatch.delenv("MLX_MOE_CUDA_" + key, raising=False)
-            for key, v in env.items():
-                monkeypatch.setenv("MLX_MOE_CUDA_" + key, str(v))
-            return np.array(mlx_moe.moe_mlp(x, ids, w, experts, stream=mx.gpu).astype(mx.float32))
+        gpu = lambda: mlx_moe.moe_mlp(x, ids, w, experts, stream=mx.gpu)
+        run = lambda **env: _run_env(monkeypatch, gpu, **env)
 
         ref = run(MM_BULK=0, DN_MT=2)
-        if dtype != mx.float16:
-            monkeypatch.setenv("MLX_MOE_CUDA_MM_BULK", "0")
-            monkeypatch.setenv("MLX_MOE_CUDA_DN_MT", "2")
-            assert_mlp_gpu_close_to_cpu(x, ids, w, experts, dtype)
+        if dtype != mx.float16:  # the previous form against the CPU path
+            with monkeypatch.context() as m:
+                m.setenv("MLX_MOE_CUDA_MM_BULK", "0")
+                m.setenv("MLX_MOE_CUDA_DN_MT", "2")
+                assert_mlp_gpu_close_to_cpu(x, ids, w, experts, dtype)
         assert np.isfinite(ref).all()
         for env in (dict(), dict(MM_BULK=1), dict(DN_MT=4), dict(MM_BULK=1, DN_MT=4),
                     dict(MM_BULK=0, DN_MT=4), dict(MM_BULK=1, DN_MT=2)):

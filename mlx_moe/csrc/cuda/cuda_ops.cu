@@ -632,12 +632,12 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
       // 167.7 (chunks of 4 tokens; 174.9 with 8), 64 tokens 319.2 -> 309.8; 1 token (8
       // pairs) 28.9 -> 30.1, hence not below 32 pairs (docs/PERFORMANCE.md, sixteenth session).
       const uint32_t dn_force = env_u32("MLX_MOE_CUDA_DN_MT", 0u);
-      const bool dn_fits4 = dn_mm && !tr_mm &&
-                            mm_layout(F / 32, md.down.groups, 1, 1, 2, 4, MM_WARPS_DN,
-                                      mm_raw16<false>(md)).total <= 227u * 1024u;
+      auto dn4_bytes = [&](uint32_t maxt) {  // a 64-row down block's shared memory
+        return mm_layout(F / 32, md.down.groups, maxt, 1, 2, 4, MM_WARPS_DN, mm_raw16<false>(md)).total;
+      };
+      const bool dn_fits4 = dn_mm && !tr_mm && dn4_bytes(1) <= 227u * 1024u;
       const bool dn_auto4 = dn_fits4 && md.down.mode == 0u && P >= 32u &&
-                            mm_layout(F / 32, md.down.groups, std::min(4u, P), 1, 2, 4, MM_WARPS_DN,
-                                      mm_raw16<false>(md)).total <= 56u * 1024u;
+                            dn4_bytes(std::min(4u, P)) <= 56u * 1024u;
       const uint32_t dn_mt = dn_fits4 && (dn_force == 4u || (dn_force != 2u && dn_auto4)) ? 4u : 2u;
       const uint32_t dn_cap = dn_mt == 4u && P <= 2u * E ? 4u : MM_MAXT;
       // Weight rows as bulk copies (mm_issue's BULK: one cp.async.bulk per row and all of K,
