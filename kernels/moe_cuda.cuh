@@ -585,6 +585,18 @@ __global__ void __launch_bounds__(256)
 // Out-of-range ids are skipped and counted as dropped.
 constexpr uint32_t BUCKET_CHUNK = 256;
 
+// First row, relative to the expert's first, of tile j of an expert with c pairs on tiles of up
+// to `tile` pairs (ceil(c / tile) tiles: the count the grids are sized from). q = tile: the plain
+// split (tiles of `tile` pairs, the last one short). q a divisor of tile (64: the wgmma kernels'
+// rows per warpgroup): the ceil(c / q) steps of q pairs are spread evenly over the tiles, the
+// first ones taking one step more; 256 pairs on tiles of 192 become 128 + 128 instead of
+// 192 + 64 (on tiles of 64 or 128 with q = 64 this is the plain split). The grouped kernels take
+// a tile's end from the next entry of the table (gg_tile).
+__device__ __forceinline__ uint32_t tile_first_row(uint32_t c, uint32_t tile, uint32_t q, uint32_t j) {
+  const uint32_t u = (c + q - 1u) / q, t = (c + tile - 1u) / tile, base = u / t;
+  return q * (j * base + min(j, u - base * t));
+}
+
 // Expert of pair i as a bucketing key: 0xffffffff for pairs past P and out-of-range ids
 // (dropped), so lanes with equal keys can be matched.
 __device__ __forceinline__ uint32_t bucket_key(const void* ids, int id_kind, uint32_t P,
@@ -615,7 +627,7 @@ static __global__ void bucket_count_kernel(const void* __restrict__ ids, int id_
 // One block. block_counts becomes per-(block, expert) bases. Writes counts/offsets and,
 // when asked: dispatch (public op), the list of non-empty experts and the GEMM tile table.
 static __global__ void bucket_scan_kernel(uint32_t* __restrict__ block_counts, uint32_t nblocks,
-                                   uint32_t E, uint32_t P, uint32_t tile,
+                                   uint32_t E, uint32_t P, uint32_t tile, uint32_t tile_q,
                                    uint32_t* __restrict__ counts, uint32_t* __restrict__ offsets,
                                    uint32_t* __restrict__ pairs, uint32_t* __restrict__ dispatch,
                                    uint32_t* __restrict__ active, uint32_t* __restrict__ tiles,
@@ -700,9 +712,9 @@ static __global__ void bucket_scan_kernel(uint32_t* __restrict__ block_counts, u
       if (c == 0) continue;
       if (active) active[apre[e]] = e;
       if (tiles) {
-        for (uint32_t m0 = 0, t = tpre[e]; m0 < c; m0 += tile, ++t) {
+        for (uint32_t j = 0, t = tpre[e], nt = (c + tile - 1u) / tile; j < nt; ++j, ++t) {
           tiles[2 * t] = e;
-          tiles[2 * t + 1] = offsets[e] + m0;
+          tiles[2 * t + 1] = offsets[e] + tile_first_row(c, tile, tile_q, j);
         }
       }
     }
@@ -784,7 +796,7 @@ __device__ __forceinline__ void block_scan3(uint32_t (&v)[3], uint32_t (*wtot)[3
 
 static __global__ void __launch_bounds__(BS_WARPS * 32)
     bucket_small_kernel(const void* __restrict__ ids, int id_kind, uint32_t P, uint32_t E,
-                        uint32_t tile, uint32_t* __restrict__ counts,
+                        uint32_t tile, uint32_t tile_q, uint32_t* __restrict__ counts,
                         uint32_t* __restrict__ offsets, uint32_t* __restrict__ pairs,
                         uint32_t* __restrict__ dispatch, uint32_t* __restrict__ active,
                         uint32_t* __restrict__ tiles, uint32_t* __restrict__ meta) {
@@ -840,9 +852,9 @@ static __global__ void __launch_bounds__(BS_WARPS * 32)
     if (c) {
       if (active) active[apre] = e;
       if (tiles) {
-        for (uint32_t m0 = 0, t = tpre; m0 < c; m0 += tile, ++t) {
+        for (uint32_t j = 0, t = tpre, nt = (c + tile - 1u) / tile; j < nt; ++j, ++t) {
           tiles[2 * t] = e;
-          tiles[2 * t + 1] = off + m0;
+          tiles[2 * t + 1] = off + tile_first_row(c, tile, tile_q, j);
         }
       }
     }
@@ -1524,37 +1536,55 @@ struct MmLayout {
 };
 
 // How a tensor-core decode item gets a projection's scales and biases into shared memory:
-// 0 = loaded and converted to fp32 pairs by copy_scales (mxfp4's E8M0, odd group counts);
+// 0 = loaded and converted to fp32 pairs by copy_scales (odd group counts, trellis);
 // 1 = raw fp32, copied straight into the pairs (cp.async); 2 = raw f16 / bf16 copied as
-// 4-byte words (an even number of groups per row) and converted to pairs in mm_compute.
-__host__ __device__ inline uint32_t mm_scale_copy(const WDesc& wd) {
-  if (wd.mode != 0u) return 0u;
+// 4-byte words (an even number of groups per row) and converted to pairs in mm_compute;
+// 3 (raw8: the kernels' RAW8 form) = mxfp4's raw E8M0 bytes copied as 4-byte words (groups
+// per row a multiple of 4) and converted to pairs {scale / 2, 0} in mm_compute.
+__host__ __device__ inline uint32_t mm_scale_copy(const WDesc& wd, bool raw8 = false) {
+  if (wd.mode != 0u)
+    return raw8 && wd.mode == 1u && wd.scale_kind == 3u && wd.groups % 4u == 0u ? 3u : 0u;
   if (wd.scale_kind == 0u) return 1u;
   return (wd.scale_kind == 1u || wd.scale_kind == 2u) && wd.groups % 2u == 0u ? 2u : 0u;
 }
 
+// Whether an item of the projection(s) copies raw 16-bit scales and biases (mm_scale_copy 2),
+// which need their own bytes until mm_compute converts them.
 template <bool GATEUP>
 __host__ __device__ inline bool mm_raw16(const MlpDesc& md) {
   return GATEUP ? mm_scale_copy(md.gate) == 2u || mm_scale_copy(md.up) == 2u
                 : mm_scale_copy(md.down) == 2u;
 }
 
+// Whether the RAW8 form applies to the projection(s): every one mxfp4 with raw E8M0 copies
+// (mm_scale_copy 3), whose bytes ([NP][ROWS][G], one per value) precede the conversion.
+template <bool GATEUP>
+__host__ __device__ inline bool mm_raw8(const MlpDesc& md) {
+  return GATEUP ? mm_scale_copy(md.gate, true) == 3u && mm_scale_copy(md.up, true) == 3u
+                : mm_scale_copy(md.down, true) == 3u;
+}
+
 // Shared-memory layout of mlp_mma_dec_kernel (host and device compute it the same way).
 // raw16: scales / biases copied raw as 16-bit values (mm_raw16), which need their own bytes
-// until they are converted.
+// until they are converted. raw8: E8M0 scales copied raw (the RAW8 form, mm_raw8), one byte
+// per value, in the split-K area where they fit (it is first written after the conversion:
+// the layout then keeps copy_scales's size, which decides the blocks per SM).
 __host__ __device__ inline MmLayout mm_layout(uint32_t units, uint32_t G, uint32_t maxt, int NP,
-                                              int NS, int MT, int NW, bool raw16) {
+                                              int NS, int MT, int NW, bool raw16,
+                                              bool raw8 = false) {
   MmLayout l;
-  const uint32_t rows = 16u * MT;
+  const uint32_t rows = 16u * MT, red_bytes = NW * NP * MT * 4u * 32u * 4u;
+  const bool raw8_red = raw8 && NP * rows * G <= red_bytes;
   l.wstride = (units + ((units & 1u) ? 2u : 1u)) * 16u;  // an odd number of 16-byte slots
   l.w_bytes = NP * rows * l.wstride;
   l.sc_off = l.w_bytes;                                  // [NP][rows][G] float2 {s, b}
   l.raw_off = l.sc_off + NP * rows * G * 8u;             // [2][NP][rows][G] 16-bit (raw16)
-  l.x_off = l.raw_off + (raw16 ? NP * rows * G * 4u : 0u);
+  l.x_off = l.raw_off + (raw16 ? NP * rows * G * 4u : raw8 && !raw8_red ? NP * rows * G : 0u);
   l.tstride = units * 64u + 16u;                         // per token: [units][4] uint4
   l.xs_off = l.x_off + NS * maxt * l.tstride;
   l.red_off = l.xs_off + ((maxt * units * 4u + 15u) & ~15u);
-  l.total = l.red_off + NW * NP * MT * 4u * 32u * 4u;
+  l.total = l.red_off + red_bytes;
+  if (raw8_red) l.raw_off = l.red_off;
   return l;
 }
 
@@ -1847,7 +1877,8 @@ __device__ __forceinline__ void copy_scales(float2* dsb, const WDesc& wd, int64_
 struct MmSmem {
   unsigned char* Ws;  // [NP][ROWS] x wstride: packed weight rows, all of K
   float2* SC;         // [NP][ROWS][G] {scale, bias} as fp32: row r's group g at r * groups + g
-  unsigned char* Raw; // raw 16-bit scales [NP][ROWS][G], then biases (mm_raw16 only)
+  unsigned char* Raw; // raw 16-bit scales [NP][ROWS][G], then biases (mm_raw16 only); RAW8:
+                      // raw E8M0 scales [NP][ROWS][G] (in Red where they fit: mm_layout)
   unsigned char* Xs;  // [NS][maxt] x tstride: activations, bf16 hi (+ lo), permuted k order
   float* XSum;        // [maxt][units]: per-unit activation sums
   float* Red;         // [warp][NP][MT][4][32]: split-K partial sums; null: alias Ws (single chunk)
@@ -1988,7 +2019,7 @@ __device__ __forceinline__ uint32_t mm_issue_tr(const MlpDesc& md, uint32_t e, u
 // BULK (sm_90; mlp_mma_dec_kernel): the weight rows instead as one bulk copy per row of all
 // of K, issued by warp 0's lanes and completing on the mbarrier at sm.mbar (returns 0 weight
 // groups then; mm_compute waits on the barrier before its first unit).
-template <bool GATEUP, int MT, int MM_WARPS, bool BULK = false>
+template <bool GATEUP, int MT, int MM_WARPS, bool BULK = false, bool RAW8 = false>
 __device__ __forceinline__ uint32_t mm_issue(const MlpDesc& md, uint32_t e, uint32_t n0,
                                              const MmSmem& sm) {
   constexpr int NP = GATEUP ? 2 : 1;
@@ -2003,13 +2034,15 @@ __device__ __forceinline__ uint32_t mm_issue(const MlpDesc& md, uint32_t e, uint
 #pragma unroll
   for (int p = 0; p < NP; ++p) {
     const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
-    const uint32_t how = mm_scale_copy(wd);
+    const uint32_t how = mm_scale_copy(wd, RAW8);
     if (how == 0u) continue;
-    const uint32_t es = how == 1u ? 4u : 2u;  // bytes per value
+    const bool e8 = RAW8 && how == 3u;  // (RAW8: every projection of the kernel)
+    const uint32_t es = e8 ? 1u : how == 1u ? 4u : 2u;  // bytes per value
     const uint32_t words = ROWS * wd.groups * es / 4u, vwords = vrows * wd.groups * es / 4u;
     const int64_t base = (int64_t(e) * N + n0) * wd.groups * es;  // bytes
-    // fp32: value c into pair c; 16-bit: word c (two values) into the raw arrays
-    const uint32_t ds0 = how == 1u ? smem_u32(sm.SC + p * ROWS * G) : smem_u32(sm.Raw + p * ROWS * G * 2u);
+    // fp32: value c into pair c; 16- / 8-bit: word c (two / four values) into the raw arrays
+    const uint32_t ds0 = how == 1u ? smem_u32(sm.SC + p * ROWS * G)
+                                   : smem_u32(sm.Raw + p * ROWS * G * (e8 ? 1u : 2u));
     const uint32_t db0 = how == 1u ? ds0 + 4u : smem_u32(sm.Raw + (NP + p) * ROWS * G * 2u);
     const uint32_t step = how == 1u ? 8u : 4u;
     const unsigned char* ss = static_cast<const unsigned char*>(wd.scales);
@@ -2017,7 +2050,7 @@ __device__ __forceinline__ uint32_t mm_issue(const MlpDesc& md, uint32_t e, uint
     for (uint32_t c = tid; c < words; c += blockDim.x) {
       const bool ok = c < vwords;
       cp_async4(ds0 + c * step, ok ? ss + base + c * 4u : ss, ok ? 4u : 0u);
-      cp_async4(db0 + c * step, ok ? sb + base + c * 4u : sb, ok ? 4u : 0u);
+      if (!e8) cp_async4(db0 + c * step, ok ? sb + base + c * 4u : sb, ok ? 4u : 0u);
     }
   }
   asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -2082,7 +2115,7 @@ __device__ __forceinline__ uint32_t mm_issue(const MlpDesc& md, uint32_t e, uint
 #pragma unroll
   for (int p = 0; p < NP; ++p) {
     const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
-    if (mm_scale_copy(wd) != 0u) continue;
+    if (mm_scale_copy(wd, RAW8) != 0u) continue;
     copy_scales(sm.SC + p * ROWS * G, wd, (int64_t(e) * N + n0) * wd.groups, ROWS * wd.groups,
                 vrows * wd.groups);
   }
@@ -2095,7 +2128,7 @@ __device__ __forceinline__ uint32_t mm_issue(const MlpDesc& md, uint32_t e, uint
 // CG: H_in was written by other blocks of the same launch (read through L2).
 // Warps from MM_WARPS on (a larger block) only help staging and meet the barriers.
 template <bool GATEUP, typename XT, bool SPLIT, int MT, int MM_WARPS, bool CG, bool TR = false,
-          bool BULK = false>
+          bool BULK = false, bool RAW8 = false>
 __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex,
                                            const XT* __restrict__ x, const float* H_in,
                                            const uint32_t* __restrict__ pairs,
@@ -2172,12 +2205,19 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
     // every thread's visible.
     cp_async_wait_pending(ngroups + extra);
     __syncthreads();
-    if (c0 == first && mm_raw16<GATEUP>(md)) {
-      // Raw 16-bit scales and biases to fp32 {s, b} pairs, once per item: the unit loop reads
-      // one 8-byte word per row and group, with no per-kind branches.
+    if (c0 == first && (RAW8 || mm_raw16<GATEUP>(md))) {
+      // Raw 16-bit scales and biases (RAW8: E8M0 scales, halved as copy_scales does, no
+      // bias) to fp32 {s, b} pairs, once per item: the unit loop reads one 8-byte word per
+      // row and group, with no per-kind branches.
 #pragma unroll
       for (int p = 0; p < NP; ++p) {
         const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
+        if (RAW8) {
+          const void* rs = sm.Raw + p * ROWS * G;
+          for (uint32_t i = tid; i < ROWS * gst[p]; i += blockDim.x)
+            sm.SC[p * ROWS * G + i] = make_float2(load_scale(rs, 3u, i) * 0.5f, 0.f);
+          continue;
+        }
         if (mm_scale_copy(wd) != 2u) continue;
         const void* rs = sm.Raw + p * ROWS * G * 2u;
         const void* rb = sm.Raw + (NP + p) * ROWS * G * 2u;
@@ -2533,7 +2573,7 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
 // Qwen3's widths): without the bound the unit loop takes 89 and a block per SM is lost.
 // TR: the trellis form (all projections of the kernel trellis; mm_issue_tr, mm_layout_tr).
 template <bool GATEUP, typename XT, bool SPLIT, int MT, int MM_WARPS, bool TR = false,
-          bool BULK_REQ = false>
+          bool BULK_REQ = false, bool RAW8 = false>
 __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 3 : 4)
     mlp_mma_dec_kernel(MlpDesc md, const XT* __restrict__ x, const float* __restrict__ H_in,
                        const uint32_t* __restrict__ pairs, const uint32_t* __restrict__ offsets,
@@ -2575,21 +2615,22 @@ __global__ void __launch_bounds__(MM_WARPS * 32, MM_WARPS == 8 ? 3 : 4)
   const uint32_t units = w0.K / 32u;
   const uint32_t G = GATEUP ? max(md.gate.groups, md.up.groups) : w0.groups;
   const MmLayout L = TR ? mm_layout_tr<GATEUP>(md, maxt, NS, MT, MM_WARPS)
-                       : mm_layout(units, G, maxt, NP, NS, MT, MM_WARPS, mm_raw16<GATEUP>(md));
+                       : mm_layout(units, G, maxt, NP, NS, MT, MM_WARPS, !RAW8 && mm_raw16<GATEUP>(md), RAW8);
   MmSmem sm = TR ? mm_smem_tr<GATEUP>(mm_smem, L, md, G) : mm_smem_at(mm_smem, L, G);
   if constexpr (BULK) sm.mbar = smem_u32(&s_mbar);
   const uint32_t n0 = blockIdx.y * 16u * MT;
   uint32_t ngroups = 0;
   if (work) {
     if constexpr (TR) ngroups = mm_issue_tr<GATEUP, MT, MM_WARPS>(md, e, n0, sm);
-    else ngroups = mm_issue<GATEUP, MT, MM_WARPS, BULK>(md, e, n0, sm);
+    else ngroups = mm_issue<GATEUP, MT, MM_WARPS, BULK, RAW8>(md, e, n0, sm);
   }
   // Down as gate/up's programmatic dependent: its weight copies are in flight; H and the
   // counters are gate/up's (a no-op otherwise).
   if (!GATEUP) pdl_wait();
   if (work)
-    mm_compute<GATEUP, XT, SPLIT, MT, MM_WARPS, false, TR, BULK>(md, ex, x, H_in, pairs, rw, first,
-                                                                 last, maxt, out, n0, sm, ngroups, 0u);
+    mm_compute<GATEUP, XT, SPLIT, MT, MM_WARPS, false, TR, BULK, RAW8>(md, ex, x, H_in, pairs, rw,
+                                                                       first, last, maxt, out, n0, sm,
+                                                                       ngroups, 0u);
   if (!GATEUP && ex.counters) dec_fused_combine(md, ex, out, n0, 16 * MT, &s_flag);
 }
 

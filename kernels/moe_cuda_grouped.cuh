@@ -382,11 +382,13 @@ struct GgTile {
 template <bool GATEUP, int TM = GG_TM>
 __device__ __forceinline__ bool gg_tile(const MlpDesc& md, const uint32_t* tiles,
                                         const uint32_t* offsets, const uint32_t* meta, GgTile& t) {
-  const uint32_t tile = blockIdx.y;
-  if (tile >= meta[1]) return false;
+  const uint32_t tile = blockIdx.y, nt = meta[1];
+  if (tile >= nt) return false;
   t.e = tiles[2 * tile];
   t.row0 = tiles[2 * tile + 1];
-  t.rows = min(uint32_t(TM), offsets[t.e + 1] - t.row0);
+  // the tile ends where the expert's next one starts, else with the expert (tile_first_row)
+  const uint32_t end = tile + 1u < nt && tiles[2 * tile + 2] == t.e ? tiles[2 * tile + 3] : offsets[t.e + 1];
+  t.rows = min(uint32_t(TM), end - t.row0);
   const WDesc& wd = GATEUP ? md.gate : md.down;
   t.N = wd.N;
   t.K = wd.K;

@@ -276,14 +276,14 @@ def test_moe_mlp_decode_variants_bitwise(rng, monkeypatch, fmt, bits, T):
 
     def run(**env):
         for key in ("DIRECT_MAX_PAIRS", "FUSED_COMBINE", "BUCKET_ONE_BLOCK_MAX", "ONE_MAX_PAIRS", "PDL",
-                    "MM_BULK", "DN_MT"):
+                    "MM_BULK", "DN_MT", "MM_RAW8"):
             monkeypatch.delenv("MLX_MOE_CUDA_" + key, raising=False)
         for key, v in env.items():
             monkeypatch.setenv("MLX_MOE_CUDA_" + key, str(v))
         return np.array(mlx_moe.moe_mlp(x, ids, w, experts, stream=mx.gpu).astype(mx.float32))
 
     ref = run(DIRECT_MAX_PAIRS=0, FUSED_COMBINE=0, BUCKET_ONE_BLOCK_MAX=0, ONE_MAX_PAIRS=0, PDL=0,
-              MM_BULK=0, DN_MT=2)
+              MM_BULK=0, DN_MT=2, MM_RAW8=0)
     for env in (dict(), dict(ONE_MAX_PAIRS=0), dict(ONE_MAX_PAIRS=0, PDL=0),
                 dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=0),
                 dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=64), dict(ONE_MAX_PAIRS=0, FUSED_COMBINE=64),
@@ -291,35 +291,40 @@ def test_moe_mlp_decode_variants_bitwise(rng, monkeypatch, fmt, bits, T):
                 dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=64, FUSED_COMBINE=0), dict(ONE_MAX_PAIRS=64),
                 dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=0, BUCKET_ONE_BLOCK_MAX=0),
                 dict(ONE_MAX_PAIRS=0, MM_BULK=1), dict(ONE_MAX_PAIRS=0, DN_MT=4),
-                dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=0, MM_BULK=1, DN_MT=4)):
+                dict(ONE_MAX_PAIRS=0, DIRECT_MAX_PAIRS=0, MM_BULK=1, DN_MT=4),
+                dict(ONE_MAX_PAIRS=0, MM_RAW8=0)):
         assert np.array_equal(run(**env), ref), env
 
 
-@pytest.mark.parametrize("fmt", ["affine", "mxfp4"])
+@pytest.mark.parametrize("fmt,D", [("affine", 224), ("mxfp4", 224), ("mxfp4", 256)])
 @pytest.mark.parametrize("T", [1, 3, 40])  # 4 / 12 pairs: direct; 160: bucketed, several chunks
-def test_decode_row_tiles_and_bulk_copies_bitwise(rng, monkeypatch, fmt, T):
+def test_decode_row_tiles_and_bulk_copies_bitwise(rng, monkeypatch, fmt, D, T):
     """The tensor-core decode kernels' down blocks of 32 or 64 rows (MLX_MOE_CUDA_DN_MT; D =
-    224: the last 64-row block is half past the end) and their weight rows copied whole by
-    bulk copies or in per-warp cp.async slices (MLX_MOE_CUDA_MM_BULK) compute the same sums
-    in the same order: bitwise the same outputs, whatever the default picks. The form of the
-    earlier sessions (32 rows, cp.async) is checked against the CPU path."""
-    E, D, F, k = 16, 224, 128, 4  # (affine: 7 scale groups per gate/up row, 4 per down row)
+    224: the last 64-row block is half past the end), their weight rows copied whole by bulk
+    copies or in per-warp cp.async slices (MLX_MOE_CUDA_MM_BULK) and mxfp4's scales copied as
+    raw E8M0 bytes or loaded and converted (MLX_MOE_CUDA_MM_RAW8; raw where a row's scale
+    groups are a multiple of 4: gate/up at D = 256, down at F = 128) compute the same sums in
+    the same order: bitwise the same outputs, whatever the default picks. The form of the
+    earlier sessions (32 rows, cp.async, converted scales) is checked against the CPU path."""
+    E, F, k = 16, 128, 4  # (D = 224, affine: 7 scale groups per gate/up row, 4 per down row)
     experts = experts_for(rng, E, D, F, fmt, (4, 4, 4), 32, mx.bfloat16)
     ids, w = mlx_moe.route(random_logits(rng, T, E), k, stream=mx.cpu)
+    old = dict(MM_BULK=0, DN_MT=2, MM_RAW8=0)
     for dtype in (mx.bfloat16, mx.float16, mx.float32):
         x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(dtype)
         gpu = lambda: mlx_moe.moe_mlp(x, ids, w, experts, stream=mx.gpu)
         run = lambda **env: _run_env(monkeypatch, gpu, **env)
 
-        ref = run(MM_BULK=0, DN_MT=2)
+        ref = run(**old)
         if dtype != mx.float16:  # the previous form against the CPU path
             with monkeypatch.context() as m:
-                m.setenv("MLX_MOE_CUDA_MM_BULK", "0")
-                m.setenv("MLX_MOE_CUDA_DN_MT", "2")
+                for key, v in old.items():
+                    m.setenv("MLX_MOE_CUDA_" + key, str(v))
                 assert_mlp_gpu_close_to_cpu(x, ids, w, experts, dtype)
         assert np.isfinite(ref).all()
         for env in (dict(), dict(MM_BULK=1), dict(DN_MT=4), dict(MM_BULK=1, DN_MT=4),
-                    dict(MM_BULK=0, DN_MT=4), dict(MM_BULK=1, DN_MT=2)):
+                    dict(MM_BULK=0, DN_MT=4), dict(MM_BULK=1, DN_MT=2), dict(MM_RAW8=0),
+                    dict(MM_BULK=1, MM_RAW8=0), dict(MM_BULK=1, DN_MT=4, MM_RAW8=1)):
             assert np.array_equal(run(**env), ref), (dtype, env)
 
 
@@ -474,7 +479,21 @@ def _gg_ref_bound(x, ids, rw, raws, E, u, scales_exact):
     return y, dy + u * np.abs(y)
 
 
-def _gg_check(rng, T, E, D, F, k, fmt, bits, gs, dtype, sdt=None, bad_ids=False, tr=None):
+def _counts_routing(rng, counts, k):
+    """Routing in which expert e has exactly counts[e] pairs (distinct experts per token: the
+    sorted multiset of ids dealt out k-strided, every count <= T), tokens shuffled, positive
+    weights."""
+    T = sum(counts) // k
+    assert T * k == sum(counts) and max(counts) <= T
+    flat = np.repeat(np.arange(len(counts)), counts)
+    ids = flat.reshape(k, T).T[rng.permutation(T)]
+    assert all(len(set(r)) == k for r in ids.tolist())
+    w = rng.uniform(0.05, 1.0, size=(T, k))
+    return mx.array(ids.astype(np.uint32)), mx.array(w.astype(np.float32))
+
+
+def _gg_check(rng, T, E, D, F, k, fmt, bits, gs, dtype, sdt=None, bad_ids=False, tr=None,
+              counts=None):
     sdt = sdt or (mx.float16 if fmt == "trellis" else dtype)
     u = 2.0 ** -8 if dtype == mx.bfloat16 else 2.0 ** -11
     # trellis: (su, sv, per-expert grid, grid dtype) of each projection
@@ -482,8 +501,12 @@ def _gg_check(rng, T, E, D, F, k, fmt, bits, gs, dtype, sdt=None, bad_ids=False,
     projs, raws = zip(*(_gg_projection(rng, s, fmt, b, gs, sdt, t)
                         for s, b, t in zip(((E, F, D), (E, F, D), (E, D, F)), bits, tr)))
     experts = mlx_moe.Experts(*projs)
+    if counts is not None:  # (T: from the counts)
+        ids, w = _counts_routing(rng, counts, k)
+        T = ids.shape[0]
     x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(dtype)
-    ids, w = mlx_moe.route(random_logits(rng, T, E), k, stream=mx.cpu)
+    if counts is None:
+        ids, w = mlx_moe.route(random_logits(rng, T, E), k, stream=mx.cpu)
     if bad_ids:  # a lazily out-of-range id contributes nothing
         idn = np.array(ids)
         idn[::7, 1] = E + 5
@@ -554,6 +577,17 @@ def test_moe_mlp_grouped_odd_shapes(rng, gg_kernel, T, E, D, F, k, fmt, bits, gs
     if sdt == "other":
         sdt = mx.float16 if dtype == mx.bfloat16 else mx.bfloat16
     _gg_check(rng, T, E, D, F, k, fmt, bits, gs, dtype, sdt)
+
+
+# The tile table's splits (tile_first_row, kernels/moe_cuda.cuh): experts whose pair counts sit
+# on and around the tile sizes, so that the balanced split (tiles of 192: 193-256 pairs as
+# 128 + the rest, 385-448 as 192 + 128 + the rest) and the plain one (MLX_MOE_CUDA_TILE_SPLIT=0)
+# each meet full, short and 64-row tiles on every kernel; an empty and a one-pair expert too.
+@pytest.mark.parametrize("split", ["1", "0"])
+def test_moe_mlp_grouped_tile_splits(rng, gg_kernel, monkeypatch, split):
+    monkeypatch.setenv("MLX_MOE_CUDA_TILE_SPLIT", split)
+    counts = [200, 256, 193, 400, 448, 385, 130, 64, 1, 0, 192, 384, 257, 129, 65, 32]
+    _gg_check(rng, None, 16, 160, 96, 4, "affine", (4, 4, 4), 32, mx.bfloat16, counts=counts)
 
 
 @pytest.mark.parametrize("fmt", ["affine", "mxfp4", "trellis"])

@@ -121,9 +121,10 @@ struct NodeChain {
 // Bucketing into counts/offsets/pairs (+ dispatch, active list, tile table, meta).
 // Up to MLX_MOE_CUDA_BUCKET_ONE_BLOCK_MAX pairs (default 4096; E <= 1024): one kernel of one
 // block (a node of `chain`); above: count, scan, scatter kernels over chunks of BUCKET_CHUNK
-// pairs (the chain flushed first).
+// pairs (the chain flushed first). tile_q: how the tile table splits an expert's pairs
+// (tile_first_row: tile, or 64 for tiles balanced in steps of 64 pairs).
 void encode_bucket(NodeChain& chain, const mx::array& ids, uint32_t P, uint32_t E,
-                   uint32_t tile, const mx::array& counts, const mx::array& offsets,
+                   uint32_t tile, uint32_t tile_q, const mx::array& counts, const mx::array& offsets,
                    const mx::array& pairs, const mx::array* dispatch, const mx::array* active,
                    const mx::array* tiles, const mx::array* meta) {
   const int kind = id_kind(ids.dtype());
@@ -131,7 +132,7 @@ void encode_bucket(NodeChain& chain, const mx::array& ids, uint32_t P, uint32_t 
   const uint32_t one_block_max = env_u32("MLX_MOE_CUDA_BUCKET_ONE_BLOCK_MAX", 4096u);
   if (P <= one_block_max && E <= 1024u) {
     chain.add(kernel_node(bucket_small_kernel, dim3(1), dim3(BS_WARPS * 32),
-                          (BS_WARPS + 1) * E * 4, idp, kind, P, E, tile, ptr<uint32_t>(counts),
+                          (BS_WARPS + 1) * E * 4, idp, kind, P, E, tile, tile_q, ptr<uint32_t>(counts),
                           ptr<uint32_t>(offsets), ptr<uint32_t>(pairs),
                           dispatch ? ptr<uint32_t>(*dispatch) : nullptr,
                           active ? ptr<uint32_t>(*active) : nullptr,
@@ -148,7 +149,7 @@ void encode_bucket(NodeChain& chain, const mx::array& ids, uint32_t P, uint32_t 
          E, ptr<uint32_t>(bc));
   launch(enc, {&bc}, {&bc, &counts, &offsets, &pairs, dispatch, active, tiles, meta},
          bucket_scan_kernel, dim3(1), dim3(256),
-         3 * E * 4, ptr<uint32_t>(bc), nblocks, E, P, tile, ptr<uint32_t>(counts),
+         3 * E * 4, ptr<uint32_t>(bc), nblocks, E, P, tile, tile_q, ptr<uint32_t>(counts),
          ptr<uint32_t>(offsets), ptr<uint32_t>(pairs),
          dispatch ? ptr<uint32_t>(*dispatch) : nullptr, active ? ptr<uint32_t>(*active) : nullptr,
          tiles ? ptr<uint32_t>(*tiles) : nullptr, meta ? ptr<uint32_t>(*meta) : nullptr);
@@ -253,7 +254,7 @@ void bucket(Bucket& p, const std::vector<mx::array>& inputs_in, std::vector<mx::
   for (auto& o : outputs) allocate(o);
   NodeChain now{enc, false};
   encode_bucket(now, ids, uint32_t(ids.size()), uint32_t(p.num_experts()), uint32_t(p.tile()),
-                outputs[0], outputs[1], outputs[2], &outputs[3], nullptr, nullptr, nullptr);
+                uint32_t(p.tile()), outputs[0], outputs[1], outputs[2], &outputs[3], nullptr, nullptr, nullptr);
 }
 
 // ------------------------------------------------------------------------------ dequantize
@@ -550,6 +551,11 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   const int gg_nwg = gg ? wg_groups(gg_fgu, gg_fdn, md, gg_rs) : 2;
   const uint32_t btile = gg ? uint32_t(64 * gg_nwg) : uint32_t(G_TM);
   const uint32_t max_tiles = (P + btile - 1) / btile + max_active;
+  // An expert's tiles balanced in steps of 64 pairs (tile_first_row; only tiles of 192 differ
+  // from the plain split): an expert of 193-256 pairs takes 128 + the rest rather than 192 + a
+  // tail of 1-64 (H200, Qwen3 affine4 at 4096 tokens, 256 pairs per expert: 1186 -> 1158 us
+  // per layer; docs/PERFORMANCE.md, seventeenth session). MLX_MOE_CUDA_TILE_SPLIT=0: plain.
+  const uint32_t tile_q = btile % 64u == 0u && env_u32("MLX_MOE_CUDA_TILE_SPLIT", 1u) != 0u ? 64u : btile;
   // Few pairs, affine 4-bit / mxfp4: the whole layer as one kernel (cuda_fused.cu), opt-in:
   // MLX_MOE_CUDA_ONE_MAX_PAIRS=n (default 0: off; measured slower, docs/DESIGN.md).
   if (!grouped && mma_all &&
@@ -587,7 +593,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   if (fused_route && !route_in_gu_ok)
     encode_route(chain, logits, T, E, k, uint32_t(p.route_normalize()), ids, rw);
   if (!direct)
-    encode_bucket(chain, ids, P, E, btile, counts, offsets, pairs, nullptr, &active,
+    encode_bucket(chain, ids, P, E, btile, tile_q, counts, offsets, pairs, nullptr, &active,
                   grouped ? &tiles : nullptr, &meta);
 
   mx::array H = scratch(enc, size_t(P) * F);
@@ -606,9 +612,9 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
       // Tensor-core kernel: tokens per chunk (one block per pair when direct), shrunk while
       // the block's shared memory is large (fewer blocks per SM).
       auto mm_smem = [&](uint32_t units, uint32_t G, int NP, int NS, int MT, int NW, bool raw16,
-                         uint32_t& maxt, uint32_t cap) {
+                         bool raw8, uint32_t& maxt, uint32_t cap) {
         auto layout = [&](uint32_t mt) {
-          if (!tr_mm) return mm_layout(units, G, mt, NP, NS, MT, NW, raw16);
+          if (!tr_mm) return mm_layout(units, G, mt, NP, NS, MT, NW, raw16, raw8);
           return NP == 2 ? mm_layout_tr<true>(md, mt, NS, MT, NW) : mm_layout_tr<false>(md, mt, NS, MT, NW);
         };
         maxt = direct ? 1u : std::min<uint32_t>(cap, P);
@@ -622,24 +628,6 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
       const uint32_t gx = direct ? P : max_active;
       // Tensor-core blocks: gate/up 16 rows (32 measured slower or equal at 1-64 tokens).
       const uint32_t rows_gu = gu_mm ? 16 : DEC_WARPS * dec_rows<true>();
-      // Down: 64 rows per block (MT 4) instead of 32 for affine 4-bit down from 32 pairs up,
-      // where four such blocks still fit on an SM at 4 tokens per chunk (Qwen3's widths; not
-      // GLM-4.7-Flash's 1536-wide down); tokens per chunk 4 while the experts average at most
-      // 2 pairs (that fourth block per SM), else up to 8. mxfp4 down keeps 32 rows (its scales
-      // are loaded and converted: a second round of loads per block at 64 rows, measured
-      // slower). MLX_MOE_CUDA_DN_MT=2 / 4 forces either. H200, Qwen3 affine4 layer, device
-      // time per layer, 64 rows against 32: 4 tokens 69.3 -> 65.4 us, 16 tokens 178.6 ->
-      // 167.7 (chunks of 4 tokens; 174.9 with 8), 64 tokens 319.2 -> 309.8; 1 token (8
-      // pairs) 28.9 -> 30.1, hence not below 32 pairs (docs/PERFORMANCE.md, sixteenth session).
-      const uint32_t dn_force = env_u32("MLX_MOE_CUDA_DN_MT", 0u);
-      auto dn4_bytes = [&](uint32_t maxt) {  // a 64-row down block's shared memory
-        return mm_layout(F / 32, md.down.groups, maxt, 1, 2, 4, MM_WARPS_DN, mm_raw16<false>(md)).total;
-      };
-      const bool dn_fits4 = dn_mm && !tr_mm && dn4_bytes(1) <= 227u * 1024u;
-      const bool dn_auto4 = dn_fits4 && md.down.mode == 0u && P >= 32u &&
-                            dn4_bytes(std::min(4u, P)) <= 56u * 1024u;
-      const uint32_t dn_mt = dn_fits4 && (dn_force == 4u || (dn_force != 2u && dn_auto4)) ? 4u : 2u;
-      const uint32_t dn_cap = dn_mt == 4u && P <= 2u * E ? 4u : MM_MAXT;
       // Weight rows as bulk copies (mm_issue's BULK: one cp.async.bulk per row and all of K,
       // from warp 0, on sm_90; other devices' code keeps the cp.async slices): gate/up for
       // mxfp4 and up to 16 pairs, down for mxfp4 and the direct path (up to 32 pairs). The
@@ -652,6 +640,34 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
       auto bulk = [&](bool fp4, bool few) { return bulk_env == 1u || (bulk_env == 2u && (fp4 || few)); };
       const bool bulk_gu = bulk(md.gate.mode == 1u || md.up.mode == 1u, P <= 16u);
       const bool bulk_dn = bulk(md.down.mode == 1u, direct);
+      // mxfp4 scales as raw E8M0 bytes by cp.async, converted after the first barrier (the
+      // kernels' RAW8 form, with the bulk copies; copy_scales's loads otherwise): H200, Qwen3
+      // mxfp4 layer, device time per layer 1 / 4 / 16 / 64 tokens 35.9 / 96.2 / 261.5 / 471.0
+      // -> 30.9 / 80.4 / 211.1 / 384.0 us (docs/PERFORMANCE.md, seventeenth session).
+      // MLX_MOE_CUDA_MM_RAW8=0: off.
+      const bool raw8_on = !tr_mm && env_u32("MLX_MOE_CUDA_MM_RAW8", 1u) != 0u;
+      const bool raw8_gu = raw8_on && gu_mm && bulk_gu && !std::is_same_v<XT, float> && mm_raw8<true>(md);
+      const bool raw8_dn = raw8_on && dn_mm && bulk_dn && mm_raw8<false>(md);
+      // Down: 64 rows per block (MT 4) instead of 32 for affine 4-bit down from 32 pairs up,
+      // where four such blocks still fit on an SM at 4 tokens per chunk (Qwen3's widths; not
+      // GLM-4.7-Flash's 1536-wide down); tokens per chunk 4 while the experts average at most
+      // 2 pairs (that fourth block per SM), else up to 8. H200, Qwen3 affine4 layer, device
+      // time per layer, 64 rows against 32: 4 tokens 69.3 -> 65.4 us, 16 tokens 178.6 ->
+      // 167.7 (chunks of 4 tokens; 174.9 with 8), 64 tokens 319.2 -> 309.8; 1 token (8
+      // pairs) 28.9 -> 30.1, hence not below 32 pairs (docs/PERFORMANCE.md, sixteenth session).
+      // mxfp4 down keeps 32 rows (measured with an early form of its raw scale copies, above:
+      // 4 tokens 83.0 -> 78.0 us, but 16 tokens 230.0 -> 233.4 and 64 tokens 500 -> 543).
+      // MLX_MOE_CUDA_DN_MT=2 / 4 forces either.
+      const uint32_t dn_force = env_u32("MLX_MOE_CUDA_DN_MT", 0u);
+      auto dn4_bytes = [&](uint32_t maxt) {  // a 64-row down block's shared memory
+        return mm_layout(F / 32, md.down.groups, maxt, 1, 2, 4, MM_WARPS_DN,
+                         !raw8_dn && mm_raw16<false>(md), raw8_dn).total;
+      };
+      const bool dn_fits4 = dn_mm && !tr_mm && dn4_bytes(1) <= 227u * 1024u;
+      const bool dn_auto4 = dn_fits4 && md.down.mode == 0u && P >= 32u &&
+                            dn4_bytes(std::min(4u, P)) <= 56u * 1024u;
+      const uint32_t dn_mt = dn_fits4 && (dn_force == 4u || (dn_force != 2u && dn_auto4)) ? 4u : 2u;
+      const uint32_t dn_cap = dn_mt == 4u && P <= 2u * E ? 4u : MM_MAXT;
       const uint32_t rows_d = dn_mm ? 16 * dn_mt : DEC_WARPS * dec_rows<false>();
       const uint32_t gy_d = (D + rows_d - 1) / rows_d;
       mx::array counters = scratch(enc, fused_combine ? gy_d : 1);
@@ -659,13 +675,13 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
       constexpr bool xsplit = !std::is_same_v<XT, __nv_bfloat16>;
       if (gu_mm) {
         sm1 = mm_smem(D / 32, std::max(md.gate.groups, md.up.groups), 2, xsplit ? 2 : 1, 1,
-                      MM_WARPS_GU, mm_raw16<true>(md), mt1, MM_MAXT);
+                      MM_WARPS_GU, !raw8_gu && mm_raw16<true>(md), raw8_gu, mt1, MM_MAXT);
       } else {
         sm1 = smem_for(D, DEC_MAXT, mt1);
       }
       if (dn_mm) {
-        sm2 = mm_smem(F / 32, md.down.groups, 1, 2, int(dn_mt), MM_WARPS_DN, mm_raw16<false>(md), mt2,
-                      dn_cap);
+        sm2 = mm_smem(F / 32, md.down.groups, 1, 2, int(dn_mt), MM_WARPS_DN,
+                      !raw8_dn && mm_raw16<false>(md), raw8_dn, mt2, dn_cap);
       } else {
         sm2 = smem_for(F, DEC_MAXT, mt2);
       }
@@ -678,7 +694,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
       ex.y = ptr<void>(out);
       ex.y_kind = uint32_t(float_kind(x.dtype()));
       const dim3 grid_gu(gx, (F + rows_gu - 1) / rows_gu), grid_d(gx, gy_d);
-      MmDecKernel<XT> gu_kernel = gu_mm ? mm_gu_kernel<XT>(bulk_gu) : mlp_decode_kernel<true, XT>;
+      MmDecKernel<XT> gu_kernel = gu_mm ? mm_gu_kernel<XT>(bulk_gu, raw8_gu) : mlp_decode_kernel<true, XT>;
       if constexpr (!std::is_same_v<XT, float>) {
         if (tr_mm) gu_kernel = tr_gu_kernel<XT>();
       }
@@ -704,7 +720,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
                 {&x, route_in_gu ? &logits : &ids, &pairs, &offsets, &active, &meta},
                 {&H, &counters, route_in_gu ? &ids : nullptr, route_in_gu ? &rw : nullptr});
       const MmDecKernel<float> dn_kernel = tr_mm ? tr_dn_kernel()
-                                           : dn_mm ? mm_dn_kernel(dn_mt, bulk_dn)
+                                           : dn_mm ? mm_dn_kernel(dn_mt, bulk_dn, raw8_dn)
                                                    : mlp_decode_kernel<false, float>;
       const dim3 block_d(dn_mm ? MM_WARPS_DN * 32 : DEC_WARPS * 32);
       combined = fused_combine;

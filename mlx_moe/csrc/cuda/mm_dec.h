@@ -26,9 +26,10 @@ MmDecKernel<__half> tr_gu_kernel<__half>();
 MmDecKernel<float> tr_dn_kernel();
 
 // Affine 4-bit / mxfp4 gate/up (16 rows per block) and down (16 * mt rows, mt 2 or 4); bulk:
-// the weight rows as bulk copies (mm_issue's BULK; gate/up: bf16 / fp16 activations only).
+// the weight rows as bulk copies (mm_issue's BULK; gate/up: bf16 / fp16 activations only);
+// raw8 (with bulk only): the RAW8 form, for projections that are all mxfp4 (mm_raw8).
 template <typename XT>
-MmDecKernel<XT> mm_gu_kernel(bool bulk);
-MmDecKernel<float> mm_dn_kernel(uint32_t mt, bool bulk);
+MmDecKernel<XT> mm_gu_kernel(bool bulk, bool raw8 = false);
+MmDecKernel<float> mm_dn_kernel(uint32_t mt, bool bulk, bool raw8 = false);
 
 }  // namespace mlx_moe::gpu
