@@ -1557,7 +1557,8 @@ __host__ __device__ inline bool mm_raw16(const MlpDesc& md) {
 }
 
 // Whether the RAW8 form applies to the projection(s): every one mxfp4 with raw E8M0 copies
-// (mm_scale_copy 3), whose bytes ([NP][ROWS][G], one per value) precede the conversion.
+// (mm_scale_copy 3), whose bytes ([NP][ROWS][G], one per value) precede the conversion. The
+// form also skips the activations' unit sums (mxfp4 has no bias or code offset).
 template <bool GATEUP>
 __host__ __device__ inline bool mm_raw8(const MlpDesc& md) {
   return GATEUP ? mm_scale_copy(md.gate, true) == 3u && mm_scale_copy(md.up, true) == 3u
@@ -2154,7 +2155,7 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
   bool fp4[NP], pow2[NP];
 #pragma unroll
   for (int p = 0; p < NP; ++p) {
-    fp4[p] = ((GATEUP && p == 1) ? md.up : w0).mode == 1u;
+    fp4[p] = RAW8 || ((GATEUP && p == 1) ? md.up : w0).mode == 1u;  // (RAW8: all mxfp4)
     gsu[p] = ((GATEUP && p == 1) ? md.up : w0).gs_units;
     gst[p] = ((GATEUP && p == 1) ? md.up : w0).groups;
     gsh[p] = uint32_t(__ffs(int(gsu[p])) - 1);
@@ -2199,7 +2200,7 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
           *reinterpret_cast<uint4*>(Xs + (maxt + t) * sm.tstride + u * 64u + q4 * 16u) = wv;
         }
       }
-      if (!TR) XSum[t * units + u] = sum;
+      if (!TR && !RAW8) XSum[t * units + u] = sum;  // (RAW8: mxfp4, no bias to apply)
     }
     // The scale group (the oldest) has landed for this thread's copies; the barrier makes
     // every thread's visible.
@@ -2449,6 +2450,16 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
           // the codes entered as 128 + q; mxfp4: no bias and no offset).
           auto apply = [&](int p, int mt, uint32_t g, const float (&t)[4], float ya, float yb) {
             const uint32_t sc = scq[p] + (mt * 16u * gst[p] + g) * 8u;
+            if constexpr (RAW8) {
+              // mxfp4 only: no bias and no offset, so the unit sums are not read (the form
+              // below adds 0 * sum: the same roundings, __fmul_rn keeping s * t unfused)
+              const float s0 = __uint_as_float(lds32u(sc)), s1 = __uint_as_float(lds32u(sc + 64u * gst[p]));
+              acc[p][mt][0] += __fmul_rn(s0, t[0]);
+              acc[p][mt][1] += __fmul_rn(s0, t[1]);
+              acc[p][mt][2] += __fmul_rn(s1, t[2]);
+              acc[p][mt][3] += __fmul_rn(s1, t[3]);
+              return;
+            }
             const float2 sb0 = lds64(sc), sb1 = lds64(sc + 64u * gst[p]);
             const bool o128 = !fp4[p];
             const float c0 = o128 ? fmaf(-128.f, sb0.x, sb0.y) : sb0.y;
@@ -2506,8 +2517,8 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
               if (uu >= ub) break;
               uint32_t bf[NS][4];
               load_b(h2, bf);
-              const float xs0 = lds32_if(bs0, xsq + (du + h2) * 4u);
-              const float xs1 = lds32_if(bs1, xsq + (units + du + h2) * 4u);
+              const float xs0 = RAW8 ? 0.f : lds32_if(bs0, xsq + (du + h2) * 4u);
+              const float xs1 = RAW8 ? 0.f : lds32_if(bs1, xsq + (units + du + h2) * 4u);
 #pragma unroll
               for (int p = 0; p < NP; ++p) {
                 const uint32_t g = group_of(p, uu);

@@ -302,10 +302,11 @@ def test_decode_row_tiles_and_bulk_copies_bitwise(rng, monkeypatch, fmt, D, T):
     """The tensor-core decode kernels' down blocks of 32 or 64 rows (MLX_MOE_CUDA_DN_MT; D =
     224: the last 64-row block is half past the end), their weight rows copied whole by bulk
     copies or in per-warp cp.async slices (MLX_MOE_CUDA_MM_BULK) and mxfp4's scales copied as
-    raw E8M0 bytes or loaded and converted (MLX_MOE_CUDA_MM_RAW8; raw where a row's scale
-    groups are a multiple of 4: gate/up at D = 256, down at F = 128) compute the same sums in
-    the same order: bitwise the same outputs, whatever the default picks. The form of the
-    earlier sessions (32 rows, cp.async, converted scales) is checked against the CPU path."""
+    raw E8M0 bytes, with no activation unit sums, or loaded and converted (MLX_MOE_CUDA_MM_RAW8;
+    raw where a row's scale groups are a multiple of 4: gate/up at D = 256, down at F = 128)
+    compute the same sums in the same order: bitwise the same outputs, whatever the default
+    picks. The form of the earlier sessions (32 rows, cp.async, converted scales) is checked
+    against the CPU path."""
     E, F, k = 16, 128, 4  # (D = 224, affine: 7 scale groups per gate/up row, 4 per down row)
     experts = experts_for(rng, E, D, F, fmt, (4, 4, 4), 32, mx.bfloat16)
     ids, w = mlx_moe.route(random_logits(rng, T, E), k, stream=mx.cpu)

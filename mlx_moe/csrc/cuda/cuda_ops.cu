@@ -640,11 +640,11 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
       auto bulk = [&](bool fp4, bool few) { return bulk_env == 1u || (bulk_env == 2u && (fp4 || few)); };
       const bool bulk_gu = bulk(md.gate.mode == 1u || md.up.mode == 1u, P <= 16u);
       const bool bulk_dn = bulk(md.down.mode == 1u, direct);
-      // mxfp4 scales as raw E8M0 bytes by cp.async, converted after the first barrier (the
-      // kernels' RAW8 form, with the bulk copies; copy_scales's loads otherwise): H200, Qwen3
-      // mxfp4 layer, device time per layer 1 / 4 / 16 / 64 tokens 35.9 / 96.2 / 261.5 / 471.0
-      // -> 30.9 / 80.4 / 211.1 / 384.0 us (docs/PERFORMANCE.md, seventeenth session).
-      // MLX_MOE_CUDA_MM_RAW8=0: off.
+      // mxfp4 scales as raw E8M0 bytes by cp.async, converted after the first barrier, and
+      // no activation unit sums (no bias): the kernels' RAW8 form, with the bulk copies;
+      // copy_scales's loads otherwise. H200, Qwen3 mxfp4 layer, device time per layer 1 / 4 /
+      // 16 / 64 tokens 35.9 / 96.2 / 261.5 / 471.0 -> 28.6 / 72.2 / 189.1 / 342.4 us
+      // (docs/PERFORMANCE.md, seventeenth session). MLX_MOE_CUDA_MM_RAW8=0: off.
       const bool raw8_on = !tr_mm && env_u32("MLX_MOE_CUDA_MM_RAW8", 1u) != 0u;
       const bool raw8_gu = raw8_on && gu_mm && bulk_gu && !std::is_same_v<XT, float> && mm_raw8<true>(md);
       const bool raw8_dn = raw8_on && dn_mm && bulk_dn && mm_raw8<false>(md);
