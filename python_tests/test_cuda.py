@@ -329,6 +329,26 @@ def test_decode_row_tiles_and_bulk_copies_bitwise(rng, monkeypatch, fmt, D, T):
             assert np.array_equal(run(**env), ref), (dtype, env)
 
 
+@pytest.mark.parametrize("T", [3, 20])  # 6 pairs: direct; 40: bucketed
+def test_mxfp4_raw_scales_outside_split_k_area(rng, monkeypatch, T):
+    """mxfp4 down rows of 132 scale groups (F = 4224): their raw E8M0 bytes do not fit the
+    down block's split-K area (mm_layout), and take a region of their own; bitwise the
+    loaded-scale form (MLX_MOE_CUDA_MM_RAW8=0), which is checked against the CPU. (64-row down
+    blocks do not fit the shared memory at this width: DN_MT=4 keeps 32.)"""
+    E, D, F, k = 4, 256, 4224, 2
+    experts = experts_for(rng, E, D, F, "mxfp4", (4, 4, 4), 32, mx.bfloat16)
+    ids, w = mlx_moe.route(random_logits(rng, T, E), k, stream=mx.cpu)
+    x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(mx.bfloat16)
+    gpu = lambda: mlx_moe.moe_mlp(x, ids, w, experts, stream=mx.gpu)
+    ref = _run_env(monkeypatch, gpu, MM_RAW8=0)
+    with monkeypatch.context() as m:
+        m.setenv("MLX_MOE_CUDA_MM_RAW8", "0")
+        assert_mlp_gpu_close_to_cpu(x, ids, w, experts, mx.bfloat16)
+    assert np.isfinite(ref).all()
+    for env in (dict(), dict(DN_MT=4)):
+        assert np.array_equal(_run_env(monkeypatch, gpu, **env), ref), env
+
+
 @pytest.mark.parametrize("T", [64, 300])
 def test_moe_mlp_tensor_core_decode_many_pairs_gpu_vs_cpu(rng, monkeypatch, T):
     # The tensor-core decode kernel above its default pair count (chunks of 8 tokens per
