@@ -1,7 +1,7 @@
 // Grouped (many tokens per expert) expert MLP for bf16 / fp16 activations and affine 4-bit,
 // affine 8-bit, mxfp4 or trellis weights: the large-batch path of moe_mlp on CUDA (trellis:
 // from a few tokens up; the gg_tr_* helpers below). Included from
-// moe_cuda.cuh (uses its helpers: WDesc, MlpDesc, load_scale, fp4_mag2, cp_async16,
+// moe_cuda.cuh (uses its helpers: WDesc, MlpDesc, load_scale, FP4_2MAG0 / 1, cp_async16,
 // cp_async4, ldsm_x4, smem_u32, silu). Host dispatch: mlx_moe/csrc/cuda/cuda_ops.cu.
 //
 // Block = one tile of GG_TM = 128 bucketed pairs of one expert (bucketing tile = GG_TM) x
@@ -136,17 +136,43 @@ __device__ __forceinline__ uint32_t gg_a4_pair(uint32_t w, uint32_t w4, int j) {
   return gg_unmagic<XT>(gg_lop_and_or(t, 0x000F000Fu, gg_magic<XT>()));
 }
 
-// mxfp4: nibbles 2j, 2j+1 of w as exact XT values of 2v (the scale is halved to match);
-// lo4 / hi4: fp4_mag2(w) (the bytes 2|v| of nibbles 0-3 / 4-7, at byte_perm index = nibble).
+// XT bits (f16, else bf16) of the integer 0 <= n < 128 (exact).
+constexpr uint32_t gg_small_int_bits(uint32_t n, bool f16) {
+  if (n == 0u) return 0u;
+  uint32_t e = 0u;
+  while ((n >> (e + 1u)) != 0u) ++e;
+  const uint32_t mant = n - (1u << e);
+  return f16 ? ((15u + e) << 10) | (mant << (10u - e)) : ((127u + e) << 7) | (mant << (7u - e));
+}
+// byte_perm table word t (magnitudes 4t .. 4t+3) of byte b (0: low, 1: high) of the XT bits
+// of 2|v| (FP4_2MAG0 / 1, moe_cuda.cuh).
+constexpr uint32_t gg_fp4_table(uint32_t t, uint32_t b, bool f16) {
+  uint32_t r = 0u;
+  for (uint32_t i = 0; i < 4u; ++i)
+    r |= ((gg_small_int_bits(((t ? FP4_2MAG1 : FP4_2MAG0) >> (8u * i)) & 0xFFu, f16) >> (8u * b)) & 0xFFu) << (8u * i);
+  return r;
+}
+static_assert(gg_fp4_table(0, 1, false) == 0x40403F00u && gg_fp4_table(1, 0, false) == 0x4000C080u &&
+                  gg_fp4_table(1, 1, true) == 0x4A484644u && gg_fp4_table(1, 0, true) == 0u,
+              "fp4 tables: 2|v| = {0, 1, 2, 3, 4, 6, 8, 12}");
+
+// mxfp4: nibbles 4h .. 4h+3 of w as two words of exact XT values of 2v (the scale is halved
+// to match): q0 = nibbles 4h, 4h + 1, q1 = nibbles 4h + 2, 4h + 3. The 3 magnitude bits of each nibble index
+// byte tables of XT's 2|v| (high bytes; low bytes for bf16, all 0 for f16) and bit 3 becomes
+// the sign: per 4 values 2 (f16: 1) table permutes, one permute + LOP3 for the signs and a
+// permute per word interleaving the bytes.
 template <typename XT>
-__device__ __forceinline__ uint32_t gg_fp4_pair(uint32_t w, uint32_t lo4, uint32_t hi4, int j) {
-  const uint32_t t = __byte_perm(lo4, hi4, uint32_t(2 * j) | (uint32_t(2 * j + 1) << 8));
-  const uint32_t mag = gg_unmagic<XT>(gg_lop_and_or(t, 0x00FF00FFu, gg_magic<XT>()));
-  // sign of nibble 2j (bit 8j+3) -> bit 15, of nibble 2j+1 (bit 8j+7) -> bit 31
-  const uint32_t sg = __byte_perm(w << 4, w, (uint32_t(j) << 4) | (uint32_t(4 + j) << 12));
-  uint32_t v;
-  asm("lop3.b32 %0, %1, %2, %3, 0xF8;\n" : "=r"(v) : "r"(mag), "r"(sg), "r"(0x80008000u));
-  return v;
+__device__ __forceinline__ void gg_fp4_quad(uint32_t w, uint32_t h, uint32_t& q0, uint32_t& q1) {
+  constexpr bool F16 = std::is_same_v<XT, __half>;
+  const uint32_t sel = (w >> (16u * h)) & 0x7777u;
+  const uint32_t hi = __byte_perm(gg_fp4_table(0, 1, F16), gg_fp4_table(1, 1, F16), sel);
+  const uint32_t lo = F16 ? 0u : __byte_perm(gg_fp4_table(0, 0, F16), gg_fp4_table(1, 0, F16), sel);
+  // byte i: the sign of nibble 4h + i in bit 7 (bytes 2h, 2h+1 of w << 4 and of w)
+  const uint32_t sg = __byte_perm(w << 4, w, h ? 0x7362u : 0x5140u);
+  uint32_t hs;
+  asm("lop3.b32 %0, %1, %2, %3, 0xF8;\n" : "=r"(hs) : "r"(hi), "r"(sg), "r"(0x80808080u));
+  q0 = __byte_perm(lo, hs, 0x5140u);
+  q1 = __byte_perm(lo, hs, 0x7362u);
 }
 
 // Affine 8-bit, f16: bytes 2j, 2j+1 of w as exact f16 codes (1024 + q is exact in f16).
@@ -710,12 +736,10 @@ __global__ void __launch_bounds__(GG_THREADS, 1)
               for (int jb = 0; jb < 2; ++jb)
                 bq[p][nt][jb] = gg_fma2<XT>(gg_a4_pair<XT>(w, w >> 4, 2 * h + jb), s2[p][nt], b2[p][nt]);
             } else if constexpr (FMT == GG_FP4) {
-              const uint32_t w = wr[p][nt][u][0];
-              uint32_t lo4, hi4;
-              fp4_mag2(w, lo4, hi4);
+              uint32_t q[2];
+              gg_fp4_quad<XT>(wr[p][nt][u][0], h, q[0], q[1]);
 #pragma unroll
-              for (int jb = 0; jb < 2; ++jb)
-                bq[p][nt][jb] = gg_fma2<XT>(gg_fp4_pair<XT>(w, lo4, hi4, 2 * h + jb), s2[p][nt], b2[p][nt]);
+              for (int jb = 0; jb < 2; ++jb) bq[p][nt][jb] = gg_fma2<XT>(q[jb], s2[p][nt], b2[p][nt]);
             } else {
               const uint32_t w = wr[p][nt][u][h];
               if constexpr (std::is_same_v<XT, __half>) {

@@ -267,6 +267,7 @@ __global__ void __launch_bounds__(128 * NWG, 1)
   const uint32_t rsc = FMT == GG_TR ? 0u : rr * (rp ? sw[1] : sw[0]) * 4u;  // row's scales (bytes)
   const uint32_t ssr = rp ? scp[1] : scp[0], sbr = rp ? bip[1] : bip[0];
   const uint32_t gsu = wdr.gs_units, G = wdr.groups;
+  const uint32_t gush = pow2_shift(gsu);  // the group of a unit of 32 k by a shift
   const uint32_t KT = (K + GG_BK - 1) / GG_BK;
 
   uint32_t trq[2][2];  // trellis: the copy plan (gg_tr_copy_plan)
@@ -348,7 +349,8 @@ __global__ void __launch_bounds__(128 * NWG, 1)
       float sf[2], bf[2];
 #pragma unroll
       for (uint32_t u = 0; u < 2; ++u)
-        gg_scale<XT, FMT, SK>(ssr, sbr, rsc, min((2u * kt + u) / gsu, G - 1u), s2[u], b2[u], sf[u], bf[u]);
+        gg_scale<XT, FMT, SK>(ssr, sbr, rsc, min(div_shift(2u * kt + u, gsu, gush), G - 1u), s2[u], b2[u],
+                              sf[u], bf[u]);
       const uint32_t dst = bt0 + b * WG_BTILE + R * 128u;
 #pragma unroll
       for (uint32_t c = 0; c < 8; ++c) {
@@ -359,11 +361,11 @@ __global__ void __launch_bounds__(128 * NWG, 1)
 #pragma unroll
           for (int j = 0; j < 4; ++j) v[j] = gg_fma2<XT>(gg_a4_pair<XT>(wc, w4, j), s2[u], b2[u]);
         } else if constexpr (FMT == GG_FP4) {
-          const uint32_t wc = w[c];
-          uint32_t lo4, hi4;
-          fp4_mag2(wc, lo4, hi4);
+          uint32_t q[4];
+          gg_fp4_quad<XT>(w[c], 0u, q[0], q[1]);
+          gg_fp4_quad<XT>(w[c], 1u, q[2], q[3]);
 #pragma unroll
-          for (int j = 0; j < 4; ++j) v[j] = gg_fma2<XT>(gg_fp4_pair<XT>(wc, lo4, hi4, j), s2[u], b2[u]);
+          for (int j = 0; j < 4; ++j) v[j] = gg_fma2<XT>(q[j], s2[u], b2[u]);
         } else {
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
@@ -468,11 +470,11 @@ __global__ void __launch_bounds__(128 * NWG, 1)
               for (int j = 0; j < 4; ++j)
                 ar[i][j >> 1][h + 2 * (j & 1)] = gg_fma2<XT>(gg_a4_pair<XT>(x, x4, j), s2, b2);
             } else {
-              uint32_t lo4, hi4;
-              fp4_mag2(x, lo4, hi4);
+              uint32_t q[4];
+              gg_fp4_quad<XT>(x, 0u, q[0], q[1]);
+              gg_fp4_quad<XT>(x, 1u, q[2], q[3]);
 #pragma unroll
-              for (int j = 0; j < 4; ++j)
-                ar[i][j >> 1][h + 2 * (j & 1)] = gg_fma2<XT>(gg_fp4_pair<XT>(x, lo4, hi4, j), s2, b2);
+              for (int j = 0; j < 4; ++j) ar[i][j >> 1][h + 2 * (j & 1)] = gg_fma2<XT>(q[j], s2, b2);
             }
           }
       };
