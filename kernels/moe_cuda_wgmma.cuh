@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(128 * NWG, 1)
     const uint32_t k0 = kt * GG_BK;
     const uint32_t sa = ring + slot * STAGE, sbw = sa + ABYTES;
     auto swz = [](uint32_t c, uint32_t r) { return c ^ (r & 7u); };
-    gg_copy_act<XT, decltype(swz), THREADS>(sa, A, arow, aok, kt, K, tid, swz);
+    gg_copy_act<XT, decltype(swz), THREADS>(sa, arow, aok, kt, K, tid, swz);
     if constexpr (FMT == GG_TR) {
       gg_tr_copy_stage(sbw, wd0, wd1, e, k0, n0, N, K, tid, trq);
     } else if (wthr) {
@@ -284,8 +284,10 @@ __global__ void __launch_bounds__(128 * NWG, 1)
 #pragma unroll
       for (uint32_t ch = 0; ch < BPR; ++ch) {
         const bool ok = rok && k0 + KPC * ch < K;
+        // (a zero-filled copy reads nothing: its source is wrow, a row of the expert, not a
+        // select against the projection's base; see gg_copy_act)
         cp_async16(sbw + R * BROW + (wg_raw_pos<FMT>(ch, R) << 4),
-                   ok ? wrow + (k0 * (FMT == GG_A8 ? 8u : 4u)) / 32u + 4u * ch : wdr.w, ok ? 16u : 0u);
+                   wrow + (ok ? k0 / (FMT == GG_A8 ? 4u : 8u) + 4u * ch : 0u), ok ? 16u : 0u);
       }
     }
   };
