@@ -1715,8 +1715,9 @@ __device__ __forceinline__ uint32_t nib2_bf16_128(uint32_t w, int s) {
 // byte permute (lo4/hi4: nibbles 0-3 / 4-7 of w, see fp4_mag2), the pair is placed in the
 // mantissas of 128.0 and 128 subtracted (unlike affine codes, which the unit loop takes as
 // 128 + q), and bit 3 of each nibble becomes the bf16 sign.
-// FP4_2MAG0 / 1: the byte_perm table of 2|v| for the E2M1 magnitude bits 0..7 (fp4.h: {0, 0.5, 1,
-// 1.5, 2, 3, 4, 6} doubled), also the source of the grouped kernels' tables (gg_fp4_table).
+// FP4_2MAG0 / 1: the byte_perm table of 2|v| for the E2M1 magnitude bits 0..7 (fp4.h:
+// {0, 0.5, 1, 1.5, 2, 3, 4, 6} doubled), also the source of the grouped kernels' tables
+// (gg_fp4_table).
 constexpr uint32_t FP4_2MAG0 = 0x03020100u, FP4_2MAG1 = 0x0C080604u;
 __device__ __forceinline__ void fp4_mag2(uint32_t w, uint32_t& lo4, uint32_t& hi4) {
   lo4 = __byte_perm(FP4_2MAG0, FP4_2MAG1, w & 0x7777u);

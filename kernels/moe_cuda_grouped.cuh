@@ -148,8 +148,10 @@ constexpr uint32_t gg_small_int_bits(uint32_t n, bool f16) {
 // of 2|v| (FP4_2MAG0 / 1, moe_cuda.cuh).
 constexpr uint32_t gg_fp4_table(uint32_t t, uint32_t b, bool f16) {
   uint32_t r = 0u;
-  for (uint32_t i = 0; i < 4u; ++i)
-    r |= ((gg_small_int_bits(((t ? FP4_2MAG1 : FP4_2MAG0) >> (8u * i)) & 0xFFu, f16) >> (8u * b)) & 0xFFu) << (8u * i);
+  for (uint32_t i = 0; i < 4u; ++i) {
+    const uint32_t n = ((t ? FP4_2MAG1 : FP4_2MAG0) >> (8u * i)) & 0xFFu;  // 2|v|
+    r |= ((gg_small_int_bits(n, f16) >> (8u * b)) & 0xFFu) << (8u * i);
+  }
   return r;
 }
 static_assert(gg_fp4_table(0, 1, false) == 0x40403F00u && gg_fp4_table(1, 0, false) == 0x4000C080u &&
@@ -157,10 +159,10 @@ static_assert(gg_fp4_table(0, 1, false) == 0x40403F00u && gg_fp4_table(1, 0, fal
               "fp4 tables: 2|v| = {0, 1, 2, 3, 4, 6, 8, 12}");
 
 // mxfp4: nibbles 4h .. 4h+3 of w as two words of exact XT values of 2v (the scale is halved
-// to match): q0 = nibbles 4h, 4h + 1, q1 = nibbles 4h + 2, 4h + 3. The 3 magnitude bits of each nibble index
-// byte tables of XT's 2|v| (high bytes; low bytes for bf16, all 0 for f16) and bit 3 becomes
-// the sign: per 4 values 2 (f16: 1) table permutes, one permute + LOP3 for the signs and a
-// permute per word interleaving the bytes.
+// to match): q0 = nibbles 4h, 4h + 1, q1 = nibbles 4h + 2, 4h + 3. The 3 magnitude bits of
+// each nibble index byte tables of XT's 2|v| (high bytes; low bytes for bf16, all 0 for f16)
+// and bit 3 becomes the sign: per 4 values 2 (f16: 1) table permutes, one permute + LOP3 for
+// the signs and a permute per word interleaving the bytes.
 template <typename XT>
 __device__ __forceinline__ void gg_fp4_quad(uint32_t w, uint32_t h, uint32_t& q0, uint32_t& q1) {
   constexpr bool F16 = std::is_same_v<XT, __half>;
