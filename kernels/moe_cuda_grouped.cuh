@@ -144,13 +144,16 @@ constexpr uint32_t gg_small_int_bits(uint32_t n, bool f16) {
   const uint32_t mant = n - (1u << e);
   return f16 ? ((15u + e) << 10) | (mant << (10u - e)) : ((127u + e) << 7) | (mant << (7u - e));
 }
+// 2|v| of the E2M1 magnitude bits i (0 .. 7).
+constexpr uint32_t gg_fp4_2mag(uint32_t i) {
+  return ((i < 4u ? FP4_2MAG0 : FP4_2MAG1) >> (8u * (i & 3u))) & 0xFFu;
+}
 // byte_perm table word t (magnitudes 4t .. 4t+3) of byte b (0: low, 1: high) of the XT bits
 // of 2|v| (FP4_2MAG0 / 1, moe_cuda.cuh).
 constexpr uint32_t gg_fp4_table(uint32_t t, uint32_t b, bool f16) {
   uint32_t r = 0u;
   for (uint32_t i = 0; i < 4u; ++i) {
-    const uint32_t n = ((t ? FP4_2MAG1 : FP4_2MAG0) >> (8u * i)) & 0xFFu;  // 2|v|
-    r |= ((gg_small_int_bits(n, f16) >> (8u * b)) & 0xFFu) << (8u * i);
+    r |= ((gg_small_int_bits(gg_fp4_2mag(4u * t + i), f16) >> (8u * b)) & 0xFFu) << (8u * i);
   }
   return r;
 }
@@ -158,23 +161,80 @@ static_assert(gg_fp4_table(0, 1, false) == 0x40403F00u && gg_fp4_table(1, 0, fal
                   gg_fp4_table(1, 1, true) == 0x4A484644u && gg_fp4_table(1, 0, true) == 0u,
               "fp4 tables: 2|v| = {0, 1, 2, 3, 4, 6, 8, 12}");
 
-// mxfp4: nibbles 4h .. 4h+3 of w as two words of exact XT values of 2v (the scale is halved
-// to match): q0 = nibbles 4h, 4h + 1, q1 = nibbles 4h + 2, 4h + 3. The 3 magnitude bits of
-// each nibble index byte tables of XT's 2|v| (high bytes; low bytes for bf16, all 0 for f16)
-// and bit 3 becomes the sign: per 4 values 2 (f16: 1) table permutes, one permute + LOP3 for
-// the signs and a permute per word interleaving the bytes.
-template <typename XT>
-__device__ __forceinline__ void gg_fp4_quad(uint32_t w, uint32_t h, uint32_t& q0, uint32_t& q1) {
-  constexpr bool F16 = std::is_same_v<XT, __half>;
+// mxfp4: the byte tables of a nibble's magnitude bits (0 .. 7): high bytes of the XT bits of
+// the 8 magnitudes in h0 (0 .. 3) and h1 (4 .. 7), low bytes in l0, l1.
+struct GgFp4Tab {
+  uint32_t h0, h1, l0, l1;
+};
+
+// mxfp4: nibbles 4h .. 4h+3 of w as two words of XT values, q0 = nibbles 4h, 4h + 1, q1 =
+// nibbles 4h + 2, 4h + 3, the magnitudes looked up in t: 2 table permutes per 4 values (1 when
+// LO is false: low bytes all 0), one permute + LOP3 for the signs (bit 3 of each nibble) and
+// a permute per word interleaving the bytes.
+template <bool LO>
+__device__ __forceinline__ void gg_fp4_quad(uint32_t w, uint32_t h, const GgFp4Tab& t, uint32_t& q0,
+                                            uint32_t& q1) {
   const uint32_t sel = (w >> (16u * h)) & 0x7777u;
-  const uint32_t hi = __byte_perm(gg_fp4_table(0, 1, F16), gg_fp4_table(1, 1, F16), sel);
-  const uint32_t lo = F16 ? 0u : __byte_perm(gg_fp4_table(0, 0, F16), gg_fp4_table(1, 0, F16), sel);
+  const uint32_t hi = __byte_perm(t.h0, t.h1, sel);
+  const uint32_t lo = LO ? __byte_perm(t.l0, t.l1, sel) : 0u;
   // byte i: the sign of nibble 4h + i in bit 7 (bytes 2h, 2h+1 of w << 4 and of w)
   const uint32_t sg = __byte_perm(w << 4, w, h ? 0x7362u : 0x5140u);
   uint32_t hs;
   asm("lop3.b32 %0, %1, %2, %3, 0xF8;\n" : "=r"(hs) : "r"(hi), "r"(sg), "r"(0x80808080u));
   q0 = __byte_perm(lo, hs, 0x5140u);
   q1 = __byte_perm(lo, hs, 0x7362u);
+}
+
+// The same with the constant tables of 2|v| (gg_fp4_table; the scale, halved to match, is
+// applied after).
+template <typename XT>
+__device__ __forceinline__ void gg_fp4_quad(uint32_t w, uint32_t h, uint32_t& q0, uint32_t& q1) {
+  constexpr bool F16 = std::is_same_v<XT, __half>;
+  constexpr GgFp4Tab t{gg_fp4_table(0, 1, F16), gg_fp4_table(1, 1, F16), gg_fp4_table(0, 0, F16),
+                       gg_fp4_table(1, 0, F16)};
+  gg_fp4_quad<!F16>(w, h, t, q0, q1);
+}
+
+// The tables with the group scale 2^(E - 127) folded in (the XT bits of |v| 2^(E - 127) =
+// 2|v| 2^(E - 128)), so that a lookup gives the final value: no multiply per pair. Where E
+// keeps every nonzero magnitude normal and finite in XT (gg_fp4_exact_int: bf16 2 <= E <= 252,
+// f16 114 <= E <= 140) that is E - 128 added to the exponent field of each nonzero entry of
+// 2|v|, two entries per word (one IMAD per word: the lanes stay within 16 bits); F32 (any E,
+// for the others): as gg_scale, the products with moe_e8m0_scale(E) / 2 in fp32, rounded once
+// to XT (subnormals, inf, and NaN for 0 times an infinite scale). Either gives the values of
+// gg_scale + gg_fma2 on gg_fp4_quad's 2v (an exact product) but for zero's sign: code 8 gives
+// -0, not +0.
+// Entries 2j, 2j + 1 of 2|v| as XT bits (f16, else bf16) in the low / high 16 bits.
+constexpr uint32_t gg_fp4_pair_bits(uint32_t j, bool f16) {
+  return gg_small_int_bits(gg_fp4_2mag(2u * j), f16) |
+         (gg_small_int_bits(gg_fp4_2mag(2u * j + 1u), f16) << 16);
+}
+static_assert(gg_fp4_pair_bits(0, false) == 0x3F800000u && gg_fp4_pair_bits(3, false) == 0x41404100u &&
+                  gg_fp4_pair_bits(1, true) == 0x42004000u,
+              "2|v| pairs: {0, 1}, {2, 3}, {4, 6}, {8, 12}");
+template <typename XT>
+__device__ __forceinline__ bool gg_fp4_exact_int(uint32_t E) {
+  constexpr bool F16 = std::is_same_v<XT, __half>;
+  return E - (F16 ? 114u : 2u) <= (F16 ? 140u - 114u : 252u - 2u);
+}
+template <typename XT, bool F32>
+__device__ __forceinline__ GgFp4Tab gg_fp4_scaled(uint32_t E) {
+  constexpr bool F16 = std::is_same_v<XT, __half>;
+  constexpr uint32_t M = (F16 ? 0x400u : 0x80u) * 0x10001u;  // 1 in each lane's exponent field
+  constexpr uint32_t M0 = M & 0xFFFF0000u;                    // entry 0 stays 0
+  uint32_t W[4];
+  if constexpr (F32) {
+    const float s = moe_e8m0_scale(E) * 0.5f;
+#pragma unroll
+    for (uint32_t j = 0; j < 4; ++j)
+      W[j] = gg_pack<XT>(float(gg_fp4_2mag(2u * j)) * s, float(gg_fp4_2mag(2u * j + 1u)) * s);
+  } else {
+    W[0] = E * M0 + (gg_fp4_pair_bits(0u, F16) - 128u * M0);
+#pragma unroll
+    for (uint32_t j = 1; j < 4; ++j) W[j] = E * M + (gg_fp4_pair_bits(j, F16) - 128u * M);
+  }
+  return {__byte_perm(W[0], W[1], 0x7531u), __byte_perm(W[2], W[3], 0x7531u),
+          __byte_perm(W[0], W[1], 0x6420u), __byte_perm(W[2], W[3], 0x6420u)};
 }
 
 // Affine 8-bit, f16: bytes 2j, 2j+1 of w as exact f16 codes (1024 + q is exact in f16).
@@ -205,14 +265,19 @@ __device__ __forceinline__ void cp_async_wait() {
 template <int FMT, int SK>
 constexpr uint32_t gg_sc_bytes() { return FMT == GG_FP4 ? 1u : SK == 1 ? 4u : 2u; }
 
+// mxfp4: the E8M0 byte of group g of the raw scale row at byte offset r of ss.
+__device__ __forceinline__ uint32_t gg_e8m0(uint32_t ss, uint32_t r, uint32_t g) {
+  uint32_t v;
+  asm volatile("ld.shared.u8 %0, [%1];\n" : "=r"(v) : "r"(ss + r + g));
+  return v;
+}
+
 template <typename XT, int FMT, int SK>
 __device__ __forceinline__ void gg_scale(uint32_t ss, uint32_t sb, uint32_t r, uint32_t g,
                                          uint32_t& s2, uint32_t& b2, float& sf, float& bf) {
   constexpr bool f32_math = FMT == GG_A8 && std::is_same_v<XT, __nv_bfloat16>;
   if constexpr (FMT == GG_FP4) {
-    uint32_t v;
-    asm volatile("ld.shared.u8 %0, [%1];\n" : "=r"(v) : "r"(ss + r + g));
-    const float f = moe_e8m0_scale(v) * 0.5f;
+    const float f = moe_e8m0_scale(gg_e8m0(ss, r, g)) * 0.5f;
     s2 = gg_pack<XT>(f, f);
     b2 = 0u;
   } else if constexpr (SK == 1) {

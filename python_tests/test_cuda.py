@@ -424,7 +424,7 @@ def _tr_indices(w, bits, N, K):
     return idx.transpose(1, 2, 0, 3).reshape(TN * 16, TK * 16)[:N, :K]
 
 
-def _gg_projection(rng, shape, fmt, bits, gs, sdt, tr=None):
+def _gg_projection(rng, shape, fmt, bits, gs, sdt, tr=None, e_range=None):
     E, N, K = shape
     if fmt == "trellis":
         su, sv, pe, gdt = tr
@@ -439,6 +439,8 @@ def _gg_projection(rng, shape, fmt, bits, gs, sdt, tr=None):
         raw = ("affine", bits, gs, np.array(w), to_np(s).astype(np.float64), to_np(b).astype(np.float64))
     else:
         w, s = random_mxfp4(rng, shape)
+        if e_range is not None:  # E8M0 bytes drawn from [lo, hi)
+            s = mx.array(rng.integers(*e_range, size=s.shape).astype(np.uint8))
         q = mlx_moe.QuantizedWeight(w, s, mode="mxfp4", bits=4, group_size=32)
         raw = ("mxfp4", 4, 32, np.array(w), np.array(s).astype(np.float64), None)
     return q, raw
@@ -514,18 +516,18 @@ def _counts_routing(rng, counts, k):
 
 
 def _gg_check(rng, T, E, D, F, k, fmt, bits, gs, dtype, sdt=None, bad_ids=False, tr=None,
-              counts=None):
+              counts=None, x_scale=1.0, e_ranges=(None, None, None)):
     sdt = sdt or (mx.float16 if fmt == "trellis" else dtype)
     u = 2.0 ** -8 if dtype == mx.bfloat16 else 2.0 ** -11
     # trellis: (su, sv, per-expert grid, grid dtype) of each projection
     tr = tr or [(True, True, False, mx.float32)] * 3
-    projs, raws = zip(*(_gg_projection(rng, s, fmt, b, gs, sdt, t)
-                        for s, b, t in zip(((E, F, D), (E, F, D), (E, D, F)), bits, tr)))
+    projs, raws = zip(*(_gg_projection(rng, s, fmt, b, gs, sdt, t, er)
+                        for s, b, t, er in zip(((E, F, D), (E, F, D), (E, D, F)), bits, tr, e_ranges)))
     experts = mlx_moe.Experts(*projs)
     if counts is not None:  # (T: from the counts)
         ids, w = _counts_routing(rng, counts, k)
         T = ids.shape[0]
-    x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(dtype)
+    x = mx.array((rng.standard_normal((T, D)) * x_scale).astype(np.float32)).astype(dtype)
     if counts is None:
         ids, w = mlx_moe.route(random_logits(rng, T, E), k, stream=mx.cpu)
     if bad_ids:  # a lazily out-of-range id contributes nothing
@@ -598,6 +600,20 @@ def test_moe_mlp_grouped_odd_shapes(rng, gg_kernel, T, E, D, F, k, fmt, bits, gs
     if sdt == "other":
         sdt = mx.float16 if dtype == mx.bfloat16 else mx.bfloat16
     _gg_check(rng, T, E, D, F, k, fmt, bits, gs, dtype, sdt)
+
+
+# mxfp4 scale bytes at the ends of the activation type's range, where the sm_90a shared-tile
+# kernel's tables with the scale folded in (gg_fp4_scaled) take their fp32 path: bf16 E = 0, 1
+# (values 2^(E-128) * 2|v|: subnormal, exact in bf16) beside E = 2, 3; f16 E = 104 .. 113
+# (subnormal in f16, exact: multiples of 2^-24) beside 114. Gate / up carry them, the
+# activations are scaled so that H and the outputs stay normal (2^120 for bf16, 2^9 for
+# f16), down has ordinary scales. The same float64 reference and bound as every grouped case
+# (the dequantized weights are exact, so the bound's weight rounding term only loosens it).
+@pytest.mark.parametrize("dtype,e_range,x_scale", [(mx.bfloat16, (0, 4), 2.0 ** 120),
+                                                   (mx.float16, (104, 115), 2.0 ** 9)])
+def test_moe_mlp_grouped_mxfp4_scale_range(rng, gg_kernel, dtype, e_range, x_scale):
+    _gg_check(rng, 700, 16, 160, 96, 4, "mxfp4", (4, 4, 4), 32, dtype, x_scale=x_scale,
+              e_ranges=(e_range, e_range, None))
 
 
 # The tile table's splits (tile_first_row, kernels/moe_cuda.cuh): experts whose pair counts sit
