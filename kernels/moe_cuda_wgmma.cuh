@@ -624,6 +624,25 @@ __global__ void __launch_bounds__(128 * NWG, 1)
     // every tile at a few hundred tokens) issues no products: the other one gets the SM's
     // tensor cores to itself.
     const bool busy = wgrp * 64u < rows;
+    // Down: the epilogue's output rows and routing weights (gg_out_row's values: the rows'
+    // pair indices, then their weights, from global memory), loaded before the loop; in the
+    // epilogue their latency stood between the products and the stores (ncu, mxfp4 down at
+    // 4096 tokens: 11% of the kernel's stall samples). Tiles of 128 pairs only: on three
+    // warpgroups (168 registers) the four live registers slowed the loop more than the
+    // epilogue gained (H200, down at 4096 tokens: mxfp4 361 -> 367 us, affine4 370 -> 374;
+    // at 1024, tiles of 128: 147 -> 141, 157 -> 155), and affine 8-bit spilled there.
+    constexpr bool PRE = !GATEUP && NWG == 2;
+    uint32_t orows[2] = {0u, 0u};
+    float scales[2] = {1.f, 1.f};
+    if constexpr (PRE) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t r = wgrp * 64u + (warp & 3u) * 16u + (lane >> 2) + 8u * h;
+        orows[h] = pairs[row0 + min(r, rows - 1u)];  // (a tile has >= 1 row: tile_first_row)
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) scales[h] = rw[orows[h]];
+    }
     // Step kt: issue its products, then (while they run, queued behind step kt-1's) wait for
     // step kt-1's, refill the ring slot they read and dequantize step kt+1 into the tile they
     // read. The tensor cores stay busy while one barrier + dequantization + one barrier take
@@ -666,8 +685,9 @@ __global__ void __launch_bounds__(128 * NWG, 1)
     for (int h = 0; h < 2; ++h) {
       const uint32_t r = wgrp * 64u + (warp & 3u) * 16u + gid + 8u * h;
       if (r >= rows) continue;
-      float scale;
-      const int64_t orow = gg_out_row<GATEUP>(pairs, rw, row0 + r, scale);
+      float scale = scales[h];
+      const int64_t orow =
+          PRE ? int64_t(orows[h]) : gg_out_row<GATEUP>(pairs, rw, row0 + r, scale);
 #pragma unroll
       for (int j = 0; j < (GATEUP ? 16 : 32); ++j) {
         const uint32_t n = nb + 8u * j + 2u * t4;
