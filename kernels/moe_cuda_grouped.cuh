@@ -195,6 +195,15 @@ __device__ __forceinline__ void gg_fp4_quad(uint32_t w, uint32_t h, uint32_t& q0
   gg_fp4_quad<!F16>(w, h, t, q0, q1);
 }
 
+// Entries 2j, 2j + 1 of 2|v| as XT bits (f16, else bf16) in the low / high 16 bits.
+constexpr uint32_t gg_fp4_pair_bits(uint32_t j, bool f16) {
+  return gg_small_int_bits(gg_fp4_2mag(2u * j), f16) |
+         (gg_small_int_bits(gg_fp4_2mag(2u * j + 1u), f16) << 16);
+}
+static_assert(gg_fp4_pair_bits(0, false) == 0x3F800000u && gg_fp4_pair_bits(3, false) == 0x41404100u &&
+                  gg_fp4_pair_bits(1, true) == 0x42004000u,
+              "2|v| pairs: {0, 1}, {2, 3}, {4, 6}, {8, 12}");
+
 // The tables with the group scale 2^(E - 127) folded in (the XT bits of |v| 2^(E - 127) =
 // 2|v| 2^(E - 128)), so that a lookup gives the final value: no multiply per pair. Where E
 // keeps every nonzero magnitude normal and finite in XT (gg_fp4_exact_int: bf16 2 <= E <= 252,
@@ -204,14 +213,6 @@ __device__ __forceinline__ void gg_fp4_quad(uint32_t w, uint32_t h, uint32_t& q0
 // to XT (subnormals, inf, and NaN for 0 times an infinite scale). Either gives the values of
 // gg_scale + gg_fma2 on gg_fp4_quad's 2v (an exact product) but for zero's sign: code 8 gives
 // -0, not +0.
-// Entries 2j, 2j + 1 of 2|v| as XT bits (f16, else bf16) in the low / high 16 bits.
-constexpr uint32_t gg_fp4_pair_bits(uint32_t j, bool f16) {
-  return gg_small_int_bits(gg_fp4_2mag(2u * j), f16) |
-         (gg_small_int_bits(gg_fp4_2mag(2u * j + 1u), f16) << 16);
-}
-static_assert(gg_fp4_pair_bits(0, false) == 0x3F800000u && gg_fp4_pair_bits(3, false) == 0x41404100u &&
-                  gg_fp4_pair_bits(1, true) == 0x42004000u,
-              "2|v| pairs: {0, 1}, {2, 3}, {4, 6}, {8, 12}");
 template <typename XT>
 __device__ __forceinline__ bool gg_fp4_exact_int(uint32_t E) {
   constexpr bool F16 = std::is_same_v<XT, __half>;
