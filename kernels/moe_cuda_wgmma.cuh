@@ -268,6 +268,8 @@ __global__ void __launch_bounds__(128 * NWG, 1)
   const uint32_t ssr = rp ? scp[1] : scp[0], sbr = rp ? bip[1] : bip[0];
   const uint32_t gsu = wdr.gs_units, G = wdr.groups;
   const uint32_t gush = pow2_shift(gsu);  // the group of a unit of 32 k by a shift
+  // scale group of unit u (32 k) of K step kt (clamped: units past K read the last group)
+  auto unit_group = [&](uint32_t kt, uint32_t u) { return min(div_shift(2u * kt + u, gsu, gush), G - 1u); };
   const uint32_t KT = (K + GG_BK - 1) / GG_BK;
 
   uint32_t trq[2][2];  // trellis: the copy plan (gg_tr_copy_plan)
@@ -359,7 +361,7 @@ __global__ void __launch_bounds__(128 * NWG, 1)
         bool exact = true;
 #pragma unroll
         for (uint32_t u = 0; u < 2; ++u) {
-          E[u] = gg_e8m0(ssr, rsc, min(div_shift(2u * kt + u, gsu, gush), G - 1u));
+          E[u] = gg_e8m0(ssr, rsc, unit_group(kt, u));
           exact = exact && gg_fp4_exact_int<XT>(E[u]);
         }
         const uint32_t dst = bt0 + b * WG_BTILE + R * 128u;
@@ -386,8 +388,7 @@ __global__ void __launch_bounds__(128 * NWG, 1)
         float sf[2], bf[2];
 #pragma unroll
         for (uint32_t u = 0; u < 2; ++u)
-          gg_scale<XT, FMT, SK>(ssr, sbr, rsc, min(div_shift(2u * kt + u, gsu, gush), G - 1u), s2[u], b2[u],
-                                sf[u], bf[u]);
+          gg_scale<XT, FMT, SK>(ssr, sbr, rsc, unit_group(kt, u), s2[u], b2[u], sf[u], bf[u]);
         const uint32_t dst = bt0 + b * WG_BTILE + R * 128u;
 #pragma unroll
         for (uint32_t c = 0; c < 8; ++c) {
