@@ -349,7 +349,12 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-__device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
+// g * sigmoid(g) in fp32 by the hardware exponential and reciprocal (ex2.approx, rcp.approx:
+// 5 instructions; expf and an IEEE division took ~19 with a slow-path branch, 13% of the
+// grouped gate/up kernel's stall samples at 4096 tokens sat in that epilogue). Relative error
+// ~1e-6 for |g| < 16 (the argument's rounding times |g| log2 e), far under the XT rounding of
+// the result; g < -87 (1 + e^-g beyond 2^126) gives -0 where the exact value is below 1e-36.
+__device__ __forceinline__ float silu(float g) { return __fdividef(g, 1.f + __expf(-g)); }
 
 // ------------------------------------------------------------------------------ router
 // One warp per row. Top-k by k rounds of a warp arg-max under the strict order

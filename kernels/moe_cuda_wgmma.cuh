@@ -55,11 +55,13 @@ __host__ __device__ inline uint32_t wg_stage_bytes(int fmt, int nwg, const WDesc
 }
 // Dynamic shared memory of the wgmma kernel with S raw stages (1024: alignment of the base).
 // rs (the register-sourced kernel): no dequantized tiles; 1 KB of per-row output indices and
-// routing weights (down) instead.
+// routing weights (down) instead. The shared-tile kernel's down keeps those (WG_INFO bytes)
+// after the panels: its epilogue stages the outputs over the tiles and the ring.
+constexpr uint32_t WG_INFO = 2048u;  // 8 bytes per tile row, tiles of up to 256 pairs
 __host__ __device__ inline uint32_t wg_smem_bytes(int fmt, int S, const WDesc& p0, const WDesc& p1,
-                                                  int nwg = 2, bool rs = false) {
+                                                  int nwg = 2, bool rs = false, bool gateup = true) {
   return 1024u + (rs ? 1024u : 2u * WG_BTILE) + uint32_t(S) * wg_stage_bytes(fmt, nwg, p0, p1) +
-         wg_panel_bytes(p0) + wg_panel_bytes(p1);
+         wg_panel_bytes(p0) + wg_panel_bytes(p1) + (rs || gateup ? 0u : WG_INFO);
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -202,6 +204,39 @@ __device__ __forceinline__ uint32_t wg_raw_pos(uint32_t ch, uint32_t R) {
   return FMT == GG_A8 ? ch ^ ((R >> 1) & 3u) : ch ^ ((R >> 2) & 1u);
 }
 
+// Stores a block's outputs staged in shared memory at st (rows x OW XT, rows 2 OW + 16 bytes
+// apart: the fragments' 4-byte stores of 8 rows by 4 lanes hit 32 distinct banks) to columns
+// nb .. of out's rows, 16 bytes per thread and store (N % 8 == 0; else element by element):
+// a warp writes 512 contiguous bytes where the fragments' own stores wrote 8 pieces of 16.
+// Output row of tile row r: row0 + r (gate/up: H is in bucketed order) or the pair index at
+// info + 8 r (down).
+template <bool GATEUP, typename XT, uint32_t OW, uint32_t THREADS>
+__device__ __forceinline__ void wg_store_rows(XT* __restrict__ out, uint32_t st, uint32_t info,
+                                              uint32_t rows, uint32_t row0, uint32_t nb,
+                                              uint32_t N, uint32_t tid) {
+  constexpr uint32_t ROWB = 2u * OW + 16u, CPR = OW / 8u;
+  const bool vec = (N & 7u) == 0u;
+  for (uint32_t id = tid; id < rows * CPR; id += THREADS) {
+    const uint32_t r = id / CPR, ch = id % CPR, n = nb + 8u * ch;
+    if (n >= N) continue;
+    uint32_t orow = row0 + r;
+    if constexpr (!GATEUP) asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(orow) : "r"(info + 8u * r));
+    XT* o = out + int64_t(orow) * N + n;
+    const uint32_t src = st + r * ROWB + 16u * ch;
+    if (vec) {
+      uint4 v;
+      asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(src));
+      *reinterpret_cast<uint4*>(o) = v;
+    } else {
+      for (uint32_t e = 0; e < 8u && n + e < N; ++e) {
+        uint16_t b;
+        asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(b) : "r"(src + 2u * e));
+        reinterpret_cast<uint16_t*>(o)[e] = b;
+      }
+    }
+  }
+}
+
 // One projection of the grouped MLP (see the top of this file and mlp_gg_kernel: the same
 // arguments, grid and outputs). S: raw stages in the cp.async ring (3 or 4, by shared memory).
 // NWG: warpgroups (2: tiles of 128 pairs; 3: tiles of 192 pairs, where the third warpgroup
@@ -237,9 +272,10 @@ __global__ void __launch_bounds__(128 * NWG, 1)
   // padded raw scales / biases: [panel][128 rows][sw[p] words]
   // (trellis: gg_tr_layout: scp = scale * sv, bip = su, grp = codebooks)
   uint32_t scp[2], bip[2], sw[2], grp[2];
+  uint32_t info;  // down, shared tiles: each tile row's pair and routing weight (WG_INFO)
   {
     uint32_t off = ring + uint32_t(S) * STAGE;
-    if constexpr (FMT == GG_TR) gg_tr_layout(off, wd0, wd1, K, scp, bip, grp);
+    if constexpr (FMT == GG_TR) off = gg_tr_layout(off, wd0, wd1, K, scp, bip, grp);
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
       if constexpr (FMT == GG_TR) continue;
@@ -250,7 +286,16 @@ __global__ void __launch_bounds__(128 * NWG, 1)
       bip[p] = off;
       if (wd.mode != 1u) off += GG_TN * sw[p] * 4u;
     }
+    info = off;
   }
+  // Down: tile row r's output row (its pair index) and routing weight, 8 bytes at info + 8 r.
+  auto put_info = [&](uint32_t at) {
+    for (uint32_t r = tid; r < rows; r += THREADS) {
+      const uint32_t pr = pairs[row0 + r];
+      asm volatile("st.shared.v2.u32 [%0], {%1, %2};\n" ::"r"(at + 8u * r), "r"(pr),
+                   "r"(__float_as_uint(rw[pr])));
+    }
+  };
 
   // activation copies: straight into wgmma's 128-byte-swizzled layout
   const XT* arow[4];
@@ -438,13 +483,7 @@ __global__ void __launch_bounds__(128 * NWG, 1)
     // which every warpgroup has retired).
     static_assert(NWG == 2 && (FMT == GG_A4 || FMT == GG_FP4) && S >= 4, "RS");
     constexpr uint32_t MB = 2u, PN = GG_TN;  // m-blocks per warpgroup, weight rows per panel
-    if (!GATEUP) {  // down: each tile row's Yp row and routing weight
-      for (uint32_t r = tid; r < rows; r += THREADS) {
-        const uint32_t pr = pairs[row0 + r];
-        asm volatile("st.shared.v2.u32 [%0], {%1, %2};\n" ::"r"(smem0 + 8u * r), "r"(pr),
-                     "r"(__float_as_uint(rw[pr])));
-      }
-    }
+    if (!GATEUP) put_info(smem0);
 #pragma unroll
     for (int s = 0; s < S - 2; ++s) {
       if (uint32_t(s) < KT) load_stage(s, s);
@@ -554,8 +593,8 @@ __global__ void __launch_bounds__(128 * NWG, 1)
 
       // ---- epilogue: acc[i][4 j + 2 h + c] = (row 16 q + g + 8 h of m-block i, pair
       // 8 j + 2 (lane & 3) + c); staged as [pair][column] XT rows of OW columns (+16 bytes),
-      // then stored 16 bytes at a time
-      constexpr uint32_t OW = GATEUP ? PN : 2u * PN, ROWB = 2u * OW + 16u, CPR = OW / 8u;
+      // then stored 16 bytes at a time (wg_store_rows)
+      constexpr uint32_t OW = GATEUP ? PN : 2u * PN, ROWB = 2u * OW + 16u;
 #pragma unroll
       for (uint32_t j = 0; j < uint32_t(NN) / 8u; ++j)
 #pragma unroll
@@ -578,26 +617,7 @@ __global__ void __launch_bounds__(128 * NWG, 1)
             }
         }
       __syncthreads();
-      const bool vec = (N & 7u) == 0u;
-      for (uint32_t id = tid; id < rows * CPR; id += THREADS) {
-        const uint32_t r = id / CPR, ch = id % CPR, n = nb + 8u * ch;
-        if (n >= N) continue;
-        uint32_t orow = row0 + r;
-        if constexpr (!GATEUP) asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(orow) : "r"(smem0 + 8u * r));
-        XT* o = out + int64_t(orow) * N + n;
-        const uint32_t src = ring + r * ROWB + 16u * ch;
-        if (vec) {
-          uint4 v;
-          asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(src));
-          *reinterpret_cast<uint4*>(o) = v;
-        } else {
-          for (uint32_t e = 0; e < 8u && n + e < N; ++e) {
-            uint16_t b;
-            asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(b) : "r"(src + 2u * e));
-            reinterpret_cast<uint16_t*>(o)[e] = b;
-          }
-        }
-      }
+      wg_store_rows<GATEUP, XT, OW, THREADS>(out, ring, smem0, rows, row0, nb, N, tid);
     };
     if (rows <= 64u)
       run(std::integral_constant<int, 64>{});
@@ -614,6 +634,10 @@ __global__ void __launch_bounds__(128 * NWG, 1)
       if (s == 0) load_scales();
       cp_async_commit();
     }
+    // (down: loaded here, read in the epilogue; in the epilogue, two dependent global loads per
+    // row stood between the products and the stores: ncu, mxfp4 down at 4096 tokens, 11% of
+    // the kernel's stall samples)
+    if (!GATEUP) put_info(info);
     cp_async_wait<S - 2>();
     __syncthreads();
     if (wthr) dequant(0, 0, 0);
@@ -625,25 +649,6 @@ __global__ void __launch_bounds__(128 * NWG, 1)
     // every tile at a few hundred tokens) issues no products: the other one gets the SM's
     // tensor cores to itself.
     const bool busy = wgrp * 64u < rows;
-    // Down: the epilogue's output rows and routing weights (gg_out_row's values: the rows'
-    // pair indices, then their weights, from global memory), loaded before the loop; in the
-    // epilogue their latency stood between the products and the stores (ncu, mxfp4 down at
-    // 4096 tokens: 11% of the kernel's stall samples). Tiles of 128 pairs only: on three
-    // warpgroups (168 registers) the four live registers slowed the loop more than the
-    // epilogue gained (H200, down at 4096 tokens: mxfp4 361 -> 367 us, affine4 370 -> 374;
-    // at 1024, tiles of 128: 147 -> 141, 157 -> 155), and affine 8-bit spilled there.
-    constexpr bool PRE = !GATEUP && NWG == 2;
-    uint32_t orows[2] = {0u, 0u};
-    float scales[2] = {1.f, 1.f};
-    if constexpr (PRE) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint32_t r = wgrp * 64u + (warp & 3u) * 16u + (lane >> 2) + 8u * h;
-        orows[h] = pairs[row0 + min(r, rows - 1u)];  // (a tile has >= 1 row: tile_first_row)
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) scales[h] = rw[orows[h]];
-    }
     // Step kt: issue its products, then (while they run, queued behind step kt-1's) wait for
     // step kt-1's, refill the ring slot they read and dequantize step kt+1 into the tile they
     // read. The tensor cores stay busy while one barrier + dequantization + one barrier take
@@ -678,30 +683,36 @@ __global__ void __launch_bounds__(128 * NWG, 1)
     wg_wait<0>();
     wg_fence_acc(acc);
     cp_async_wait<0>();
+    __syncthreads();  // every warpgroup's products are done: the tiles and the ring stage the outputs
 
     // ---- epilogue: acc[4 j + 2 h + c] = (row 64 wgrp + 16 (warp & 3) + gid + 8 h,
-    // column 8 j + 2 t4 + c) of the block's 64 x 256 (weight rows: panel 0 then panel 1)
+    // column 8 j + 2 t4 + c) of the block's 64 x 256 (weight rows: panel 0 then panel 1);
+    // staged as [tile row][column] XT rows of OW columns, then stored 16 bytes at a time
+    // (wg_store_rows; the fragments' own 4-byte stores were most of the 26% of down's stall
+    // samples past its last product, ncu, mxfp4 at 4096 tokens)
+    constexpr uint32_t OW = GATEUP ? GG_TN : 2u * GG_TN, ROWB = 2u * OW + 16u;
+    static_assert(TM * ROWB <= 2u * WG_BTILE + uint32_t(S) * ABYTES, "staging past the ring");
     const uint32_t gid = lane >> 2, t4 = lane & 3u;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const uint32_t r = wgrp * 64u + (warp & 3u) * 16u + gid + 8u * h;
       if (r >= rows) continue;
-      float scale = scales[h];
-      const int64_t orow =
-          PRE ? int64_t(orows[h]) : gg_out_row<GATEUP>(pairs, rw, row0 + r, scale);
+      float scale = 1.f;
+      if constexpr (!GATEUP) asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(scale) : "r"(info + 8u * r + 4u));
 #pragma unroll
       for (int j = 0; j < (GATEUP ? 16 : 32); ++j) {
-        const uint32_t n = nb + 8u * j + 2u * t4;
-        if (n >= N) continue;
         float v[2];
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const float a = acc[4 * j + 2 * h + c];
           v[c] = GATEUP ? silu(a) * acc[4 * (j + 16) + 2 * h + c] : scale * a;
         }
-        gg_store2<XT>(out + orow * N + n, N, n, v[0], v[1]);
+        asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(bt0 + r * ROWB + 16u * j + 4u * t4),
+                     "r"(gg_pack<XT>(v[0], v[1])));
       }
     }
+    __syncthreads();
+    wg_store_rows<GATEUP, XT, OW, THREADS>(out, bt0, info, rows, row0, nb, N, tid);
   }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }

@@ -332,21 +332,28 @@ bool wg_available() {
 }
 
 // Whether the grouped projections take the register-sourced wgmma kernel (mlp_wg_kernel RS:
-// the weights dequantized into wgmma's A registers; tiles of 128 pairs): both affine 4-bit /
-// mxfp4 with 4 raw stages in shared memory, and the experts averaging fewer than
+// the weights dequantized into wgmma's A registers; tiles of 128 pairs): by default both
+// affine 4-bit with 4 raw stages in shared memory, and the experts averaging fewer than
 // RS_MAX_AVG_PAIRS pairs, where most tiles hold <= 64 pairs and the shared-tile kernel leaves
 // one warpgroup idle (H200, same process, affine4 per layer: 256 tokens 443 -> 420 us, 768
-// 460 -> 432, 1024 500 -> 501; 2048 631 -> 742 against tiles of 192). MLX_MOE_CUDA_WG_RS=0 /
-// 1: never / always.
+// 460 -> 432, 1024 500 -> 501; 2048 631 -> 742 against tiles of 192). Since the shared-tile
+// kernel's epilogue is staged, affine4 measures the same on both (256 / 512 / 768 tokens:
+// 384 / 395 / 404 us, RS 1% ahead at 768), and mxfp4, whose shared tiles have the scale in
+// the byte tables, is faster there: 386 / 397 / 404 us with RS, 340 / 352 / 360 without (H200,
+// same process, docs/PERFORMANCE.md), so mxfp4 takes the shared tiles. MLX_MOE_CUDA_WG_RS=0 /
+// 1: never / always (affine 4-bit and mxfp4).
 constexpr uint32_t RS_MAX_AVG_PAIRS = 64;
 bool wg_rs(int fgu, int fdn, const MlpDesc& md) {
 #if defined(MLX_MOE_SM90A)
   auto ok = [](int f) { return f == GG_A4 || f == GG_FP4; };
   if (!wg_available() || !ok(fgu) || !ok(fdn)) return false;
   const uint32_t mode = env_u32("MLX_MOE_CUDA_WG_RS", 2u);
-  if (mode == 0u || (mode != 1u && uint64_t(md.P) >= uint64_t(RS_MAX_AVG_PAIRS) * md.E)) return false;
-  return wg_smem(fgu, 4, md.gate, md.up, 2, true) <= 227u * 1024u &&
-         wg_smem(fdn, 4, md.down, md.down, 2, true) <= 227u * 1024u;
+  if (mode == 0u) return false;
+  if (mode != 1u && (fgu != GG_A4 || fdn != GG_A4 ||
+                     uint64_t(md.P) >= uint64_t(RS_MAX_AVG_PAIRS) * md.E))
+    return false;
+  return wg_smem(fgu, 4, md.gate, md.up, 2, true, true) <= 227u * 1024u &&
+         wg_smem(fdn, 4, md.down, md.down, 2, true, false) <= 227u * 1024u;
 #else
   (void)fgu, (void)fdn, (void)md;
   return false;
@@ -368,8 +375,8 @@ int wg_groups(int fgu, int fdn, const MlpDesc& md, bool rs) {
   if (!wg_available() || tm == 128u || rs) return 2;
   if (tm != 192u && uint64_t(md.P) < uint64_t(WG3_MIN_AVG_PAIRS) * md.E) return 2;
   if (fgu == GG_TR || fdn == GG_TR) return 2;
-  if (wg_smem(fgu, 3, md.gate, md.up, 3, false) > 227u * 1024u ||
-      wg_smem(fdn, 3, md.down, md.down, 3, false) > 227u * 1024u)
+  if (wg_smem(fgu, 3, md.gate, md.up, 3, false, true) > 227u * 1024u ||
+      wg_smem(fdn, 3, md.down, md.down, 3, false, false) > 227u * 1024u)
     return 2;
   return 3;
 #else
@@ -389,7 +396,7 @@ GgKernel<XT> gg_pick(bool wg, int fmt, int sk, const WDesc& a, const WDesc& b, i
   if (wg) {
     const int tries[2] = {rs ? 6 : 4, rs ? 4 : 3};
     for (int stages : tries) {
-      const uint32_t bytes = wg_smem(fmt, stages, a, b, nwg, rs);
+      const uint32_t bytes = wg_smem(fmt, stages, a, b, nwg, rs, GATEUP);
       if (bytes > 227u * 1024u) continue;
       if (auto k = wg_kernel<XT>(GATEUP, fmt, sk, stages, nwg, rs)) {
         smem = bytes;

@@ -23,7 +23,7 @@ template <typename XT>
 GgKernel<XT> wg_kernel(bool gateup, int fmt, int sk, int stages, int nwg, bool rs);
 
 // Its dynamic shared memory for the projections' weight descriptors (gate/up: gate, up;
-// down: down twice).
-uint32_t wg_smem(int fmt, int stages, const WDesc& p0, const WDesc& p1, int nwg, bool rs);
+// down: down twice, gateup false).
+uint32_t wg_smem(int fmt, int stages, const WDesc& p0, const WDesc& p1, int nwg, bool rs, bool gateup);
 
 }  // namespace mlx_moe::cuda

@@ -42,8 +42,8 @@ GgKernel<XT> wg_kernel(bool gateup, int fmt, int sk, int stages, int nwg, bool r
   return gateup ? wg_pick<XT, true>(fmt, sk, stages, nwg, rs) : wg_pick<XT, false>(fmt, sk, stages, nwg, rs);
 }
 
-uint32_t wg_smem(int fmt, int stages, const WDesc& p0, const WDesc& p1, int nwg, bool rs) {
-  return wg_smem_bytes(fmt, stages, p0, p1, nwg, rs);
+uint32_t wg_smem(int fmt, int stages, const WDesc& p0, const WDesc& p1, int nwg, bool rs, bool gateup) {
+  return wg_smem_bytes(fmt, stages, p0, p1, nwg, rs, gateup);
 }
 
 template GgKernel<__half> wg_kernel<__half>(bool, int, int, int, int, bool);
