@@ -688,8 +688,9 @@ __global__ void __launch_bounds__(128 * NWG, 1)
     // ---- epilogue: acc[4 j + 2 h + c] = (row 64 wgrp + 16 (warp & 3) + gid + 8 h,
     // column 8 j + 2 t4 + c) of the block's 64 x 256 (weight rows: panel 0 then panel 1);
     // staged as [tile row][column] XT rows of OW columns, then stored 16 bytes at a time
-    // (wg_store_rows; the fragments' own 4-byte stores were most of the 26% of down's stall
-    // samples past its last product, ncu, mxfp4 at 4096 tokens)
+    // (wg_store_rows; the fragments' own 4-byte stores, with down's two dependent loads per
+    // row, were the epilogue that held 26% of down's stall samples, ncu, mxfp4 at 4096
+    // tokens; staged, with the loads in the prologue: down 361 -> 309 us there)
     constexpr uint32_t OW = GATEUP ? GG_TN : 2u * GG_TN, ROWB = 2u * OW + 16u;
     static_assert(TM * ROWB <= 2u * WG_BTILE + uint32_t(S) * ABYTES, "staging past the ring");
     const uint32_t gid = lane >> 2, t4 = lane & 3u;
