@@ -164,6 +164,14 @@ __device__ __forceinline__ void fence_proxy_async() {
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
+// Stores 16-byte chunk c (k 8c .. 8c+7) of dequantized tile row R, whose row starts at shared
+// address dst, at its place in the 128-byte-swizzled layout wgmma reads (chunk c ^ (R & 7)).
+__device__ __forceinline__ void wg_put_chunk(uint32_t dst, uint32_t c, uint32_t R, uint32_t v0,
+                                             uint32_t v1, uint32_t v2, uint32_t v3) {
+  asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(dst + ((c ^ (R & 7u)) << 4)), "r"(v0),
+               "r"(v1), "r"(v2), "r"(v3));
+}
+
 // Trellis: dequantizes thread R's row of one K step (4 k-tiles of 16) into the tile row at
 // shared address dst. sm: the shared window; raw: byte offset (from sm) of the row's run in
 // k-tile 0 of the stage; scf: the row's scale * sv of group 0 (groups 128 floats apart); suf:
@@ -191,8 +199,7 @@ __device__ __forceinline__ void wg_tr_dequant(const unsigned char* sm, uint32_t 
     }
 #pragma unroll
     for (uint32_t h = 0; h < 2; ++h)
-      asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(dst + (((2u * j + h) ^ (R & 7u)) << 4)),
-                   "r"(v[4 * h]), "r"(v[4 * h + 1]), "r"(v[4 * h + 2]), "r"(v[4 * h + 3]));
+      wg_put_chunk(dst, 2u * j + h, R, v[4 * h], v[4 * h + 1], v[4 * h + 2], v[4 * h + 3]);
   }
 }
 
@@ -420,8 +427,7 @@ __global__ void __launch_bounds__(128 * NWG, 1)
             uint32_t v[4];
             gg_fp4_quad<true>(w[c], 0u, tab[c >> 2], v[0], v[1]);
             gg_fp4_quad<true>(w[c], 1u, tab[c >> 2], v[2], v[3]);
-            asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(dst + ((c ^ (R & 7u)) << 4)),
-                         "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]));
+            wg_put_chunk(dst, c, R, v[0], v[1], v[2], v[3]);
           }
         };
         put(std::false_type{});
@@ -461,8 +467,7 @@ __global__ void __launch_bounds__(128 * NWG, 1)
               }
             }
           }
-          asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(dst + ((c ^ (R & 7u)) << 4)),
-                       "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]));
+          wg_put_chunk(dst, c, R, v[0], v[1], v[2], v[3]);
         }
       }
     }

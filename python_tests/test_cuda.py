@@ -606,10 +606,10 @@ def test_moe_mlp_grouped_odd_shapes(rng, gg_kernel, T, E, D, F, k, fmt, bits, gs
 # kernel's tables with the scale folded in (gg_fp4_scaled; tiles of 128 pairs, the "wgmma"
 # case) take their fp32 path: bf16 E = 0, 1 (values 2^(E-128) * 2|v|: subnormal, exact in
 # bf16) beside E = 2, 3; f16 E = 104 .. 113 (subnormal in f16, exact: multiples of 2^-24)
-# beside 114. Gate / up carry them, the
-# activations are scaled so that H and the outputs stay normal (2^120 for bf16, 2^9 for
-# f16), down has ordinary scales. The same float64 reference and bound as every grouped case
-# (the dequantized weights are exact, so the bound's weight rounding term only loosens it).
+# beside 114. Gate / up carry them, the activations are scaled so that H and the outputs
+# stay normal (2^120 for bf16, 2^9 for f16), down has ordinary scales. The same float64
+# reference and bound as every grouped case (the dequantized weights are exact, so the
+# bound's weight rounding term only loosens it).
 @pytest.mark.parametrize("dtype,e_range,x_scale", [(mx.bfloat16, (0, 4), 2.0 ** 120),
                                                    (mx.float16, (104, 115), 2.0 ** 9)])
 def test_moe_mlp_grouped_mxfp4_scale_range(rng, gg_kernel, dtype, e_range, x_scale):
