@@ -54,6 +54,9 @@ SHAPES = {
 }
 FORMATS = {
     "affine4": dict(mode="affine", bits=4, group_size=64),
+    # The same quantized from bf16 weights: bf16 scales and biases, as in mlx-community's
+    # checkpoints of bf16 models (affine4 quantizes fp32 weights: fp32 scales and biases).
+    "affine4bf": dict(mode="affine", bits=4, group_size=64, wdtype="bfloat16"),
     "affine8": dict(mode="affine", bits=8, group_size=64),
     "mxfp4": dict(mode="mxfp4", bits=4, group_size=32),
     # Random trellis tiles (timing only: no quantizer run); the baseline then runs mlx-lm's
@@ -98,6 +101,8 @@ def make_layer(shape, fmt, seed=0):
         parts = []
         for e0 in range(0, E, 16):  # quantize in chunks to bound peak memory
             w = mx.random.normal((min(16, E - e0), out_f, in_f)) * (in_f ** -0.5)
+            if "wdtype" in fmt:
+                w = w.astype(getattr(mx, fmt["wdtype"]))
             q = mx.quantize(w, group_size=fmt["group_size"], bits=fmt["bits"], mode=fmt["mode"])
             mx.eval(*q)
             parts.append(q)

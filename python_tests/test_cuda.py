@@ -567,6 +567,34 @@ def gg_kernel(request, monkeypatch):
     return request.param
 
 
+# The register-operand decode kernels (kernels/moe_cuda_regw.cuh): bucketed decode path
+# (33..1536 pairs), bf16 activations, affine 4-bit projections with bf16 scales and biases,
+# widths multiples of 256 up to 2048. Exact codes and fp32 scaling, H rounded to bf16, the
+# per-slot outputs in fp32: a subset of the roundings _gg_check's float64 bound covers (which
+# also rounds the weights and Yp), so the same bound and norm-wise check apply. Each case also
+# runs with MLX_MOE_CUDA_REGW=0 (the shared-memory kernels, fp32 H), which must pass it too.
+@pytest.mark.parametrize(
+    "T,E,D,F,k,gs",
+    [
+        (5, 16, 2048, 768, 8, 64),     # 40 pairs, Qwen3 widths
+        (16, 128, 2048, 768, 8, 64),   # Qwen3 layer, 16 tokens
+        (40, 8, 512, 256, 4, 32),      # ~20 tokens per expert: three chunks of 8
+        (12, 64, 2048, 1536, 4, 128),  # GLM-4.7-Flash widths, 48 pairs
+        (100, 16, 256, 512, 6, 64),    # 600 pairs, one warp per block
+        (160, 16, 256, 512, 8, 64),    # 1280 pairs: decode for these layers only (REGW_MAX_PAIRS)
+    ],
+)
+@pytest.mark.parametrize("regw", ["1", "0"])
+def test_moe_mlp_regw_decode(rng, monkeypatch, T, E, D, F, k, gs, regw):
+    monkeypatch.setenv("MLX_MOE_CUDA_REGW", regw)
+    _gg_check(rng, T, E, D, F, k, "affine", (4, 4, 4), gs, mx.bfloat16, sdt=mx.bfloat16)
+
+
+def test_moe_mlp_regw_decode_bad_ids(rng):
+    _gg_check(rng, 20, 16, 2048, 768, 4, "affine", (4, 4, 4), 64, mx.bfloat16, sdt=mx.bfloat16,
+              bad_ids=True)
+
+
 @pytest.mark.parametrize("fmt,bits,gs", [("affine", (4, 4, 4), 64), ("mxfp4", (4, 4, 4), 32)])
 def test_moe_mlp_grouped_qwen3_4096(rng, gg_kernel, fmt, bits, gs):
     _gg_check(rng, 4096, 128, 2048, 768, 8, fmt, bits, gs, mx.bfloat16)

@@ -22,6 +22,7 @@
 #include "moe_mlp.h"
 #include "route.h"
 #include "mm_dec.h"
+#include "regw.h"
 
 namespace mlx_moe::gpu {
 
@@ -542,13 +543,35 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
     };
     if (gg_ok) gg_ok = fits(gg_fgu, md.gate, md.up) && fits(gg_fdn, md.down, md.down);
   }
+  // Layers the register-operand decode kernels take (kernels/moe_cuda_regw.cuh: weights
+  // loaded straight into the MMA's registers, no shared-memory staging; H in bf16): bf16
+  // activations, every projection affine 4-bit with bf16 scales and biases (what
+  // mlx-community's 4-bit checkpoints of bf16 models hold), widths D and F multiples of 256 up
+  // to 2048. MLX_MOE_CUDA_REGW=0: never (the shared-memory decode kernels). They stay on the
+  // decode path up to MLX_MOE_CUDA_REGW_MAX_PAIRS pairs (1536; H200, Qwen3 layer with bf16
+  // scales, device time per layer against the grouped kernels: 273 vs 359 us at 1280 pairs,
+  // 375 vs 364 at 2048; docs/PERFORMANCE.md, twenty-first session).
+  auto regw_fmt = [&](const WDesc& d) {
+    return d.mode == 0u && d.bits == 4u && d.scale_kind == 2u && d.biases != nullptr &&
+           (d.group_size == 32u || d.group_size == 64u || d.group_size == 128u) &&
+           al16(d.scales) && al16(d.biases);
+  };
+  const bool regw_layer = mma_on && x.dtype() == mx::bfloat16 && env_u32("MLX_MOE_CUDA_REGW", 1u) != 0u &&
+                          regw_fmt(md.gate) && regw_fmt(md.up) && regw_fmt(md.down) &&
+                          md.gate.group_size == md.up.group_size && D % 256u == 0u && D <= 2048u &&
+                          F % 256u == 0u && F <= 2048u && w_al16 && al16(ptr<void>(x));
+  const uint32_t decode_top =
+      regw_layer ? std::max(env_u32("MLX_MOE_CUDA_REGW_MAX_PAIRS", 1536u), decode_max_pairs)
+      : mma_all  ? std::max(mma_max_pairs, decode_max_pairs)
+                 : decode_max_pairs;
   const uint32_t max_active = std::min(E, P);
   const bool gg_tiles_ok = (P + GG_TM - 1) / GG_TM + max_active <= 65535u;  // grid.y
   const bool grouped =
       any_trellis ? !tr_mm && gg_ok && gg_tiles_ok && P >= tr_gg_min
-                  : P > (mma_all ? std::max(mma_max_pairs, decode_max_pairs) : decode_max_pairs);
+                  : P > decode_top;
   const bool gg = grouped && gg_ok && gg_tiles_ok;
   const bool direct = !grouped && P <= direct_max_pairs;
+  const bool regw = regw_layer && !grouped && !direct && !tr_mm && !fused_combine;
   const int ik = id_kind(ids.dtype());
 
   // Bucketing (device-side; no host sync). Grids below are sized for the worst case and
@@ -610,7 +633,25 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
     using XT = decltype(tag);
     const XT* xp = ptr<XT>(x);
     bool combined = false;
-    if (!grouped) {
+    if (regw) {
+      if constexpr (std::is_same_v<XT, __nv_bfloat16>) {
+        // gate/up: D / 8 threads (one 16-byte chunk of a staged row each), 16 rows per block;
+        // down: F / 8 threads, 16 * REGW_DN_MT rows. H holds bf16 rows [bucketed pair, F].
+        const uint32_t gs_gu = md.gate.group_size, gs_dn = md.down.group_size;
+        __nv_bfloat16* Hb = reinterpret_cast<__nv_bfloat16*>(ptr<uint32_t>(H));
+        chain.add(kernel_node(regw_kernel(true, gs_gu), dim3(max_active, F / 16u), dim3(D / 8u),
+                              regw_smem_bytes(D, gs_gu, 2, 1), md, xp, ptr<uint32_t>(pairs),
+                              ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta),
+                              ptr<float>(rw), Hb, static_cast<float*>(nullptr)),
+                  {&x, &ids, &pairs, &offsets, &active, &meta}, {&H});
+        chain.add(kernel_node(regw_kernel(false, gs_dn), dim3(max_active, D / (16u * REGW_DN_MT)),
+                              dim3(F / 8u), regw_smem_bytes(F, gs_dn, 1, REGW_DN_MT), md,
+                              static_cast<const __nv_bfloat16*>(Hb), ptr<uint32_t>(pairs),
+                              ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta),
+                              ptr<float>(rw), static_cast<__nv_bfloat16*>(nullptr), ptr<float>(Yp)),
+                  {&H, &ids, &pairs, &offsets, &active, &meta, &rw}, {&Yp});
+      }
+    } else if (!grouped) {
       auto smem_for = [&](uint32_t Kd, uint32_t cap, uint32_t& maxt) {
         const uint32_t per = (Kd + Kd / 32) * 4;
         maxt = std::min<uint32_t>({cap, P, std::max<uint32_t>(1, (200 * 1024) / per)});

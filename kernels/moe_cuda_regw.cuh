@@ -1,0 +1,197 @@
+// Decode-path expert MLP with the weights loaded straight into registers (included by
+// moe_cuda.cuh's users through mlx_moe/csrc/cuda/regw.h; kernels/moe_cuda.cuh has the helpers).
+//
+// Affine 4-bit projections with bf16 scales and biases, bf16 activations. Block = (non-empty
+// expert slot j, 16 * MT output rows); K / 256 warps, warp w owns k in [256 w, 256 w + 256).
+// Lane (gid, t4) loads, for each of its rows gid and gid + 8 (of each projection and row
+// tile), the codes it feeds the MMA as one 4/8/16-byte load per scale group: 32 / GS * 8
+// codes, group g's part t4 -- so that the 16 k of every MMA lie in one group and its products
+// can be scaled in fp32 (acc += s * T + (b - 128 s) * sum(x), the codes entering as 128 + q,
+// nib2_bf16_128). The code word's nibbles (s, s + 4) form the A operand's k pairs; the
+// staged activations are permuted to match (per 8 values: 0, 4, 1, 5, 2, 6, 3, 7), so one
+// 16-byte shared load is a word's two B operands. Nothing of the weights goes through shared
+// memory: each thread issues all its loads (8 words per row, and its rows' scales and
+// biases) first, then the block stages the activations, and the products need no ldmatrix.
+// The warps' partial sums meet in shared memory (split-K over the warps).
+// GATEUP: H[pos, n] = silu(gate) * up as bf16 (bucketed position order, the down kernel's
+// rows); down: Yp[pair, n] = rw[pair] * (H W^T)[pos, n] in fp32 (combine_kernel sums the slots).
+#pragma once
+
+namespace mlx_moe::cuda {
+
+constexpr int RW_NT = 8;  // tokens per chunk (one MMA column tile)
+
+template <int NW>
+__device__ __forceinline__ void rw_ldg(const uint32_t* p, uint32_t* o) {
+  if constexpr (NW == 1) {
+    o[0] = __ldg(p);
+  } else if constexpr (NW == 2) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    o[0] = v.x;
+    o[1] = v.y;
+  } else {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    o[0] = v.x;
+    o[1] = v.y;
+    o[2] = v.z;
+    o[3] = v.w;
+  }
+}
+
+// bf16 number q of packed words w (little-endian halves) as fp32
+__device__ __forceinline__ float rw_bf16_at(const uint32_t* w, int q) {
+  const uint32_t v = w[q >> 1];
+  return __uint_as_float((q & 1) ? (v & 0xFFFF0000u) : (v << 16));
+}
+
+// Shared memory of a block: the staged rows, their group sums, the split-K partials.
+__host__ __device__ constexpr uint32_t regw_smem_bytes(uint32_t K, uint32_t GS, int NP, int MT) {
+  return RW_NT * (K + 8u) * 2u + (K / GS) * RW_NT * 4u + (K / 256u) * uint32_t(NP * MT) * 4u * 32u * 4u;
+}
+
+template <bool GATEUP, int GS, int MT>
+__global__ void __launch_bounds__(256, GATEUP ? 3 : 2)
+    mlp_regw_kernel(MlpDesc md, const __nv_bfloat16* __restrict__ xin,
+                    const uint32_t* __restrict__ pairs, const uint32_t* __restrict__ offsets,
+                    const uint32_t* __restrict__ active, const uint32_t* __restrict__ meta,
+                    const float* __restrict__ rw, __nv_bfloat16* __restrict__ Hout,
+                    float* __restrict__ Yp) {
+  constexpr int NP = GATEUP ? 2 : 1;
+  constexpr int WPT = GS / 32;      // code words per thread, row and group
+  constexpr int GB = 8 / WPT;       // groups per warp (256 k)
+  constexpr int SW = GB / 2 > 0 ? GB / 2 : 1;  // words of a warp's GB bf16 scales
+  static_assert(GS == 32 || GS == 64 || GS == 128, "group size");
+  // In a decode chain (launch_pdl): gate/up reads the bucketing's outputs, so it waits first
+  // and then lets down start; down reads those (complete by then) and issues its weight loads
+  // before it waits for gate/up's H.
+  if (GATEUP) pdl_wait();
+  pdl_trigger();
+  const WDesc& w0 = GATEUP ? md.gate : md.down;
+  const uint32_t K = w0.K, N = w0.N, G = w0.groups, RWd = w0.row_words;
+  const uint32_t j = blockIdx.x;
+  if (j >= meta[0]) return;  // grid sized for min(E, P) experts
+  const uint32_t e = active[j], first = offsets[e], last = offsets[e + 1];
+  const uint32_t n0 = blockIdx.y * 16u * MT;
+  const uint32_t tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u, gid = lane >> 2, t4 = lane & 3u;
+  const uint32_t nwarps = blockDim.x >> 5;
+  const uint32_t g0 = warp * GB;  // this warp's first group
+  // Codes, scales and biases into registers. Rows n0 .. n0 + 16 MT - 1 exist (N % (16 MT)
+  // == 0, checked on the host).
+  uint32_t wv[NP][MT][2][8];
+  uint32_t sv[NP][MT][2][SW], bv[NP][MT][2][SW];
+#pragma unroll
+  for (int p = 0; p < NP; ++p) {
+    const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t row = int64_t(e) * N + n0 + mt * 16 + gid + 8 * r;
+        const uint32_t* src = wd.w + row * RWd + g0 * (GS / 8) + t4 * WPT;
+#pragma unroll
+        for (int i = 0; i < GB; ++i) rw_ldg<WPT>(src + i * (GS / 8), &wv[p][mt][r][i * WPT]);
+        const int64_t so = row * G + g0;  // bf16 index (G % GB == 0: SW-word aligned)
+        rw_ldg<SW>(reinterpret_cast<const uint32_t*>(static_cast<const __nv_bfloat16*>(wd.scales) + so),
+                   sv[p][mt][r]);
+        rw_ldg<SW>(reinterpret_cast<const uint32_t*>(static_cast<const __nv_bfloat16*>(wd.biases) + so),
+                   bv[p][mt][r]);
+      }
+  }
+  if (!GATEUP) pdl_wait();  // gate/up's H
+  extern __shared__ __align__(16) unsigned char rw_smem[];
+  const uint32_t tstride = (K + 8u) * 2u;  // bytes per staged row (16-byte shift per row: the
+                                           // 8 rows' B loads hit distinct banks)
+  unsigned char* Xs = rw_smem;
+  float* XS = reinterpret_cast<float*>(rw_smem + RW_NT * tstride);  // [G][RW_NT]
+  float* Red = XS + G * RW_NT;                                       // [warps][NP MT][4][32]
+  const uint32_t xq = smem_u32(Xs + gid * tstride + t4 * (GS / 4) * 2);
+  for (uint32_t c0 = first; c0 < last; c0 += RW_NT) {
+    const uint32_t nt = min(uint32_t(RW_NT), last - c0);
+    if (c0 != first) __syncthreads();  // the previous chunk's Xs, XS and Red are read
+    // Stage the chunk's rows: 8 values per thread (K / 8 == blockDim.x), permuted, and each
+    // group's sum (its GS / 8 lanes).
+    for (uint32_t t = 0; t < nt; ++t) {
+      const __nv_bfloat16* src =
+          GATEUP ? xin + int64_t(pairs[c0 + t] / md.k) * K : xin + int64_t(c0 + t) * K;
+      const uint4 v = *reinterpret_cast<const uint4*>(src + tid * 8u);
+      uint4 o;
+      o.x = __byte_perm(v.x, v.z, 0x5410);
+      o.y = __byte_perm(v.x, v.z, 0x7632);
+      o.z = __byte_perm(v.y, v.w, 0x5410);
+      o.w = __byte_perm(v.y, v.w, 0x7632);
+      *reinterpret_cast<uint4*>(Xs + t * tstride + tid * 16u) = o;
+      float s = 0.f;
+      const uint32_t vv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) s += __uint_as_float(vv[q] << 16) + __uint_as_float(vv[q] & 0xFFFF0000u);
+#pragma unroll
+      for (int o2 = 1; o2 < GS / 8; o2 <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o2);
+      if (tid % (GS / 8) == 0) XS[(tid / (GS / 8)) * RW_NT + t] = s;
+    }
+    __syncthreads();
+    float acc[NP][MT][4] = {};
+    const bool bx = gid < nt;
+#pragma unroll
+    for (int i = 0; i < GB; ++i) {
+      const uint32_t gi = g0 + i;
+      const float2 xs = lds64(smem_u32(XS + gi * RW_NT + 2u * t4));
+      uint4 xb[WPT];
+#pragma unroll
+      for (int wi = 0; wi < WPT; ++wi) xb[wi] = lds128_if(bx, xq + (gi * GS + wi * 8u) * 2u);
+#pragma unroll
+      for (int p = 0; p < NP; ++p)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          float t[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int wi = 0; wi < WPT; ++wi) {
+            const uint32_t wg = wv[p][mt][0][i * WPT + wi], wh = wv[p][mt][1][i * WPT + wi];
+            const uint32_t a0[4] = {nib2_bf16_128(wg, 0), nib2_bf16_128(wh, 0), nib2_bf16_128(wg, 1),
+                                    nib2_bf16_128(wh, 1)};
+            const uint32_t a1[4] = {nib2_bf16_128(wg, 2), nib2_bf16_128(wh, 2), nib2_bf16_128(wg, 3),
+                                    nib2_bf16_128(wh, 3)};
+            const uint32_t b0[2] = {xb[wi].x, xb[wi].y}, b1[2] = {xb[wi].z, xb[wi].w};
+            mma_bf16(t, a0, b0);
+            mma_bf16(t, a1, b1);
+          }
+          const float s0 = rw_bf16_at(sv[p][mt][0], i), s1 = rw_bf16_at(sv[p][mt][1], i);
+          const float c0v = fmaf(-128.f, s0, rw_bf16_at(bv[p][mt][0], i));
+          const float c1v = fmaf(-128.f, s1, rw_bf16_at(bv[p][mt][1], i));
+          acc[p][mt][0] += s0 * t[0] + c0v * xs.x;
+          acc[p][mt][1] += s0 * t[1] + c0v * xs.y;
+          acc[p][mt][2] += s1 * t[2] + c1v * xs.x;
+          acc[p][mt][3] += s1 * t[3] + c1v * xs.y;
+        }
+    }
+    // The warps' partial sums, then one thread per (row, token) of each row tile.
+#pragma unroll
+    for (int p = 0; p < NP; ++p)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          Red[((warp * (NP * MT) + p * MT + mt) * 4u + c) * 32u + lane] = acc[p][mt][c];
+    __syncthreads();
+    for (uint32_t o = tid; o < uint32_t(MT * 128); o += blockDim.x) {
+      const uint32_t mt = o >> 7, c = (o >> 5) & 3u, ln = o & 31u;
+      const uint32_t tok = 2u * (ln & 3u) + (c & 1u);
+      if (tok >= nt) continue;
+      const uint32_t row = n0 + mt * 16u + (ln >> 2) + (c >= 2u ? 8u : 0u);
+      float v[NP];
+#pragma unroll
+      for (int p = 0; p < NP; ++p) {
+        float s = 0.f;
+        for (uint32_t w = 0; w < nwarps; ++w) s += Red[((w * (NP * MT) + p * MT + mt) * 4u + c) * 32u + ln];
+        v[p] = s;
+      }
+      if (GATEUP) {
+        Hout[int64_t(c0 + tok) * N + row] = __float2bfloat16_rn(silu(v[0]) * v[NP - 1]);
+      } else {
+        const uint32_t pr = pairs[c0 + tok];
+        Yp[int64_t(pr) * N + row] = rw[pr] * v[0];
+      }
+    }
+  }
+}
+
+}  // namespace mlx_moe::cuda

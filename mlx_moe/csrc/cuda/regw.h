@@ -1,0 +1,20 @@
+// The register-operand decode kernels (kernels/moe_cuda_regw.cuh: mlp_regw_kernel), in their
+// own translation unit (cuda_regw.cu).
+#pragma once
+#include <cuda_bf16.h>
+
+#include "moe_cuda.cuh"
+#include "moe_cuda_regw.cuh"
+
+namespace mlx_moe::gpu {
+
+using RegwKernel = void (*)(cuda::MlpDesc, const __nv_bfloat16*, const uint32_t*, const uint32_t*,
+                            const uint32_t*, const uint32_t*, const float*, __nv_bfloat16*, float*);
+
+// Rows per block of the down kernel (gate/up: 16).
+constexpr int REGW_DN_MT = 2;
+
+// Gate/up (gateup) or down for scale groups of gs codes (32, 64 or 128); null otherwise.
+RegwKernel regw_kernel(bool gateup, uint32_t gs);
+
+}  // namespace mlx_moe::gpu
