@@ -556,8 +556,10 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
            (d.group_size == 32u || d.group_size == 64u || d.group_size == 128u) &&
            al16(d.scales) && al16(d.biases);
   };
-  const bool regw_layer = mma_on && x.dtype() == mx::bfloat16 && env_u32("MLX_MOE_CUDA_REGW", 1u) != 0u &&
-                          regw_fmt(md.gate) && regw_fmt(md.up) && regw_fmt(md.down) &&
+  // (no fused combine: these kernels leave the slots to combine_kernel)
+  const bool regw_layer = mma_on && !fused_combine && x.dtype() == mx::bfloat16 &&
+                          env_u32("MLX_MOE_CUDA_REGW", 1u) != 0u && regw_fmt(md.gate) &&
+                          regw_fmt(md.up) && regw_fmt(md.down) &&
                           md.gate.group_size == md.up.group_size && D % 256u == 0u && D <= 2048u &&
                           F % 256u == 0u && F <= 2048u && w_al16 && al16(ptr<void>(x));
   const uint32_t decode_top =
@@ -571,7 +573,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
                   : P > decode_top;
   const bool gg = grouped && gg_ok && gg_tiles_ok;
   const bool direct = !grouped && P <= direct_max_pairs;
-  const bool regw = regw_layer && !grouped && !direct && !tr_mm && !fused_combine;
+  const bool regw = regw_layer && !grouped && !direct;  // (affine layers: tr_mm is false)
   const int ik = id_kind(ids.dtype());
 
   // Bucketing (device-side; no host sync). Grids below are sized for the worst case and
