@@ -58,6 +58,7 @@ FORMATS = {
     # checkpoints of bf16 models (affine4 quantizes fp32 weights: fp32 scales and biases).
     "affine4bf": dict(mode="affine", bits=4, group_size=64, wdtype="bfloat16"),
     "affine8": dict(mode="affine", bits=8, group_size=64),
+    "affine8bf": dict(mode="affine", bits=8, group_size=64, wdtype="bfloat16"),
     "mxfp4": dict(mode="mxfp4", bits=4, group_size=32),
     # Random trellis tiles (timing only: no quantizer run); the baseline then runs mlx-lm's
     # path on affine 4-bit weights of the same shape, so there is no error column.

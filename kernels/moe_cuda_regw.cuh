@@ -15,6 +15,14 @@
 // The warps' partial sums meet in shared memory (split-K over the warps).
 // GATEUP: H[pos, n] = silu(gate) * up as bf16 (bucketed position order, the down kernel's
 // rows); down: Yp[pair, n] = rw[pair] * (H W^T)[pos, n] in fp32 (combine_kernel sums the slots).
+//
+// DIRECT (few pairs, no bucketing; RegwDirect): gate/up block x is pair p (its id read from
+// ids; H row p); the down block is (token t, 16 rows) with k * K / 256 warps: the token's k
+// slots, each over its own expert's rows and K / 256 warps, with H rows t k .. t k + k - 1
+// staged as the MMA's columns (slot s uses column s) -- the slots are one more split of the
+// sum, weighted by rw, so the block writes y[t] itself (bf16; no Yp, no combine kernel),
+// summing the slots in order as combine_kernel does. A slot with an out-of-range id adds
+// nothing (its H row is not written: it is staged as zeros and skipped).
 #pragma once
 
 namespace mlx_moe::cuda {
@@ -44,19 +52,35 @@ __device__ __forceinline__ float rw_bf16_at(const uint32_t* w, int q) {
   return __uint_as_float((q & 1) ? (v & 0xFFFF0000u) : (v << 16));
 }
 
-// Shared memory of a block: the staged rows, their group sums, the split-K partials.
-__host__ __device__ constexpr uint32_t regw_smem_bytes(uint32_t K, uint32_t GS, int NP, int MT) {
-  return RW_NT * (K + 8u) * 2u + (K / GS) * RW_NT * 4u + (K / 256u) * uint32_t(NP * MT) * 4u * 32u * 4u;
+// Shared memory of a block: the staged rows, their group sums, the split-K partials (of
+// `slots` sets of K / 256 warps: the direct down kernel's k, else 1).
+__host__ __device__ constexpr uint32_t regw_smem_bytes(uint32_t K, uint32_t GS, int NP, int MT,
+                                                       uint32_t slots = 1u) {
+  return RW_NT * (K + 8u) * 2u + (K / GS) * RW_NT * 4u +
+         slots * (K / 256u) * uint32_t(NP * MT) * 4u * 32u * 4u;
 }
 
-template <bool GATEUP, int GS, int MT>
-__global__ void __launch_bounds__(256, GATEUP ? 3 : 2)
+// The direct kernels' routing (DIRECT; unused otherwise): ids [P] of kind id_kind (load_id),
+// and the down kernel's output y [T, N] (bf16).
+struct RegwDirect {
+  const void* ids;
+  int id_kind;
+  __nv_bfloat16* y;
+};
+// Threads of the direct down block at most: k * K / 8 (one 16-byte chunk of a staged row
+// each); 768 covers top-8 at K = 768 (Qwen3-30B-A3B) and top-4 at 1536 (GLM-4.7-Flash).
+constexpr int RW_DIRECT_THREADS = 768;
+
+template <bool GATEUP, int GS, int MT, bool DIRECT = false>
+__global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : 256,
+                                  DIRECT && !GATEUP ? 1 : GATEUP ? 3 : 2)
     mlp_regw_kernel(MlpDesc md, const __nv_bfloat16* __restrict__ xin,
                     const uint32_t* __restrict__ pairs, const uint32_t* __restrict__ offsets,
                     const uint32_t* __restrict__ active, const uint32_t* __restrict__ meta,
                     const float* __restrict__ rw, __nv_bfloat16* __restrict__ Hout,
-                    float* __restrict__ Yp) {
+                    float* __restrict__ Yp, RegwDirect dx) {
   constexpr int NP = GATEUP ? 2 : 1;
+  constexpr bool DDN = DIRECT && !GATEUP;  // the direct down block (slots x K / 256 warps)
   constexpr int WPT = GS / 32;      // code words per thread, row and group
   constexpr int GB = 8 / WPT;       // groups per warp (256 k)
   constexpr int SW = GB / 2 > 0 ? GB / 2 : 1;  // words of a warp's GB bf16 scales
@@ -69,12 +93,32 @@ __global__ void __launch_bounds__(256, GATEUP ? 3 : 2)
   const WDesc& w0 = GATEUP ? md.gate : md.down;
   const uint32_t K = w0.K, N = w0.N, G = w0.groups, RWd = w0.row_words;
   const uint32_t j = blockIdx.x;
-  if (j >= meta[0]) return;  // grid sized for min(E, P) experts
-  const uint32_t e = active[j], first = offsets[e], last = offsets[e + 1];
-  const uint32_t n0 = blockIdx.y * 16u * MT;
   const uint32_t tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u, gid = lane >> 2, t4 = lane & 3u;
-  const uint32_t nwarps = blockDim.x >> 5;
-  const uint32_t g0 = warp * GB;  // this warp's first group
+  const uint32_t kw = K / 256u;                   // warps per slot
+  const uint32_t slot = DDN ? warp / kw : 0u;     // (direct down) this warp's slot
+  const uint32_t nwarps = DDN ? kw : blockDim.x >> 5;  // warps summed per slot
+  uint32_t e, first, last;
+  bool live = true;  // (direct down) this warp's slot has an expert
+  if constexpr (DDN) {
+    const int64_t id = load_id(dx.ids, dx.id_kind, int64_t(j) * md.k + slot);
+    live = id >= 0 && id < int64_t(md.E);
+    e = live ? uint32_t(id) : 0u;
+    first = j;  // (one chunk: the token's k slots as its columns)
+    last = j + 1;
+  } else if constexpr (DIRECT) {
+    const int64_t id = load_id(dx.ids, dx.id_kind, j);
+    if (id < 0 || id >= int64_t(md.E)) return;
+    e = uint32_t(id);
+    first = j;
+    last = j + 1;
+  } else {
+    if (j >= meta[0]) return;  // grid sized for min(E, P) experts
+    e = active[j];
+    first = offsets[e];
+    last = offsets[e + 1];
+  }
+  const uint32_t n0 = blockIdx.y * 16u * MT;
+  const uint32_t g0 = (DDN ? warp % kw : warp) * GB;  // this warp's first group
   // Codes, scales and biases into registers. Rows n0 .. n0 + 16 MT - 1 exist (N % (16 MT)
   // == 0, checked on the host).
   uint32_t wv[NP][MT][2][8];
@@ -88,9 +132,16 @@ __global__ void __launch_bounds__(256, GATEUP ? 3 : 2)
       for (int r = 0; r < 2; ++r) {
         const int64_t row = int64_t(e) * N + n0 + mt * 16 + gid + 8 * r;
         const uint32_t* src = wd.w + row * RWd + g0 * (GS / 8) + t4 * WPT;
+        const int64_t so = row * G + g0;  // bf16 index (G % GB == 0: SW-word aligned)
+        if (DDN && !live) {  // (a dropped slot: its products are not used)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) wv[p][mt][r][i] = 0u;
+#pragma unroll
+          for (int i = 0; i < SW; ++i) sv[p][mt][r][i] = bv[p][mt][r][i] = 0u;
+          continue;
+        }
 #pragma unroll
         for (int i = 0; i < GB; ++i) rw_ldg<WPT>(src + i * (GS / 8), &wv[p][mt][r][i * WPT]);
-        const int64_t so = row * G + g0;  // bf16 index (G % GB == 0: SW-word aligned)
         rw_ldg<SW>(reinterpret_cast<const uint32_t*>(static_cast<const __nv_bfloat16*>(wd.scales) + so),
                    sv[p][mt][r]);
         rw_ldg<SW>(reinterpret_cast<const uint32_t*>(static_cast<const __nv_bfloat16*>(wd.biases) + so),
@@ -106,27 +157,33 @@ __global__ void __launch_bounds__(256, GATEUP ? 3 : 2)
   float* Red = XS + G * RW_NT;                                       // [warps][NP MT][4][32]
   const uint32_t xq = smem_u32(Xs + gid * tstride + t4 * (GS / 4) * 2);
   for (uint32_t c0 = first; c0 < last; c0 += RW_NT) {
-    const uint32_t nt = min(uint32_t(RW_NT), last - c0);
+    // (direct down: the token's k slots are the columns)
+    const uint32_t nt = DDN ? md.k : min(uint32_t(RW_NT), last - c0);
     if (c0 != first) __syncthreads();  // the previous chunk's Xs, XS and Red are read
-    // Stage the chunk's rows: 8 values per thread (K / 8 == blockDim.x), permuted, and each
+    // Stage the chunk's rows: 8 values per thread (K / 8 == blockDim.x; direct down: chunk ch
+    // of its own slot's row, K / 8 == 32 kw, zeros for a dropped slot), permuted, and each
     // group's sum (its GS / 8 lanes).
-    for (uint32_t t = 0; t < nt; ++t) {
+    for (uint32_t t = DDN ? slot : 0u; t < nt; t += DDN ? nt : 1u) {
+      const uint32_t ch = DDN ? tid - slot * (K / 8u) : tid;
       const __nv_bfloat16* src =
-          GATEUP ? xin + int64_t(pairs[c0 + t] / md.k) * K : xin + int64_t(c0 + t) * K;
-      const uint4 v = *reinterpret_cast<const uint4*>(src + tid * 8u);
+          DDN      ? xin + (int64_t(j) * md.k + t) * K
+          : GATEUP ? xin + int64_t((DIRECT ? c0 + t : pairs[c0 + t]) / md.k) * K
+                   : xin + int64_t(c0 + t) * K;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (live) v = *reinterpret_cast<const uint4*>(src + ch * 8u);
       uint4 o;
       o.x = __byte_perm(v.x, v.z, 0x5410);
       o.y = __byte_perm(v.x, v.z, 0x7632);
       o.z = __byte_perm(v.y, v.w, 0x5410);
       o.w = __byte_perm(v.y, v.w, 0x7632);
-      *reinterpret_cast<uint4*>(Xs + t * tstride + tid * 16u) = o;
+      *reinterpret_cast<uint4*>(Xs + t * tstride + ch * 16u) = o;
       float s = 0.f;
       const uint32_t vv[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
       for (int q = 0; q < 4; ++q) s += __uint_as_float(vv[q] << 16) + __uint_as_float(vv[q] & 0xFFFF0000u);
 #pragma unroll
       for (int o2 = 1; o2 < GS / 8; o2 <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o2);
-      if (tid % (GS / 8) == 0) XS[(tid / (GS / 8)) * RW_NT + t] = s;
+      if (ch % (GS / 8) == 0) XS[(ch / (GS / 8)) * RW_NT + t] = s;
     }
     __syncthreads();
     float acc[NP][MT][4] = {};
@@ -172,23 +229,45 @@ __global__ void __launch_bounds__(256, GATEUP ? 3 : 2)
         for (int c = 0; c < 4; ++c)
           Red[((warp * (NP * MT) + p * MT + mt) * 4u + c) * 32u + lane] = acc[p][mt][c];
     __syncthreads();
-    for (uint32_t o = tid; o < uint32_t(MT * 128); o += blockDim.x) {
-      const uint32_t mt = o >> 7, c = (o >> 5) & 3u, ln = o & 31u;
-      const uint32_t tok = 2u * (ln & 3u) + (c & 1u);
-      if (tok >= nt) continue;
-      const uint32_t row = n0 + mt * 16u + (ln >> 2) + (c >= 2u ? 8u : 0u);
-      float v[NP];
-#pragma unroll
-      for (int p = 0; p < NP; ++p) {
-        float s = 0.f;
-        for (uint32_t w = 0; w < nwarps; ++w) s += Red[((w * (NP * MT) + p * MT + mt) * 4u + c) * 32u + ln];
-        v[p] = s;
+    if constexpr (DDN) {
+      // One thread per row: the token's slots in order (as combine_kernel), each the sum of
+      // its kw warps' partials in column s, times its routing weight.
+      for (uint32_t o = tid; o < uint32_t(MT * 16); o += blockDim.x) {
+        const uint32_t mt = o >> 4, r = o & 15u;
+        float y = 0.f;
+        bool any = false;
+        for (uint32_t s2 = 0; s2 < nt; ++s2) {
+          const int64_t pr = int64_t(j) * md.k + s2;
+          const int64_t id = load_id(dx.ids, dx.id_kind, pr);
+          if (id < 0 || id >= int64_t(md.E)) continue;
+          const uint32_t c = (r >= 8u ? 2u : 0u) + (s2 & 1u), ln = (r & 7u) * 4u + (s2 >> 1);
+          float v = 0.f;
+          for (uint32_t w = 0; w < kw; ++w) v += Red[(((s2 * kw + w) * (NP * MT) + mt) * 4u + c) * 32u + ln];
+          const float yv = rw[pr] * v;
+          y = any ? y + yv : yv;
+          any = true;
+        }
+        dx.y[int64_t(j) * N + n0 + mt * 16u + r] = __float2bfloat16_rn(y);
       }
-      if (GATEUP) {
-        Hout[int64_t(c0 + tok) * N + row] = __float2bfloat16_rn(silu(v[0]) * v[NP - 1]);
-      } else {
-        const uint32_t pr = pairs[c0 + tok];
-        Yp[int64_t(pr) * N + row] = rw[pr] * v[0];
+    } else {
+      for (uint32_t o = tid; o < uint32_t(MT * 128); o += blockDim.x) {
+        const uint32_t mt = o >> 7, c = (o >> 5) & 3u, ln = o & 31u;
+        const uint32_t tok = 2u * (ln & 3u) + (c & 1u);
+        if (tok >= nt) continue;
+        const uint32_t row = n0 + mt * 16u + (ln >> 2) + (c >= 2u ? 8u : 0u);
+        float v[NP];
+#pragma unroll
+        for (int p = 0; p < NP; ++p) {
+          float s = 0.f;
+          for (uint32_t w = 0; w < nwarps; ++w) s += Red[((w * (NP * MT) + p * MT + mt) * 4u + c) * 32u + ln];
+          v[p] = s;
+        }
+        if (GATEUP) {
+          Hout[int64_t(c0 + tok) * N + row] = __float2bfloat16_rn(silu(v[0]) * v[NP - 1]);
+        } else {
+          const uint32_t pr = pairs[c0 + tok];
+          Yp[int64_t(pr) * N + row] = rw[pr] * v[0];
+        }
       }
     }
   }

@@ -568,7 +568,7 @@ def gg_kernel(request, monkeypatch):
 
 
 # The register-operand decode kernels (kernels/moe_cuda_regw.cuh): bucketed decode path
-# (33..1536 pairs), bf16 activations, affine 4-bit projections with bf16 scales and biases,
+# (3 tokens .. 1536 pairs), bf16 activations, affine 4-bit projections with bf16 scales and biases,
 # widths multiples of 256 up to 2048. Exact codes and fp32 scaling, H rounded to bf16, the
 # per-slot outputs in fp32: a subset of the roundings _gg_check's float64 bound covers (which
 # also rounds the weights and Yp), so the same bound and norm-wise check apply. Each case also
@@ -593,6 +593,64 @@ def test_moe_mlp_regw_decode(rng, monkeypatch, T, E, D, F, k, gs, regw):
 def test_moe_mlp_regw_decode_bad_ids(rng):
     _gg_check(rng, 20, 16, 2048, 768, 4, "affine", (4, 4, 4), 64, mx.bfloat16, sdt=mx.bfloat16,
               bad_ids=True)
+
+
+# Their direct form (no bucketing; by default up to 2 tokens, here up to 5): gate/up blocks
+# per pair, down blocks per token summing its k slots (k <= 8, k F <= 6144) and writing the
+# output. The same roundings (H to bf16; the slots summed in fp32 in slot order, one rounding
+# of the output), so the same bound; each case also without the direct form
+# (MLX_MOE_CUDA_REGW_DIRECT=0: the bucketed form, or at 1 token the shared-memory direct
+# kernels).
+@pytest.mark.parametrize(
+    "T,E,D,F,k,gs",
+    [
+        (1, 128, 2048, 768, 8, 64),    # Qwen3 layer, 1 token: 768 threads per down block
+        (4, 128, 2048, 768, 8, 64),    # 32 pairs
+        (2, 64, 2048, 1536, 4, 128),   # GLM-4.7-Flash widths
+        (3, 16, 512, 256, 8, 32),      # one warp per slot
+        (5, 16, 256, 512, 6, 64),      # k = 6: two of the MMA's columns unused
+    ],
+)
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_moe_mlp_regw_direct(rng, monkeypatch, T, E, D, F, k, gs, direct):
+    monkeypatch.setenv("MLX_MOE_CUDA_REGW_DIRECT", direct)
+    monkeypatch.setenv("MLX_MOE_CUDA_REGW_DIRECT_MAX_TOKENS", "5")
+    _gg_check(rng, T, E, D, F, k, "affine", (4, 4, 4), gs, mx.bfloat16, sdt=mx.bfloat16)
+
+
+def test_moe_mlp_regw_direct_bad_ids(rng, monkeypatch):
+    """Dropped slots (out-of-range ids; token 0's slot 1): the gate/up block of such a pair
+    exits, and the down block stages zeros for its H row and leaves it out of the sum."""
+    monkeypatch.setenv("MLX_MOE_CUDA_REGW_DIRECT_MAX_TOKENS", "4")
+    _gg_check(rng, 4, 16, 2048, 768, 8, "affine", (4, 4, 4), 64, mx.bfloat16, sdt=mx.bfloat16,
+              bad_ids=True)
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 16])  # 1, 2 tokens: direct; 3, 16: bucketed
+def test_regw_router_folded(rng, monkeypatch, T):
+    """The register-operand kernels behind a folded-in router (the decode chain's first
+    kernel): bitwise the result of route() evaluated first, and norm-wise within 8 u of the
+    shared-memory kernels' (MLX_MOE_CUDA_REGW=0; each is within 4 u of the float64 reference,
+    test_moe_mlp_regw_direct / _decode)."""
+    E, D, F, k = 128, 256, 256, 8
+    experts = experts_for(rng, E, D, F, "affine", (4, 4, 4), 64, mx.bfloat16)
+    x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(mx.bfloat16)
+    logits = random_logits(rng, T, E)
+    mx.eval(x, logits, *[a for p in (experts.gate, experts.up, experts.down) for a in p.arrays()])
+    with mx.stream(mx.gpu):
+        ids, w = mlx_moe.route(logits, k, normalize=True)
+        y = mlx_moe.moe_mlp(x, ids, w, experts)
+        mx.eval(y)
+        ids, w = mlx_moe.route(logits, k, normalize=True)
+        mx.eval(ids, w)
+        y_sep = mlx_moe.moe_mlp(x, ids, w, experts)
+        mx.eval(y_sep)
+    monkeypatch.setenv("MLX_MOE_CUDA_REGW", "0")
+    y_smem = mlx_moe.moe_mlp(x, ids, w, experts, stream=mx.gpu)
+    mx.eval(y_smem)
+    assert np.array_equal(to_np(y), to_np(y_sep))
+    a, b = to_np(y).astype(np.float64), to_np(y_smem).astype(np.float64)
+    assert np.linalg.norm(a - b) <= 8 * 2.0 ** -8 * np.linalg.norm(b)
 
 
 @pytest.mark.parametrize("fmt,bits,gs", [("affine", (4, 4, 4), 64), ("mxfp4", (4, 4, 4), 32)])

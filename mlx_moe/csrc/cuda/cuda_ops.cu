@@ -556,12 +556,14 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
            (d.group_size == 32u || d.group_size == 64u || d.group_size == 128u) &&
            al16(d.scales) && al16(d.biases);
   };
-  // (no fused combine: these kernels leave the slots to combine_kernel)
-  const bool regw_layer = mma_on && !fused_combine && x.dtype() == mx::bfloat16 &&
-                          env_u32("MLX_MOE_CUDA_REGW", 1u) != 0u && regw_fmt(md.gate) &&
-                          regw_fmt(md.up) && regw_fmt(md.down) &&
-                          md.gate.group_size == md.up.group_size && D % 256u == 0u && D <= 2048u &&
-                          F % 256u == 0u && F <= 2048u && w_al16 && al16(ptr<void>(x));
+  const bool regw_fmt_ok = mma_on && x.dtype() == mx::bfloat16 &&
+                           env_u32("MLX_MOE_CUDA_REGW", 1u) != 0u && regw_fmt(md.gate) &&
+                           regw_fmt(md.up) && regw_fmt(md.down) &&
+                           md.gate.group_size == md.up.group_size && D % 256u == 0u &&
+                           D <= 2048u && F % 256u == 0u && F <= 2048u && w_al16 &&
+                           al16(ptr<void>(x));
+  // (bucketed: no fused combine, these kernels leave the slots to combine_kernel)
+  const bool regw_layer = regw_fmt_ok && !fused_combine;
   const uint32_t decode_top =
       regw_layer ? std::max(env_u32("MLX_MOE_CUDA_REGW_MAX_PAIRS", 1536u), decode_max_pairs)
       : mma_all  ? std::max(mma_max_pairs, decode_max_pairs)
@@ -572,7 +574,22 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
       any_trellis ? !tr_mm && gg_ok && gg_tiles_ok && P >= tr_gg_min
                   : P > decode_top;
   const bool gg = grouped && gg_ok && gg_tiles_ok;
-  const bool direct = !grouped && P <= direct_max_pairs;
+  // The register-operand kernels' direct form (kernels/moe_cuda_regw.cuh, DIRECT): no
+  // bucketing, the down kernel sums a token's slots itself (one MMA column each: k <= 8; k F /
+  // 8 threads per block, one such block per SM), up to MLX_MOE_CUDA_REGW_DIRECT_MAX_TOKENS
+  // tokens (2), above which such layers take the bucketed form (MLX_MOE_CUDA_REGW_DIRECT=0:
+  // the direct path's shared-memory kernels at 1 token, up to MLX_MOE_CUDA_DIRECT_MAX_PAIRS).
+  // H200, bf16 scales, device time per layer, direct form against the shared-memory direct
+  // kernels at 1 token and the bucketed form above: Qwen3 19.3 vs 27.5 us, 2 tokens 32.7 vs
+  // 33.4; GLM-4.7-Flash 18.2 vs 27.1, 2 tokens 31.1 vs 33.5; 4 tokens (an intermediate build)
+  // Qwen3 64.0 vs 56.8, GLM-4.7-Flash 62.5 vs 59.2: the direct down blocks, one per SM, take
+  // a wave per token (docs/PERFORMANCE.md, twenty-second session).
+  const bool regw_direct_ok = regw_fmt_ok && k <= 8u &&
+                              k * F <= 8u * uint32_t(cuda::RW_DIRECT_THREADS) &&
+                              env_u32("MLX_MOE_CUDA_REGW_DIRECT", 1u) != 0u &&
+                              T <= env_u32("MLX_MOE_CUDA_REGW_DIRECT_MAX_TOKENS", 2u);
+  const bool direct = !grouped && (regw_layer ? regw_direct_ok : regw_direct_ok || P <= direct_max_pairs);
+  const bool regw_direct = direct && regw_direct_ok;
   const bool regw = regw_layer && !grouped && !direct;  // (affine layers: tr_mm is false)
   const int ik = id_kind(ids.dtype());
 
@@ -619,7 +636,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // pipelined loop, host-bound at 1 token, 2.9 us/layer slower (34.7 -> 37.6);
   // MLX_MOE_CUDA_ROUTE_IN_GU=0: never (the chain).
   const bool route_in_gu_ok =
-      fused_route && direct && gu_mm &&
+      fused_route && direct && gu_mm && !regw_direct &&
       E <= ROUTE_BLOCK_MAX_E && E <= uint32_t(MM_WARPS_GU * 32) && k <= 32u &&
       float_kind(logits.dtype()) >= 0 && env_u32("MLX_MOE_CUDA_ROUTE_IN_GU", 1u) != 0u;
   if (fused_route && !route_in_gu_ok)
@@ -629,29 +646,37 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
                   grouped ? &tiles : nullptr, &meta);
 
   mx::array H = scratch(enc, size_t(P) * F);
-  mx::array Yp = scratch(enc, size_t(P) * D);
+  mx::array Yp = scratch(enc, regw_direct ? 1 : size_t(P) * D);
 
   dispatch_float(x.dtype(), [&](auto tag) {
     using XT = decltype(tag);
     const XT* xp = ptr<XT>(x);
     bool combined = false;
-    if (regw) {
+    if (regw || regw_direct) {
       if constexpr (std::is_same_v<XT, __nv_bfloat16>) {
         // gate/up: D / 8 threads (one 16-byte chunk of a staged row each), 16 rows per block;
         // down: F / 8 threads, 16 * REGW_DN_MT rows. H holds bf16 rows [bucketed pair, F].
+        // Direct: gate/up blocks per pair (H rows [pair, F]); down blocks per token, k F / 8
+        // threads, 16 rows, writing the output.
         const uint32_t gs_gu = md.gate.group_size, gs_dn = md.down.group_size;
         __nv_bfloat16* Hb = reinterpret_cast<__nv_bfloat16*>(ptr<uint32_t>(H));
-        chain.add(kernel_node(regw_kernel(true, gs_gu), dim3(max_active, F / 16u), dim3(D / 8u),
+        const cuda::RegwDirect dx{ptr<void>(ids), ik, regw_direct ? ptr<__nv_bfloat16>(out) : nullptr};
+        const uint32_t dn_mt = regw_direct ? 1u : uint32_t(REGW_DN_MT);
+        chain.add(kernel_node(regw_kernel(true, gs_gu, regw_direct),
+                              dim3(regw_direct ? P : max_active, F / 16u), dim3(D / 8u),
                               regw_smem_bytes(D, gs_gu, 2, 1), md, xp, ptr<uint32_t>(pairs),
                               ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta),
-                              ptr<float>(rw), Hb, static_cast<float*>(nullptr)),
+                              ptr<float>(rw), Hb, static_cast<float*>(nullptr), dx),
                   {&x, &ids, &pairs, &offsets, &active, &meta}, {&H});
-        chain.add(kernel_node(regw_kernel(false, gs_dn), dim3(max_active, D / (16u * REGW_DN_MT)),
-                              dim3(F / 8u), regw_smem_bytes(F, gs_dn, 1, REGW_DN_MT), md,
+        chain.add(kernel_node(regw_kernel(false, gs_dn, regw_direct),
+                              dim3(regw_direct ? T : max_active, D / (16u * dn_mt)),
+                              dim3(regw_direct ? k * F / 8u : F / 8u),
+                              regw_smem_bytes(F, gs_dn, 1, int(dn_mt), regw_direct ? k : 1u), md,
                               static_cast<const __nv_bfloat16*>(Hb), ptr<uint32_t>(pairs),
                               ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta),
-                              ptr<float>(rw), static_cast<__nv_bfloat16*>(nullptr), ptr<float>(Yp)),
-                  {&H, &ids, &pairs, &offsets, &active, &meta, &rw}, {&Yp});
+                              ptr<float>(rw), static_cast<__nv_bfloat16*>(nullptr), ptr<float>(Yp), dx),
+                  {&H, &ids, &pairs, &offsets, &active, &meta, &rw}, {regw_direct ? &out : &Yp});
+        combined = regw_direct;
       }
     } else if (!grouped) {
       auto smem_for = [&](uint32_t Kd, uint32_t cap, uint32_t& maxt) {

@@ -9,12 +9,14 @@
 namespace mlx_moe::gpu {
 
 using RegwKernel = void (*)(cuda::MlpDesc, const __nv_bfloat16*, const uint32_t*, const uint32_t*,
-                            const uint32_t*, const uint32_t*, const float*, __nv_bfloat16*, float*);
+                            const uint32_t*, const uint32_t*, const float*, __nv_bfloat16*, float*,
+                            cuda::RegwDirect);
 
-// Rows per block of the down kernel (gate/up: 16).
+// Rows per block of the down kernel (gate/up and the direct down kernel: 16).
 constexpr int REGW_DN_MT = 2;
 
-// Gate/up (gateup) or down for scale groups of gs codes (32, 64 or 128); null otherwise.
-RegwKernel regw_kernel(bool gateup, uint32_t gs);
+// Gate/up (gateup) or down for scale groups of gs codes (32, 64 or 128), bucketed or direct
+// (the kernels' DIRECT form); null otherwise.
+RegwKernel regw_kernel(bool gateup, uint32_t gs, bool direct);
 
 }  // namespace mlx_moe::gpu
