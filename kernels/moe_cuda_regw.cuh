@@ -71,9 +71,14 @@ struct RegwDirect {
 // each); 768 covers top-8 at K = 768 (Qwen3-30B-A3B) and top-4 at 1536 (GLM-4.7-Flash).
 constexpr int RW_DIRECT_THREADS = 768;
 
-template <bool GATEUP, int GS, int MT, bool DIRECT = false>
-__global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : 256,
-                                  DIRECT && !GATEUP ? 1 : GATEUP ? 3 : 2)
+// BITS 8: each code's two nibbles are read as two 4-bit codes of a row twice as long (code
+// i = 16 h + l: nibble 2 i = l, 2 i + 1 = h), the activations staged as (x_i, 16 x_i) pairs
+// (exact in bf16): sum (128 + l) x + (128 + h) 16 x = sum q x + 2176 sum x, so the 4-bit
+// machinery runs unchanged on the virtual row (GV = 2 GS nibbles per scale group, K / 4
+// threads per block) and the scaling subtracts 2176 s instead of 128 s per group sum.
+template <bool GATEUP, int GS, int MT, bool DIRECT = false, int BITS = 4>
+__global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS == 8 ? 512 : 256,
+                                  DIRECT && !GATEUP ? 1 : BITS == 8 ? 1 : GATEUP ? 3 : 2)
     mlp_regw_kernel(MlpDesc md, const __nv_bfloat16* __restrict__ xin,
                     const uint32_t* __restrict__ pairs, const uint32_t* __restrict__ offsets,
                     const uint32_t* __restrict__ active, const uint32_t* __restrict__ meta,
@@ -81,17 +86,21 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : 256,
                     float* __restrict__ Yp, RegwDirect dx) {
   constexpr int NP = GATEUP ? 2 : 1;
   constexpr bool DDN = DIRECT && !GATEUP;  // the direct down block (slots x K / 256 warps)
-  constexpr int WPT = GS / 32;      // code words per thread, row and group
+  constexpr int GV = GS * BITS / 4;  // nibbles per scale group
+  constexpr float COFF = BITS == 8 ? 2176.f : 128.f;  // the codes' offset per group sum
+  constexpr int WPT = GV / 32;      // code words per thread, row and group
   constexpr int GB = 8 / WPT;       // groups per warp (256 k)
   constexpr int SW = GB / 2 > 0 ? GB / 2 : 1;  // words of a warp's GB bf16 scales
-  static_assert(GS == 32 || GS == 64 || GS == 128, "group size");
+  static_assert((GS == 32 || GS == 64 || GS == 128) && (BITS == 4 || (BITS == 8 && GS <= 64)) &&
+                    (BITS == 4 || !DIRECT),
+                "group size / bits");
   // In a decode chain (launch_pdl): gate/up reads the bucketing's outputs, so it waits first
   // and then lets down start; down reads those (complete by then) and issues its weight loads
   // before it waits for gate/up's H.
   if (GATEUP) pdl_wait();
   pdl_trigger();
   const WDesc& w0 = GATEUP ? md.gate : md.down;
-  const uint32_t K = w0.K, N = w0.N, G = w0.groups, RWd = w0.row_words;
+  const uint32_t K = w0.K * (BITS / 4), N = w0.N, G = w0.groups, RWd = w0.row_words;  // (K: nibbles)
   const uint32_t j = blockIdx.x;
   const uint32_t tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u, gid = lane >> 2, t4 = lane & 3u;
   const uint32_t kw = K / 256u;                   // warps per slot
@@ -131,7 +140,7 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : 256,
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int64_t row = int64_t(e) * N + n0 + mt * 16 + gid + 8 * r;
-        const uint32_t* src = wd.w + row * RWd + g0 * (GS / 8) + t4 * WPT;
+        const uint32_t* src = wd.w + row * RWd + g0 * (GV / 8) + t4 * WPT;
         const int64_t so = row * G + g0;  // bf16 index (G % GB == 0: SW-word aligned)
         if (DDN && !live) {  // (a dropped slot: its products are not used)
 #pragma unroll
@@ -141,7 +150,7 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : 256,
           continue;
         }
 #pragma unroll
-        for (int i = 0; i < GB; ++i) rw_ldg<WPT>(src + i * (GS / 8), &wv[p][mt][r][i * WPT]);
+        for (int i = 0; i < GB; ++i) rw_ldg<WPT>(src + i * (GV / 8), &wv[p][mt][r][i * WPT]);
         rw_ldg<SW>(reinterpret_cast<const uint32_t*>(static_cast<const __nv_bfloat16*>(wd.scales) + so),
                    sv[p][mt][r]);
         rw_ldg<SW>(reinterpret_cast<const uint32_t*>(static_cast<const __nv_bfloat16*>(wd.biases) + so),
@@ -155,7 +164,7 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : 256,
   unsigned char* Xs = rw_smem;
   float* XS = reinterpret_cast<float*>(rw_smem + RW_NT * tstride);  // [G][RW_NT]
   float* Red = XS + G * RW_NT;                                       // [warps][NP MT][4][32]
-  const uint32_t xq = smem_u32(Xs + gid * tstride + t4 * (GS / 4) * 2);
+  const uint32_t xq = smem_u32(Xs + gid * tstride + t4 * (GV / 4) * 2);
   for (uint32_t c0 = first; c0 < last; c0 += RW_NT) {
     // (direct down: the token's k slots are the columns)
     const uint32_t nt = DDN ? md.k : min(uint32_t(RW_NT), last - c0);
@@ -165,25 +174,43 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : 256,
     // group's sum (its GS / 8 lanes).
     for (uint32_t t = DDN ? slot : 0u; t < nt; t += DDN ? nt : 1u) {
       const uint32_t ch = DDN ? tid - slot * (K / 8u) : tid;
+      const uint32_t Kx = w0.K;  // (activations per row)
       const __nv_bfloat16* src =
-          DDN      ? xin + (int64_t(j) * md.k + t) * K
-          : GATEUP ? xin + int64_t((DIRECT ? c0 + t : pairs[c0 + t]) / md.k) * K
-                   : xin + int64_t(c0 + t) * K;
+          DDN      ? xin + (int64_t(j) * md.k + t) * Kx
+          : GATEUP ? xin + int64_t((DIRECT ? c0 + t : pairs[c0 + t]) / md.k) * Kx
+                   : xin + int64_t(c0 + t) * Kx;
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (live) v = *reinterpret_cast<const uint4*>(src + ch * 8u);
+      float s = 0.f;
+      if constexpr (BITS == 8) {  // 4 activations as (x, 16 x) pairs; the sum over x
+        const uint2 u = *reinterpret_cast<const uint2*>(src + ch * 4u);
+        const uint32_t uu[2] = {u.x, u.y};
+        uint32_t vv[4];
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const float lo = __uint_as_float(uu[q] << 16), hi = __uint_as_float(uu[q] & 0xFFFF0000u);
+          s += lo + hi;
+          // (x 16: exact, the exponent moved; bf16 from the exact fp32 product)
+          vv[2 * q] = (uu[q] & 0xFFFFu) | (__float_as_uint(lo * 16.f) & 0xFFFF0000u);
+          vv[2 * q + 1] = (uu[q] >> 16) | (__float_as_uint(hi * 16.f) & 0xFFFF0000u);
+        }
+        v = make_uint4(vv[0], vv[1], vv[2], vv[3]);
+      } else {
+        if (live) v = *reinterpret_cast<const uint4*>(src + ch * 8u);
+      }
       uint4 o;
       o.x = __byte_perm(v.x, v.z, 0x5410);
       o.y = __byte_perm(v.x, v.z, 0x7632);
       o.z = __byte_perm(v.y, v.w, 0x5410);
       o.w = __byte_perm(v.y, v.w, 0x7632);
       *reinterpret_cast<uint4*>(Xs + t * tstride + ch * 16u) = o;
-      float s = 0.f;
-      const uint32_t vv[4] = {v.x, v.y, v.z, v.w};
+      if constexpr (BITS == 4) {
+        const uint32_t vv[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-      for (int q = 0; q < 4; ++q) s += __uint_as_float(vv[q] << 16) + __uint_as_float(vv[q] & 0xFFFF0000u);
+        for (int q = 0; q < 4; ++q) s += __uint_as_float(vv[q] << 16) + __uint_as_float(vv[q] & 0xFFFF0000u);
+      }
 #pragma unroll
-      for (int o2 = 1; o2 < GS / 8; o2 <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o2);
-      if (ch % (GS / 8) == 0) XS[(ch / (GS / 8)) * RW_NT + t] = s;
+      for (int o2 = 1; o2 < GV / 8; o2 <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o2);
+      if (ch % (GV / 8) == 0) XS[(ch / (GV / 8)) * RW_NT + t] = s;
     }
     __syncthreads();
     float acc[NP][MT][4] = {};
@@ -194,7 +221,7 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : 256,
       const float2 xs = lds64(smem_u32(XS + gi * RW_NT + 2u * t4));
       uint4 xb[WPT];
 #pragma unroll
-      for (int wi = 0; wi < WPT; ++wi) xb[wi] = lds128_if(bx, xq + (gi * GS + wi * 8u) * 2u);
+      for (int wi = 0; wi < WPT; ++wi) xb[wi] = lds128_if(bx, xq + (gi * GV + wi * 8u) * 2u);
 #pragma unroll
       for (int p = 0; p < NP; ++p)
 #pragma unroll
@@ -212,8 +239,8 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : 256,
             mma_bf16(t, a1, b1);
           }
           const float s0 = rw_bf16_at(sv[p][mt][0], i), s1 = rw_bf16_at(sv[p][mt][1], i);
-          const float c0v = fmaf(-128.f, s0, rw_bf16_at(bv[p][mt][0], i));
-          const float c1v = fmaf(-128.f, s1, rw_bf16_at(bv[p][mt][1], i));
+          const float c0v = fmaf(-COFF, s0, rw_bf16_at(bv[p][mt][0], i));
+          const float c1v = fmaf(-COFF, s1, rw_bf16_at(bv[p][mt][1], i));
           acc[p][mt][0] += s0 * t[0] + c0v * xs.x;
           acc[p][mt][1] += s0 * t[1] + c0v * xs.y;
           acc[p][mt][2] += s1 * t[2] + c1v * xs.x;

@@ -590,6 +590,28 @@ def test_moe_mlp_regw_decode(rng, monkeypatch, T, E, D, F, k, gs, regw):
     _gg_check(rng, T, E, D, F, k, "affine", (4, 4, 4), gs, mx.bfloat16, sdt=mx.bfloat16)
 
 
+# 8-bit projections (group size 32 / 64) in the same kernels: each code's nibbles as two 4-bit
+# codes of a row twice as long against the activations staged as (x, 16 x) pairs (exact), so
+# the same products in fp32 and the same bound; bucketed at 1 token too. Mixed widths (4-bit
+# gate/up with 8-bit down and the reverse) take one kernel of each.
+@pytest.mark.parametrize(
+    "T,E,D,F,k,gs,bits",
+    [
+        (1, 128, 2048, 768, 8, 64, (8, 8, 8)),     # Qwen3 8-bit layer, 1 token
+        (16, 128, 2048, 768, 8, 64, (8, 8, 8)),    # 16 tokens
+        (12, 64, 2048, 1536, 4, 32, (8, 8, 8)),    # GLM-4.7-Flash widths, group size 32
+        (40, 8, 512, 256, 4, 64, (8, 8, 8)),       # chunks of 8 tokens
+        (100, 16, 256, 512, 6, 32, (8, 8, 8)),     # two warps per gate/up block
+        (6, 16, 512, 512, 8, 64, (4, 4, 8)),
+        (6, 16, 512, 512, 8, 64, (8, 8, 4)),
+    ],
+)
+@pytest.mark.parametrize("regw", ["1", "0"])
+def test_moe_mlp_regw_decode_8bit(rng, monkeypatch, T, E, D, F, k, gs, bits, regw):
+    monkeypatch.setenv("MLX_MOE_CUDA_REGW", regw)
+    _gg_check(rng, T, E, D, F, k, "affine", bits, gs, mx.bfloat16, sdt=mx.bfloat16)
+
+
 def test_moe_mlp_regw_decode_bad_ids(rng):
     _gg_check(rng, 20, 16, 2048, 768, 4, "affine", (4, 4, 4), 64, mx.bfloat16, sdt=mx.bfloat16,
               bad_ids=True)

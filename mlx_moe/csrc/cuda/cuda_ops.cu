@@ -545,27 +545,38 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   }
   // Layers the register-operand decode kernels take (kernels/moe_cuda_regw.cuh: weights
   // loaded straight into the MMA's registers, no shared-memory staging; H in bf16): bf16
-  // activations, every projection affine 4-bit with bf16 scales and biases (what
-  // mlx-community's 4-bit checkpoints of bf16 models hold), widths D and F multiples of 256 up
-  // to 2048. MLX_MOE_CUDA_REGW=0: never (the shared-memory decode kernels). They stay on the
-  // decode path up to MLX_MOE_CUDA_REGW_MAX_PAIRS pairs (1536; H200, Qwen3 layer with bf16
-  // scales, device time per layer against the grouped kernels: 273 vs 359 us at 1280 pairs,
-  // 375 vs 364 at 2048; docs/PERFORMANCE.md, twenty-first session).
+  // activations, every projection affine 4-bit or 8-bit with bf16 scales and biases (what
+  // mlx-community's 4- and 8-bit checkpoints of bf16 models hold), widths D and F multiples
+  // of 256 up to 2048. MLX_MOE_CUDA_REGW=0: never (the shared-memory decode kernels). They
+  // stay on the decode path up to MLX_MOE_CUDA_REGW_MAX_PAIRS pairs (1536; H200, Qwen3 layer
+  // with bf16 scales, device time per layer against the grouped kernels: 273 vs 359 us at
+  // 1280 pairs, 375 vs 364 at 2048; docs/PERFORMANCE.md, twenty-first session), layers with
+  // an 8-bit projection up to MLX_MOE_CUDA_REGW8_MAX_PAIRS (768; Qwen3 8-bit: 352 vs 446 us
+  // at 512 pairs, 485 vs 450 at 1024; twenty-second session).
+  // 8-bit projections (group size 32 or 64) as rows of twice as many 4-bit codes (the
+  // kernels' BITS = 8; bucketed form only, at 1 token too: the shared-memory direct kernels
+  // have no tensor-core form for them).
   auto regw_fmt = [&](const WDesc& d) {
-    return d.mode == 0u && d.bits == 4u && d.scale_kind == 2u && d.biases != nullptr &&
-           (d.group_size == 32u || d.group_size == 64u || d.group_size == 128u) &&
+    return d.mode == 0u && d.scale_kind == 2u && d.biases != nullptr &&
+           ((d.bits == 4u && (d.group_size == 32u || d.group_size == 64u || d.group_size == 128u)) ||
+            (d.bits == 8u && (d.group_size == 32u || d.group_size == 64u))) &&
            al16(d.scales) && al16(d.biases);
   };
+  const bool regw_all4 = md.gate.bits == 4u && md.up.bits == 4u && md.down.bits == 4u;
   const bool regw_fmt_ok = mma_on && x.dtype() == mx::bfloat16 &&
                            env_u32("MLX_MOE_CUDA_REGW", 1u) != 0u && regw_fmt(md.gate) &&
                            regw_fmt(md.up) && regw_fmt(md.down) &&
-                           md.gate.group_size == md.up.group_size && D % 256u == 0u &&
+                           md.gate.group_size == md.up.group_size && md.gate.bits == md.up.bits &&
+                           D % 256u == 0u &&
                            D <= 2048u && F % 256u == 0u && F <= 2048u && w_al16 &&
                            al16(ptr<void>(x));
-  // (bucketed: no fused combine, these kernels leave the slots to combine_kernel)
-  const bool regw_layer = regw_fmt_ok && !fused_combine;
+  // (bucketed: no fused combine, these kernels leave the slots to combine_kernel; layers with
+  // 8-bit projections take them at 1 token too)
+  const bool regw_layer = regw_fmt_ok && (!fused_combine || !regw_all4);
   const uint32_t decode_top =
-      regw_layer ? std::max(env_u32("MLX_MOE_CUDA_REGW_MAX_PAIRS", 1536u), decode_max_pairs)
+      regw_layer ? std::max(regw_all4 ? env_u32("MLX_MOE_CUDA_REGW_MAX_PAIRS", 1536u)
+                                      : env_u32("MLX_MOE_CUDA_REGW8_MAX_PAIRS", 768u),
+                            decode_max_pairs)
       : mma_all  ? std::max(mma_max_pairs, decode_max_pairs)
                  : decode_max_pairs;
   const uint32_t max_active = std::min(E, P);
@@ -584,7 +595,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // 33.4; GLM-4.7-Flash 18.2 vs 27.1, 2 tokens 31.1 vs 33.5; 4 tokens (an intermediate build)
   // Qwen3 64.0 vs 56.8, GLM-4.7-Flash 62.5 vs 59.2: the direct down blocks, one per SM, take
   // a wave per token (docs/PERFORMANCE.md, twenty-second session).
-  const bool regw_direct_ok = regw_fmt_ok && k <= 8u &&
+  const bool regw_direct_ok = regw_fmt_ok && regw_all4 && k <= 8u &&
                               k * F <= 8u * uint32_t(cuda::RW_DIRECT_THREADS) &&
                               env_u32("MLX_MOE_CUDA_REGW_DIRECT", 1u) != 0u &&
                               T <= env_u32("MLX_MOE_CUDA_REGW_DIRECT_MAX_TOKENS", 2u);
@@ -654,24 +665,28 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
     bool combined = false;
     if (regw || regw_direct) {
       if constexpr (std::is_same_v<XT, __nv_bfloat16>) {
-        // gate/up: D / 8 threads (one 16-byte chunk of a staged row each), 16 rows per block;
-        // down: F / 8 threads, 16 * REGW_DN_MT rows. H holds bf16 rows [bucketed pair, F].
+        // gate/up: D / 8 threads (one 16-byte chunk of a staged row each; 8-bit: D / 4), 16
+        // rows per block; down: F / 8 (F / 4) threads, 16 * REGW_DN_MT rows. H holds bf16 rows
+        // [bucketed pair, F].
         // Direct: gate/up blocks per pair (H rows [pair, F]); down blocks per token, k F / 8
         // threads, 16 rows, writing the output.
         const uint32_t gs_gu = md.gate.group_size, gs_dn = md.down.group_size;
+        const uint32_t b_gu = md.gate.bits, b_dn = md.down.bits;
+        // (8-bit: rows of twice as many nibbles, in groups of twice as many)
+        const uint32_t Kg = D * b_gu / 4u, Kd = F * b_dn / 4u;
         __nv_bfloat16* Hb = reinterpret_cast<__nv_bfloat16*>(ptr<uint32_t>(H));
         const cuda::RegwDirect dx{ptr<void>(ids), ik, regw_direct ? ptr<__nv_bfloat16>(out) : nullptr};
         const uint32_t dn_mt = regw_direct ? 1u : uint32_t(REGW_DN_MT);
-        chain.add(kernel_node(regw_kernel(true, gs_gu, regw_direct),
-                              dim3(regw_direct ? P : max_active, F / 16u), dim3(D / 8u),
-                              regw_smem_bytes(D, gs_gu, 2, 1), md, xp, ptr<uint32_t>(pairs),
+        chain.add(kernel_node(regw_kernel(true, gs_gu, regw_direct, b_gu),
+                              dim3(regw_direct ? P : max_active, F / 16u), dim3(Kg / 8u),
+                              regw_smem_bytes(Kg, gs_gu * b_gu / 4u, 2, 1), md, xp, ptr<uint32_t>(pairs),
                               ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta),
                               ptr<float>(rw), Hb, static_cast<float*>(nullptr), dx),
                   {&x, &ids, &pairs, &offsets, &active, &meta}, {&H});
-        chain.add(kernel_node(regw_kernel(false, gs_dn, regw_direct),
+        chain.add(kernel_node(regw_kernel(false, gs_dn, regw_direct, b_dn),
                               dim3(regw_direct ? T : max_active, D / (16u * dn_mt)),
-                              dim3(regw_direct ? k * F / 8u : F / 8u),
-                              regw_smem_bytes(F, gs_dn, 1, int(dn_mt), regw_direct ? k : 1u), md,
+                              dim3(regw_direct ? k * F / 8u : Kd / 8u),
+                              regw_smem_bytes(Kd, gs_dn * b_dn / 4u, 1, int(dn_mt), regw_direct ? k : 1u), md,
                               static_cast<const __nv_bfloat16*>(Hb), ptr<uint32_t>(pairs),
                               ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta),
                               ptr<float>(rw), static_cast<__nv_bfloat16*>(nullptr), ptr<float>(Yp), dx),

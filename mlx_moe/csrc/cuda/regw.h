@@ -15,8 +15,9 @@ using RegwKernel = void (*)(cuda::MlpDesc, const __nv_bfloat16*, const uint32_t*
 // Rows per block of the down kernel (gate/up and the direct down kernel: 16).
 constexpr int REGW_DN_MT = 2;
 
-// Gate/up (gateup) or down for scale groups of gs codes (32, 64 or 128), bucketed or direct
-// (the kernels' DIRECT form); null otherwise.
-RegwKernel regw_kernel(bool gateup, uint32_t gs, bool direct);
+// Gate/up (gateup) or down for scale groups of gs codes of `bits` bits: 4-bit 32, 64 or 128,
+// bucketed or direct (the kernels' DIRECT form); 8-bit 32 or 64, bucketed; null otherwise.
+// Block: K bits / 32 threads (one 16-byte chunk of staged nibble-row activations each).
+RegwKernel regw_kernel(bool gateup, uint32_t gs, bool direct, uint32_t bits);
 
 }  // namespace mlx_moe::gpu
