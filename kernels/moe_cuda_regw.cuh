@@ -1,7 +1,8 @@
 // Decode-path expert MLP with the weights loaded straight into registers (included by
 // moe_cuda.cuh's users through mlx_moe/csrc/cuda/regw.h; kernels/moe_cuda.cuh has the helpers).
 //
-// Affine 4-bit projections with bf16 scales and biases, bf16 activations. Block = (non-empty
+// Affine 4-bit projections with bf16 scales and biases, bf16 activations (8-bit: BITS, below,
+// the same on rows of twice as many nibbles). Block = (non-empty
 // expert slot j, 16 * MT output rows); K / 256 warps, warp w owns k in [256 w, 256 w + 256).
 // Lane (gid, t4) loads, for each of its rows gid and gid + 8 (of each projection and row
 // tile), the codes it feeds the MMA as one 4/8/16-byte load per scale group: 32 / GS * 8
@@ -21,7 +22,8 @@
 // slots, each over its own expert's rows and K / 256 warps, with H rows t k .. t k + k - 1
 // staged as the MMA's columns (slot s uses column s) -- the slots are one more split of the
 // sum, weighted by rw, so the block writes y[t] itself (bf16; no Yp, no combine kernel),
-// summing the slots in order as combine_kernel does. A slot with an out-of-range id adds
+// summing the slots in order as combine_kernel does (not bitwise its result: the weighted
+// products may contract into FMAs here). A slot with an out-of-range id adds
 // nothing (its H row is not written: it is staged as zeros and skipped).
 #pragma once
 
@@ -109,6 +111,8 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
   uint32_t e, first, last;
   bool live = true;  // (direct down) this warp's slot has an expert
   if constexpr (DDN) {
+    // (ids before pdl_wait, like the bucketed down kernel's pairs: the router that may write
+    // them is two kernels back, and gate/up waits for it before it lets this kernel start)
     const int64_t id = load_id(dx.ids, dx.id_kind, int64_t(j) * md.k + slot);
     live = id >= 0 && id < int64_t(md.E);
     e = live ? uint32_t(id) : 0u;

@@ -17,7 +17,8 @@ constexpr int REGW_DN_MT = 2;
 
 // Gate/up (gateup) or down for scale groups of gs codes of `bits` bits: 4-bit 32, 64 or 128,
 // bucketed or direct (the kernels' DIRECT form); 8-bit 32 or 64, bucketed; null otherwise.
-// Block: K bits / 32 threads (one 16-byte chunk of staged nibble-row activations each).
+// Block: K * bits / 32 threads for a K-wide projection (one 16-byte chunk of the staged
+// nibble-row activations each); the direct down block k times F / 8.
 RegwKernel regw_kernel(bool gateup, uint32_t gs, bool direct, uint32_t bits);
 
 }  // namespace mlx_moe::gpu
