@@ -556,11 +556,11 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // 8-bit projections (group size 32 or 64) as rows of twice as many 4-bit codes (the
   // kernels' BITS = 8; bucketed form only, at 1 token too: the shared-memory direct kernels
   // have no tensor-core form for them).
+  // (bits and group size: those regw_kernel has a kernel for)
   auto regw_fmt = [&](const WDesc& d) {
     return d.mode == 0u && d.scale_kind == 2u && d.biases != nullptr &&
-           ((d.bits == 4u && (d.group_size == 32u || d.group_size == 64u || d.group_size == 128u)) ||
-            (d.bits == 8u && (d.group_size == 32u || d.group_size == 64u))) &&
-           al16(d.scales) && al16(d.biases);
+           regw_kernel(false, d.group_size, false, d.bits) != nullptr && al16(d.scales) &&
+           al16(d.biases);
   };
   const bool regw_all4 = md.gate.bits == 4u && md.up.bits == 4u && md.down.bits == 4u;
   const bool regw_fmt_ok = mma_on && x.dtype() == mx::bfloat16 &&

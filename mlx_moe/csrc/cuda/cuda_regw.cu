@@ -1,37 +1,32 @@
 // Instantiations of the register-operand decode kernels (regw.h).
+#include <type_traits>
+
 #include "regw.h"
 
 namespace mlx_moe::gpu {
 
 using namespace mlx_moe::cuda;
 
-template <bool DIRECT>
+// The kernel for group size gs (32, 64, or for 4-bit codes 128); null otherwise.
+template <bool DIRECT, int BITS>
 static RegwKernel regw_pick(bool gateup, uint32_t gs) {
   constexpr int MT = DIRECT ? 1 : REGW_DN_MT;
-  if (gateup) {
-    return gs == 32u ? mlp_regw_kernel<true, 32, 1, DIRECT>
-           : gs == 64u ? mlp_regw_kernel<true, 64, 1, DIRECT>
-           : gs == 128u ? mlp_regw_kernel<true, 128, 1, DIRECT>
-                        : nullptr;
+  auto pick = [&](auto g) -> RegwKernel {
+    constexpr int G = decltype(g)::value;
+    return gateup ? mlp_regw_kernel<true, G, 1, DIRECT, BITS> : mlp_regw_kernel<false, G, MT, DIRECT, BITS>;
+  };
+  if (gs == 32u) return pick(std::integral_constant<int, 32>{});
+  if (gs == 64u) return pick(std::integral_constant<int, 64>{});
+  if constexpr (BITS == 4) {
+    if (gs == 128u) return pick(std::integral_constant<int, 128>{});
   }
-  return gs == 32u ? mlp_regw_kernel<false, 32, MT, DIRECT>
-         : gs == 64u ? mlp_regw_kernel<false, 64, MT, DIRECT>
-         : gs == 128u ? mlp_regw_kernel<false, 128, MT, DIRECT>
-                      : nullptr;
+  return nullptr;
 }
 
 RegwKernel regw_kernel(bool gateup, uint32_t gs, bool direct, uint32_t bits) {
-  if (bits == 8u) {  // (bucketed only; group sizes 32 and 64)
-    if (direct) return nullptr;
-    if (gateup)
-      return gs == 32u ? mlp_regw_kernel<true, 32, 1, false, 8>
-             : gs == 64u ? mlp_regw_kernel<true, 64, 1, false, 8>
-                         : nullptr;
-    return gs == 32u ? mlp_regw_kernel<false, 32, REGW_DN_MT, false, 8>
-           : gs == 64u ? mlp_regw_kernel<false, 64, REGW_DN_MT, false, 8>
-                       : nullptr;
-  }
-  return direct ? regw_pick<true>(gateup, gs) : regw_pick<false>(gateup, gs);
+  if (bits == 8u) return direct ? nullptr : regw_pick<false, 8>(gateup, gs);  // (bucketed only)
+  if (bits == 4u) return direct ? regw_pick<true, 4>(gateup, gs) : regw_pick<false, 4>(gateup, gs);
+  return nullptr;
 }
 
 }  // namespace mlx_moe::gpu
