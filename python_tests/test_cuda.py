@@ -540,6 +540,12 @@ def _gg_check(rng, T, E, D, F, k, fmt, bits, gs, dtype, sdt=None, bad_ids=False,
     yg, y2 = to_np(yg).astype(np.float64), to_np(y2).astype(np.float64)
     assert np.array_equal(yg, y2)  # deterministic
     exact = sdt == dtype or fmt != "affine"  # (affine scales not exact in the activation type)
+    return _assert_within_gg_bound(yg, x, ids, w, raws, E, u, exact)
+
+
+def _assert_within_gg_bound(yg, x, ids, w, raws, E, u, exact):
+    """yg (float64) against _gg_ref_bound's float64 reference: element-wise within its
+    worst-case bound, norm-wise within 4 u."""
     y, bound = _gg_ref_bound(x, ids, w, raws, E, u, exact)
     err = np.abs(yg - y)
     scale = np.abs(y).max()
@@ -651,11 +657,13 @@ def test_moe_mlp_regw_direct_bad_ids(rng, monkeypatch):
 @pytest.mark.parametrize("T", [1, 2, 3, 16])  # 1, 2 tokens: direct; 3, 16: bucketed
 def test_regw_router_folded(rng, monkeypatch, T):
     """The register-operand kernels behind a folded-in router (the decode chain's first
-    kernel): bitwise the result of route() evaluated first, and norm-wise within 8 u of the
-    shared-memory kernels' (MLX_MOE_CUDA_REGW=0; each is within 4 u of the float64 reference,
-    test_moe_mlp_regw_direct / _decode)."""
+    kernel): bitwise the result of route() evaluated first, within _gg_check's float64 bound
+    of the routed ids and weights, and norm-wise within 8 u of the shared-memory kernels'
+    (MLX_MOE_CUDA_REGW=0; each within 4 u of that reference)."""
     E, D, F, k = 128, 256, 256, 8
-    experts = experts_for(rng, E, D, F, "affine", (4, 4, 4), 64, mx.bfloat16)
+    projs, raws = zip(*(_gg_projection(rng, s, "affine", 4, 64, mx.bfloat16)
+                        for s in ((E, F, D), (E, F, D), (E, D, F))))
+    experts = mlx_moe.Experts(*projs)
     x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(mx.bfloat16)
     logits = random_logits(rng, T, E)
     mx.eval(x, logits, *[a for p in (experts.gate, experts.up, experts.down) for a in p.arrays()])
@@ -672,6 +680,7 @@ def test_regw_router_folded(rng, monkeypatch, T):
     mx.eval(y_smem)
     assert np.array_equal(to_np(y), to_np(y_sep))
     a, b = to_np(y).astype(np.float64), to_np(y_smem).astype(np.float64)
+    _assert_within_gg_bound(a, x, ids, w, raws, E, 2.0 ** -8, True)
     assert np.linalg.norm(a - b) <= 8 * 2.0 ** -8 * np.linalg.norm(b)
 
 
