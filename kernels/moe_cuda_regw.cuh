@@ -2,7 +2,7 @@
 // moe_cuda.cuh's users through mlx_moe/csrc/cuda/regw.h; kernels/moe_cuda.cuh has the helpers).
 //
 // Affine 4-bit projections with bf16 scales and biases, bf16 activations (8-bit: BITS, below,
-// the same on rows of twice as many nibbles). Block = (non-empty
+// the same on rows of twice as many nibbles; mxfp4: FP4, below). Block = (non-empty
 // expert slot j, 16 * MT output rows); K / 256 warps, warp w owns k in [256 w, 256 w + 256).
 // Lane (gid, t4) loads, for each of its rows gid and gid + 8 (of each projection and row
 // tile), the codes it feeds the MMA as one 4/8/16-byte load per scale group: 32 / GS * 8
@@ -78,7 +78,10 @@ constexpr int RW_DIRECT_THREADS = 768;
 // (exact in bf16): sum (128 + l) x + (128 + h) 16 x = sum q x + 2176 sum x, so the 4-bit
 // machinery runs unchanged on the virtual row (GV = 2 GS nibbles per scale group, K / 4
 // threads per block) and the scaling subtracts 2176 s instead of 128 s per group sum.
-template <bool GATEUP, int GS, int MT, bool DIRECT = false, int BITS = 4>
+// FP4 (mxfp4: E2M1 codes, GS 32, an E8M0 byte per group, no bias): the word's nibble pairs
+// decode to exact bf16 values of 2 v (fp4_word_bf16, as in the shared-memory kernels), so
+// acc += (s / 2) * T, with no offset and no group sums.
+template <bool GATEUP, int GS, int MT, bool DIRECT = false, int BITS = 4, bool FP4 = false>
 __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS == 8 ? 512 : 256,
                                   DIRECT && !GATEUP ? 1 : BITS == 8 ? 1 : GATEUP ? 3 : 2)
     mlp_regw_kernel(MlpDesc md, const __nv_bfloat16* __restrict__ xin,
@@ -92,9 +95,11 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
   constexpr float COFF = BITS == 8 ? 2176.f : 128.f;  // the codes' offset per group sum
   constexpr int WPT = GV / 32;      // code words per thread, row and group
   constexpr int GB = 8 / WPT;       // groups per warp (256 k)
-  constexpr int SW = GB / 2 > 0 ? GB / 2 : 1;  // words of a warp's GB bf16 scales
+  // words of a warp's GB scales (bf16; FP4: E8M0 bytes) and biases (FP4: none)
+  constexpr int SW = FP4 ? GB / 4 : GB / 2 > 0 ? GB / 2 : 1;
+  constexpr int BW = FP4 ? 1 : SW;
   static_assert((GS == 32 || GS == 64 || GS == 128) && (BITS == 4 || (BITS == 8 && GS <= 64)) &&
-                    (BITS == 4 || !DIRECT),
+                    (BITS == 4 || !DIRECT) && (!FP4 || (BITS == 4 && GS == 32)),
                 "group size / bits");
   // In a decode chain (launch_pdl): gate/up reads the bucketing's outputs, so it waits first
   // and then lets down start; down reads those (complete by then) and issues its weight loads
@@ -135,7 +140,7 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
   // Codes, scales and biases into registers. Rows n0 .. n0 + 16 MT - 1 exist (N % (16 MT)
   // == 0, checked on the host).
   uint32_t wv[NP][MT][2][8];
-  uint32_t sv[NP][MT][2][SW], bv[NP][MT][2][SW];
+  uint32_t sv[NP][MT][2][SW], bv[NP][MT][2][BW];
 #pragma unroll
   for (int p = 0; p < NP; ++p) {
     const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
@@ -145,20 +150,27 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
       for (int r = 0; r < 2; ++r) {
         const int64_t row = int64_t(e) * N + n0 + mt * 16 + gid + 8 * r;
         const uint32_t* src = wd.w + row * RWd + g0 * (GV / 8) + t4 * WPT;
-        const int64_t so = row * G + g0;  // bf16 index (G % GB == 0: SW-word aligned)
+        const int64_t so = row * G + g0;  // scale index (G % GB == 0: SW-word aligned)
         if (DDN && !live) {  // (a dropped slot: its products are not used)
 #pragma unroll
           for (int i = 0; i < 8; ++i) wv[p][mt][r][i] = 0u;
 #pragma unroll
-          for (int i = 0; i < SW; ++i) sv[p][mt][r][i] = bv[p][mt][r][i] = 0u;
+          for (int i = 0; i < SW; ++i) sv[p][mt][r][i] = 0u;
+#pragma unroll
+          for (int i = 0; i < BW; ++i) bv[p][mt][r][i] = 0u;
           continue;
         }
 #pragma unroll
         for (int i = 0; i < GB; ++i) rw_ldg<WPT>(src + i * (GV / 8), &wv[p][mt][r][i * WPT]);
-        rw_ldg<SW>(reinterpret_cast<const uint32_t*>(static_cast<const __nv_bfloat16*>(wd.scales) + so),
-                   sv[p][mt][r]);
-        rw_ldg<SW>(reinterpret_cast<const uint32_t*>(static_cast<const __nv_bfloat16*>(wd.biases) + so),
-                   bv[p][mt][r]);
+        if constexpr (FP4) {
+          rw_ldg<SW>(reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(wd.scales) + so),
+                     sv[p][mt][r]);
+        } else {
+          rw_ldg<SW>(reinterpret_cast<const uint32_t*>(static_cast<const __nv_bfloat16*>(wd.scales) + so),
+                     sv[p][mt][r]);
+          rw_ldg<SW>(reinterpret_cast<const uint32_t*>(static_cast<const __nv_bfloat16*>(wd.biases) + so),
+                     bv[p][mt][r]);
+        }
       }
   }
   if (!GATEUP) pdl_wait();  // gate/up's H
@@ -207,14 +219,16 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
       o.z = __byte_perm(v.y, v.w, 0x5410);
       o.w = __byte_perm(v.y, v.w, 0x7632);
       *reinterpret_cast<uint4*>(Xs + t * tstride + ch * 16u) = o;
-      if constexpr (BITS == 4) {
-        const uint32_t vv[4] = {v.x, v.y, v.z, v.w};
+      if constexpr (!FP4) {  // (FP4: no offset, no group sums)
+        if constexpr (BITS == 4) {
+          const uint32_t vv[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-        for (int q = 0; q < 4; ++q) s += __uint_as_float(vv[q] << 16) + __uint_as_float(vv[q] & 0xFFFF0000u);
+          for (int q = 0; q < 4; ++q) s += __uint_as_float(vv[q] << 16) + __uint_as_float(vv[q] & 0xFFFF0000u);
+        }
+#pragma unroll
+        for (int o2 = 1; o2 < GV / 8; o2 <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o2);
+        if (ch % (GV / 8) == 0) XS[(ch / (GV / 8)) * RW_NT + t] = s;
       }
-#pragma unroll
-      for (int o2 = 1; o2 < GV / 8; o2 <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o2);
-      if (ch % (GV / 8) == 0) XS[(ch / (GV / 8)) * RW_NT + t] = s;
     }
     __syncthreads();
     float acc[NP][MT][4] = {};
@@ -222,7 +236,7 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
 #pragma unroll
     for (int i = 0; i < GB; ++i) {
       const uint32_t gi = g0 + i;
-      const float2 xs = lds64(smem_u32(XS + gi * RW_NT + 2u * t4));
+      const float2 xs = FP4 ? float2{0.f, 0.f} : lds64(smem_u32(XS + gi * RW_NT + 2u * t4));
       uint4 xb[WPT];
 #pragma unroll
       for (int wi = 0; wi < WPT; ++wi) xb[wi] = lds128_if(bx, xq + (gi * GV + wi * 8u) * 2u);
@@ -234,21 +248,39 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
 #pragma unroll
           for (int wi = 0; wi < WPT; ++wi) {
             const uint32_t wg = wv[p][mt][0][i * WPT + wi], wh = wv[p][mt][1][i * WPT + wi];
-            const uint32_t a0[4] = {nib2_bf16_128(wg, 0), nib2_bf16_128(wh, 0), nib2_bf16_128(wg, 1),
-                                    nib2_bf16_128(wh, 1)};
-            const uint32_t a1[4] = {nib2_bf16_128(wg, 2), nib2_bf16_128(wh, 2), nib2_bf16_128(wg, 3),
-                                    nib2_bf16_128(wh, 3)};
+            uint32_t a0[4], a1[4];
+            if constexpr (FP4) {
+              uint32_t dg[4], dh[4];
+              fp4_word_bf16(wg, dg);
+              fp4_word_bf16(wh, dh);
+              a0[0] = dg[0], a0[1] = dh[0], a0[2] = dg[1], a0[3] = dh[1];
+              a1[0] = dg[2], a1[1] = dh[2], a1[2] = dg[3], a1[3] = dh[3];
+            } else {
+              a0[0] = nib2_bf16_128(wg, 0), a0[1] = nib2_bf16_128(wh, 0);
+              a0[2] = nib2_bf16_128(wg, 1), a0[3] = nib2_bf16_128(wh, 1);
+              a1[0] = nib2_bf16_128(wg, 2), a1[1] = nib2_bf16_128(wh, 2);
+              a1[2] = nib2_bf16_128(wg, 3), a1[3] = nib2_bf16_128(wh, 3);
+            }
             const uint32_t b0[2] = {xb[wi].x, xb[wi].y}, b1[2] = {xb[wi].z, xb[wi].w};
             mma_bf16(t, a0, b0);
             mma_bf16(t, a1, b1);
           }
-          const float s0 = rw_bf16_at(sv[p][mt][0], i), s1 = rw_bf16_at(sv[p][mt][1], i);
-          const float c0v = fmaf(-COFF, s0, rw_bf16_at(bv[p][mt][0], i));
-          const float c1v = fmaf(-COFF, s1, rw_bf16_at(bv[p][mt][1], i));
-          acc[p][mt][0] += s0 * t[0] + c0v * xs.x;
-          acc[p][mt][1] += s0 * t[1] + c0v * xs.y;
-          acc[p][mt][2] += s1 * t[2] + c1v * xs.x;
-          acc[p][mt][3] += s1 * t[3] + c1v * xs.y;
+          if constexpr (FP4) {  // (s / 2: the codes decoded as 2 v; exact, subnormal or not)
+            const float s0 = 0.5f * moe_e8m0_scale((sv[p][mt][0][i >> 2] >> (8 * (i & 3))) & 0xFFu);
+            const float s1 = 0.5f * moe_e8m0_scale((sv[p][mt][1][i >> 2] >> (8 * (i & 3))) & 0xFFu);
+            acc[p][mt][0] += s0 * t[0];
+            acc[p][mt][1] += s0 * t[1];
+            acc[p][mt][2] += s1 * t[2];
+            acc[p][mt][3] += s1 * t[3];
+          } else {
+            const float s0 = rw_bf16_at(sv[p][mt][0], i), s1 = rw_bf16_at(sv[p][mt][1], i);
+            const float c0v = fmaf(-COFF, s0, rw_bf16_at(bv[p][mt][0], i));
+            const float c1v = fmaf(-COFF, s1, rw_bf16_at(bv[p][mt][1], i));
+            acc[p][mt][0] += s0 * t[0] + c0v * xs.x;
+            acc[p][mt][1] += s0 * t[1] + c0v * xs.y;
+            acc[p][mt][2] += s1 * t[2] + c1v * xs.x;
+            acc[p][mt][3] += s1 * t[3] + c1v * xs.y;
+          }
         }
     }
     // The warps' partial sums, then one thread per (row, token) of each row tile.

@@ -654,6 +654,38 @@ def test_moe_mlp_regw_direct_bad_ids(rng, monkeypatch):
               bad_ids=True)
 
 
+# mxfp4 projections in the same kernels (FP4: E2M1 nibble pairs decoded to exact bf16 values
+# of 2 v, each group's products scaled by its E8M0 scale / 2 in fp32; no bias, no group
+# sums): bucketed and direct forms, the same roundings, so the same bound. Each case also
+# with MLX_MOE_CUDA_REGW=0 (the shared-memory kernels, which decode with the same helper).
+@pytest.mark.parametrize(
+    "T,E,D,F,k,direct_max",
+    [
+        (1, 128, 2048, 768, 8, 2),     # Qwen3 layer, 1 token: direct form
+        (2, 64, 2048, 1536, 4, 2),     # GLM-4.7-Flash widths, 2 tokens: direct form
+        (3, 16, 512, 256, 8, 5),       # direct form, one warp per slot
+        (16, 128, 2048, 768, 8, 2),    # Qwen3 layer, 16 tokens: bucketed
+        (40, 8, 512, 256, 4, 2),       # chunks of 8 tokens
+        (160, 16, 256, 512, 8, 2),     # 1280 pairs, one warp per gate/up block
+    ],
+)
+@pytest.mark.parametrize("regw", ["1", "0"])
+def test_moe_mlp_regw_mxfp4(rng, monkeypatch, T, E, D, F, k, direct_max, regw):
+    monkeypatch.setenv("MLX_MOE_CUDA_REGW", regw)
+    monkeypatch.setenv("MLX_MOE_CUDA_REGW_DIRECT_MAX_TOKENS", str(direct_max))
+    _gg_check(rng, T, E, D, F, k, "mxfp4", (4, 4, 4), 32, mx.bfloat16)
+
+
+# E8M0 bytes 0..3 (scales 2^-127 .. 2^-124: scale / 2 is an fp32 subnormal for 0 and 1) on
+# gate / up, activations scaled by 2^110 so that H and the output stay normal (as in the
+# grouped kernels' scale-range case; the unscaled group sums of 2 v x stay far below fp32's
+# range), with dropped ids, in the direct (1 token) and bucketed (12) forms.
+@pytest.mark.parametrize("T", [1, 12])
+def test_moe_mlp_regw_mxfp4_scale_range_bad_ids(rng, T):
+    _gg_check(rng, T, 16, 512, 256, 8, "mxfp4", (4, 4, 4), 32, mx.bfloat16, x_scale=2.0 ** 110,
+              e_ranges=((0, 4), (0, 4), None), bad_ids=True)
+
+
 @pytest.mark.parametrize("T", [1, 2, 3, 16])  # 1, 2 tokens: direct; 3, 16: bucketed
 def test_regw_router_folded(rng, monkeypatch, T):
     """The register-operand kernels behind a folded-in router (the decode chain's first
@@ -938,7 +970,9 @@ def test_one_launch_bitwise_equals_three_kernels(rng, monkeypatch, tmp_path, T, 
         text = (tmp_path / "g.dot").read_text()
         labels = [ln.split('label ="')[1].split('"')[0] for ln in text.splitlines() if 'label ="' in ln]
         assert labels == ["moe_mlp"], labels
-    y_three = _run_env(monkeypatch, layer, ONE_MAX_PAIRS=0)
+    # (the three kernels it mirrors are the shared-memory ones: REGW=0, as mxfp4 and bf16-scale
+    # layers otherwise take the register-operand kernels, whose rounding differs)
+    y_three = _run_env(monkeypatch, layer, ONE_MAX_PAIRS=0, REGW=0)
     y_one = _run_env(monkeypatch, layer, ONE_MAX_PAIRS=64)
     assert np.array_equal(y_one, y_three)
     if dtype == mx.float16:
@@ -946,7 +980,8 @@ def test_one_launch_bitwise_equals_three_kernels(rng, monkeypatch, tmp_path, T, 
         scale = np.abs(yc).max()
         np.testing.assert_allclose(y_one.astype(np.float64), yc.astype(np.float64), rtol=2**-10,
                                    atol=2e-4 * scale)
-    else:
+    else:  # (the GPU side on the kernels y_one equals: fp32 H, as this check assumes)
+        monkeypatch.setenv("MLX_MOE_CUDA_REGW", "0")
         assert_mlp_gpu_close_to_cpu(x, ids, w, experts, dtype)
 
 

@@ -546,8 +546,8 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // Layers the register-operand decode kernels take (kernels/moe_cuda_regw.cuh: weights
   // loaded straight into the MMA's registers, no shared-memory staging; H in bf16): bf16
   // activations, every projection affine 4-bit or 8-bit with bf16 scales and biases (what
-  // mlx-community's 4- and 8-bit checkpoints of bf16 models hold), widths D and F multiples
-  // of 256 up to 2048. MLX_MOE_CUDA_REGW=0: never (the shared-memory decode kernels). They
+  // mlx-community's 4- and 8-bit checkpoints of bf16 models hold) or mxfp4, widths D and F
+  // multiples of 256 up to 2048. MLX_MOE_CUDA_REGW=0: never (the shared-memory decode kernels). They
   // stay on the decode path up to MLX_MOE_CUDA_REGW_MAX_PAIRS pairs (1536; H200, Qwen3 layer
   // with bf16 scales, device time per layer against the grouped kernels: 273 vs 359 us at
   // 1280 pairs, 375 vs 364 at 2048; docs/PERFORMANCE.md, twenty-first session), layers with
@@ -556,17 +556,25 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // 8-bit projections (group size 32 or 64) as rows of twice as many 4-bit codes (the
   // kernels' BITS = 8; bucketed form only, at 1 token too: the shared-memory direct kernels
   // have no tensor-core form for them).
+  // mxfp4 projections (E8M0 scales, standard E2M1 decoding) in their FP4 form, bucketed or
+  // direct like affine 4-bit, up to MLX_MOE_CUDA_REGW_FP4_MAX_PAIRS pairs (1280; Qwen3 mxfp4
+  // layer, against the grouped kernels: 322 vs 337 us at 1280 pairs, 285 vs 335 at 1024;
+  // the byte-table decode's build 402 vs 335 at 1536; docs/PERFORMANCE.md, twenty-third
+  // session).
   // (bits and group size: those regw_kernel has a kernel for)
   auto regw_fmt = [&](const WDesc& d) {
-    return d.mode == 0u && d.scale_kind == 2u && d.biases != nullptr &&
-           regw_kernel(false, d.group_size, false, d.bits) != nullptr && al16(d.scales) &&
-           al16(d.biases);
+    const bool aff = d.mode == 0u && d.scale_kind == 2u && d.biases != nullptr && al16(d.biases);
+    const bool fp4 = d.mode == 1u && d.scale_kind == 3u && d.fp4_quarter == 0u;
+    return (aff || fp4) && regw_kernel(false, d.group_size, false, d.bits, fp4) != nullptr &&
+           al16(d.scales);
   };
   const bool regw_all4 = md.gate.bits == 4u && md.up.bits == 4u && md.down.bits == 4u;
+  const bool regw_any_fp4 = md.gate.mode == 1u || md.down.mode == 1u;
   const bool regw_fmt_ok = mma_on && x.dtype() == mx::bfloat16 &&
                            env_u32("MLX_MOE_CUDA_REGW", 1u) != 0u && regw_fmt(md.gate) &&
                            regw_fmt(md.up) && regw_fmt(md.down) &&
                            md.gate.group_size == md.up.group_size && md.gate.bits == md.up.bits &&
+                           md.gate.mode == md.up.mode &&
                            D % 256u == 0u &&
                            D <= 2048u && F % 256u == 0u && F <= 2048u && w_al16 &&
                            al16(ptr<void>(x));
@@ -574,8 +582,9 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // 8-bit projections take them at 1 token too)
   const bool regw_layer = regw_fmt_ok && (!fused_combine || !regw_all4);
   const uint32_t decode_top =
-      regw_layer ? std::max(regw_all4 ? env_u32("MLX_MOE_CUDA_REGW_MAX_PAIRS", 1536u)
-                                      : env_u32("MLX_MOE_CUDA_REGW8_MAX_PAIRS", 768u),
+      regw_layer ? std::max(!regw_all4     ? env_u32("MLX_MOE_CUDA_REGW8_MAX_PAIRS", 768u)
+                            : regw_any_fp4 ? env_u32("MLX_MOE_CUDA_REGW_FP4_MAX_PAIRS", 1280u)
+                                           : env_u32("MLX_MOE_CUDA_REGW_MAX_PAIRS", 1536u),
                             decode_max_pairs)
       : mma_all  ? std::max(mma_max_pairs, decode_max_pairs)
                  : decode_max_pairs;
@@ -594,7 +603,9 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // kernels at 1 token and the bucketed form above: Qwen3 19.3 vs 27.5 us, 2 tokens 32.7 vs
   // 33.4; GLM-4.7-Flash 18.2 vs 27.1, 2 tokens 31.1 vs 33.5; 4 tokens (an intermediate build)
   // Qwen3 64.0 vs 56.8, GLM-4.7-Flash 62.5 vs 59.2: the direct down blocks, one per SM, take
-  // a wave per token (docs/PERFORMANCE.md, twenty-second session).
+  // a wave per token (docs/PERFORMANCE.md, twenty-second session). mxfp4 (Qwen3): 1 token
+  // 22.5 us against 26.6 bucketed and 28.4 on the shared-memory kernels, 2 tokens 38.4
+  // against 41.3 and 39.6 (twenty-third session).
   const bool regw_direct_ok = regw_fmt_ok && regw_all4 && k <= 8u &&
                               k * F <= 8u * uint32_t(cuda::RW_DIRECT_THREADS) &&
                               env_u32("MLX_MOE_CUDA_REGW_DIRECT", 1u) != 0u &&
@@ -677,13 +688,13 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
         __nv_bfloat16* Hb = reinterpret_cast<__nv_bfloat16*>(ptr<uint32_t>(H));
         const cuda::RegwDirect dx{ptr<void>(ids), ik, regw_direct ? ptr<__nv_bfloat16>(out) : nullptr};
         const uint32_t dn_mt = regw_direct ? 1u : uint32_t(REGW_DN_MT);
-        chain.add(kernel_node(regw_kernel(true, gs_gu, regw_direct, b_gu),
+        chain.add(kernel_node(regw_kernel(true, gs_gu, regw_direct, b_gu, md.gate.mode == 1u),
                               dim3(regw_direct ? P : max_active, F / 16u), dim3(Kg / 8u),
                               regw_smem_bytes(Kg, gs_gu * b_gu / 4u, 2, 1), md, xp, ptr<uint32_t>(pairs),
                               ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta),
                               ptr<float>(rw), Hb, static_cast<float*>(nullptr), dx),
                   {&x, &ids, &pairs, &offsets, &active, &meta}, {&H});
-        chain.add(kernel_node(regw_kernel(false, gs_dn, regw_direct, b_dn),
+        chain.add(kernel_node(regw_kernel(false, gs_dn, regw_direct, b_dn, md.down.mode == 1u),
                               dim3(regw_direct ? T : max_active, D / (16u * dn_mt)),
                               dim3(regw_direct ? k * F / 8u : Kd / 8u),
                               regw_smem_bytes(Kd, gs_dn * b_dn / 4u, 1, int(dn_mt), regw_direct ? k : 1u), md,

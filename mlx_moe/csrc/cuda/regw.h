@@ -15,10 +15,11 @@ using RegwKernel = void (*)(cuda::MlpDesc, const __nv_bfloat16*, const uint32_t*
 // Rows per block of the down kernel (gate/up and the direct down kernel: 16).
 constexpr int REGW_DN_MT = 2;
 
-// Gate/up (gateup) or down for scale groups of gs codes of `bits` bits: 4-bit 32, 64 or 128,
-// bucketed or direct (the kernels' DIRECT form); 8-bit 32 or 64, bucketed; null otherwise.
+// Gate/up (gateup) or down for scale groups of gs codes of `bits` bits: affine 4-bit 32, 64
+// or 128, bucketed or direct (the kernels' DIRECT form); affine 8-bit 32 or 64, bucketed;
+// mxfp4 (fp4) 32, bucketed or direct; null otherwise.
 // Block: K * bits / 32 threads for a K-wide projection (one 16-byte chunk of the staged
 // nibble-row activations each); the direct down block k times F / 8.
-RegwKernel regw_kernel(bool gateup, uint32_t gs, bool direct, uint32_t bits);
+RegwKernel regw_kernel(bool gateup, uint32_t gs, bool direct, uint32_t bits, bool fp4);
 
 }  // namespace mlx_moe::gpu
