@@ -649,8 +649,10 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // first. H100, Qwen3 layer, same process: 2 / 16 tokens 49.3 -> 46.1 / 195.5 ->
   // 192.3-195.6 us of device time per layer, mlx-lm's pipelined loop 52.2 -> 51.2 / 195.5 ->
   // 192.8 us/layer (the chain costs 5-18 us/layer more host encoding, hidden there: the
-  // device is the bound).
-  NodeChain chain{enc, !grouped && gu_mm && dn_mm && pdl_available()};
+  // device is the bound). Layers on the register-operand kernels too, 8-bit ones included
+  // (gu_mm / dn_mm false for them; H200, Qwen3 8-bit, 1 / 16 tokens 36.9 / 225.6 -> 35.3 /
+  // 223.9 us; twenty-third session).
+  NodeChain chain{enc, !grouped && ((gu_mm && dn_mm) || regw || regw_direct) && pdl_available()};
   // Direct: the gate/up kernel may route instead (decided below, where its grid is resident
   // at once: 1 token), with plain edges: one kernel and no child graph. Preferred to the
   // chain: on the H100 the chain with the router as its first kernel has 1.9 us less device
