@@ -68,6 +68,9 @@ __device__ __forceinline__ int64_t load_id(const void* ids, int id_kind, int64_t
   }
 }
 
+// Whether a loaded id names one of the E experts (others are dropped: they add nothing).
+__device__ __forceinline__ bool valid_id(int64_t id, uint32_t E) { return id >= 0 && id < int64_t(E); }
+
 // Scale / bias dtype codes (MoeWeightArgs::scale_kind): 0 f32, 1 f16, 2 bf16, 3 E8M0.
 __device__ __forceinline__ float load_scale(const void* p, uint32_t kind, int64_t i) {
   switch (kind) {
@@ -608,7 +611,7 @@ __device__ __forceinline__ uint32_t bucket_key(const void* ids, int id_kind, uin
                                                uint32_t E, uint32_t i) {
   if (i >= P) return 0xffffffffu;
   const int64_t e = load_id(ids, id_kind, i);
-  return (e >= 0 && e < int64_t(E)) ? uint32_t(e) : 0xffffffffu;
+  return valid_id(e, E) ? uint32_t(e) : 0xffffffffu;
 }
 
 static __global__ void bucket_count_kernel(const void* __restrict__ ids, int id_kind, uint32_t P,
@@ -1034,7 +1037,7 @@ __device__ __forceinline__ bool dec_setup(const MlpDesc& md, const DecExtra& ex,
   if (ex.direct) {
     if (j >= md.P) return false;
     const int64_t id = load_id(ex.ids, ex.id_kind, j);
-    if (id < 0 || id >= int64_t(md.E)) return false;
+    if (!valid_id(id, md.E)) return false;
     e = uint32_t(id);
     first = j;
     last = j + 1;
@@ -1193,7 +1196,7 @@ __device__ __forceinline__ void dec_fused_combine(const MlpDesc& md, const DecEx
     if (n >= D) continue;
     const float acc = sum_slots(Yp, t, k, D, n, [&](uint32_t j) {
       const int64_t e = load_id(ex.ids, ex.id_kind, int64_t(t) * k + j);
-      return e >= 0 && e < int64_t(md.E);
+      return valid_id(e, md.E);
     });
     store_out(ex.y, ex.y_kind, int64_t(t) * D + n, acc);
   }
@@ -2676,7 +2679,7 @@ __global__ void combine_kernel(const float* __restrict__ Yp, const void* __restr
   bool any = false;
   for (uint32_t j = 0; j < k; ++j) {
     const int64_t e = load_id(ids, id_kind, t * k + j);
-    if (e < 0 || e >= int64_t(E)) continue;
+    if (!valid_id(e, E)) continue;
     const float v = Yp[(t * k + j) * D + d];
     s = any ? s + v : v;
     any = true;

@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(ONE_WARPS * 32, 2)
   } else {
     for (uint32_t i = tid; i < P; i += blockDim.x) {
       const int64_t id = load_id(a.ids, a.id_kind, i);
-      s_ids[i] = (id < 0 || id >= int64_t(E)) ? 0xffffffffu : uint32_t(id);
+      s_ids[i] = valid_id(id, E) ? uint32_t(id) : 0xffffffffu;
       s_rw[i] = a.rw[i];
     }
   }

@@ -887,7 +887,7 @@ __global__ void combine_gg_kernel(const XT* __restrict__ Yp, const void* __restr
   bool any = false;
   for (uint32_t j = 0; j < k; ++j) {
     const int64_t ex = load_id(ids, id_kind, t * k + j);
-    if (ex < 0 || ex >= int64_t(E)) continue;
+    if (!valid_id(ex, E)) continue;
     float f[8];
     unpack8<XT>(*reinterpret_cast<const uint4*>(Yp + (t * k + j) * D + d), f);
 #pragma unroll

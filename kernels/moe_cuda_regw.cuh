@@ -119,13 +119,13 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
     // (ids before pdl_wait, like the bucketed down kernel's pairs: the router that may write
     // them is two kernels back, and gate/up waits for it before it lets this kernel start)
     const int64_t id = load_id(dx.ids, dx.id_kind, int64_t(j) * md.k + slot);
-    live = id >= 0 && id < int64_t(md.E);
+    live = valid_id(id, md.E);
     e = live ? uint32_t(id) : 0u;
     first = j;  // (one chunk: the token's k slots as its columns)
     last = j + 1;
   } else if constexpr (DIRECT) {
     const int64_t id = load_id(dx.ids, dx.id_kind, j);
-    if (id < 0 || id >= int64_t(md.E)) return;
+    if (!valid_id(id, md.E)) return;
     e = uint32_t(id);
     first = j;
     last = j + 1;
@@ -302,7 +302,7 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
         for (uint32_t s2 = 0; s2 < nt; ++s2) {
           const int64_t pr = int64_t(j) * md.k + s2;
           const int64_t id = load_id(dx.ids, dx.id_kind, pr);
-          if (id < 0 || id >= int64_t(md.E)) continue;
+          if (!valid_id(id, md.E)) continue;
           const uint32_t c = (r >= 8u ? 2u : 0u) + (s2 & 1u), ln = (r & 7u) * 4u + (s2 >> 1);
           float v = 0.f;
           for (uint32_t w = 0; w < kw; ++w) v += Red[(((s2 * kw + w) * (NP * MT) + mt) * 4u + c) * 32u + ln];
