@@ -657,7 +657,8 @@ def test_moe_mlp_regw_direct_bad_ids(rng, monkeypatch):
 # mxfp4 projections in the same kernels (FP4: E2M1 nibble pairs decoded to exact bf16 values
 # of 2 v, each group's products scaled by its E8M0 scale / 2 in fp32; no bias, no group
 # sums): bucketed and direct forms, the same roundings, so the same bound. Each case also
-# with MLX_MOE_CUDA_REGW=0 (the shared-memory kernels, which decode with the same helper).
+# with MLX_MOE_CUDA_REGW=0 (the shared-memory kernels, which decode with the same helper; at
+# 1280 pairs the grouped kernels).
 @pytest.mark.parametrize(
     "T,E,D,F,k,direct_max",
     [

@@ -547,12 +547,12 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // loaded straight into the MMA's registers, no shared-memory staging; H in bf16): bf16
   // activations, every projection affine 4-bit or 8-bit with bf16 scales and biases (what
   // mlx-community's 4- and 8-bit checkpoints of bf16 models hold) or mxfp4, widths D and F
-  // multiples of 256 up to 2048. MLX_MOE_CUDA_REGW=0: never (the shared-memory decode kernels). They
-  // stay on the decode path up to MLX_MOE_CUDA_REGW_MAX_PAIRS pairs (1536; H200, Qwen3 layer
-  // with bf16 scales, device time per layer against the grouped kernels: 273 vs 359 us at
-  // 1280 pairs, 375 vs 364 at 2048; docs/PERFORMANCE.md, twenty-first session), layers with
-  // an 8-bit projection up to MLX_MOE_CUDA_REGW8_MAX_PAIRS (768; Qwen3 8-bit: 352 vs 446 us
-  // at 512 pairs, 485 vs 450 at 1024; twenty-second session).
+  // multiples of 256 up to 2048. MLX_MOE_CUDA_REGW=0: never (the shared-memory decode
+  // kernels). They stay on the decode path up to MLX_MOE_CUDA_REGW_MAX_PAIRS pairs (1536;
+  // H200, Qwen3 layer with bf16 scales, device time per layer against the grouped kernels:
+  // 273 vs 359 us at 1280 pairs, 375 vs 364 at 2048; docs/PERFORMANCE.md, twenty-first
+  // session), layers with an 8-bit projection up to MLX_MOE_CUDA_REGW8_MAX_PAIRS (768; Qwen3
+  // 8-bit: 352 vs 446 us at 512 pairs, 485 vs 450 at 1024; twenty-second session).
   // 8-bit projections (group size 32 or 64) as rows of twice as many 4-bit codes (the
   // kernels' BITS = 8; bucketed form only, at 1 token too: the shared-memory direct kernels
   // have no tensor-core form for them).
