@@ -54,6 +54,11 @@ __device__ __forceinline__ float rw_bf16_at(const uint32_t* w, int q) {
   return __uint_as_float((q & 1) ? (v & 0xFFFF0000u) : (v << 16));
 }
 
+// Byte q of packed words w (little-endian)
+__device__ __forceinline__ uint32_t rw_u8_at(const uint32_t* w, int q) {
+  return (w[q >> 2] >> (8 * (q & 3))) & 0xFFu;
+}
+
 // Shared memory of a block: the staged rows, their group sums, the split-K partials (of
 // `slots` sets of K / 256 warps: the direct down kernel's k, else 1).
 __host__ __device__ constexpr uint32_t regw_smem_bytes(uint32_t K, uint32_t GS, int NP, int MT,
@@ -266,8 +271,8 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
             mma_bf16(t, a1, b1);
           }
           if constexpr (FP4) {  // (s / 2: the codes decoded as 2 v; exact, subnormal or not)
-            const float s0 = 0.5f * moe_e8m0_scale((sv[p][mt][0][i >> 2] >> (8 * (i & 3))) & 0xFFu);
-            const float s1 = 0.5f * moe_e8m0_scale((sv[p][mt][1][i >> 2] >> (8 * (i & 3))) & 0xFFu);
+            const float s0 = 0.5f * moe_e8m0_scale(rw_u8_at(sv[p][mt][0], i));
+            const float s1 = 0.5f * moe_e8m0_scale(rw_u8_at(sv[p][mt][1], i));
             acc[p][mt][0] += s0 * t[0];
             acc[p][mt][1] += s0 * t[1];
             acc[p][mt][2] += s1 * t[2];

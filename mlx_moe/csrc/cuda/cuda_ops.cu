@@ -610,9 +610,10 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
                               k * F <= 8u * uint32_t(cuda::RW_DIRECT_THREADS) &&
                               env_u32("MLX_MOE_CUDA_REGW_DIRECT", 1u) != 0u &&
                               T <= env_u32("MLX_MOE_CUDA_REGW_DIRECT_MAX_TOKENS", 2u);
-  const bool direct = !grouped && (regw_layer ? regw_direct_ok : regw_direct_ok || P <= direct_max_pairs);
+  // (the shared-memory direct kernels: layers the bucketed register-operand form does not take)
+  const bool direct = !grouped && (regw_direct_ok || (!regw_layer && P <= direct_max_pairs));
   const bool regw_direct = direct && regw_direct_ok;
-  const bool regw = regw_layer && !grouped && !direct;  // (affine layers: tr_mm is false)
+  const bool regw = regw_layer && !grouped && !direct;  // (affine / mxfp4 layers: tr_mm is false)
   const int ik = id_kind(ids.dtype());
 
   // Bucketing (device-side; no host sync). Grids below are sized for the worst case and
