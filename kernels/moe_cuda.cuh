@@ -981,7 +981,20 @@ __global__ void dequant_trellis_kernel(WDesc d, uint64_t total_runs, OutT* __res
 struct MlpDesc {
   uint32_t T, k, D, F, E, P;
   WDesc gate, up, down;
+  // 1: the decode kernels load weights, which they read once per call, with L2 evict_first
+  // (weight_l2_policy); 0: plain loads' evict_normal.
+  uint32_t l2_ef;
 };
+
+// L2 policy of a decode kernel's weight loads (MlpDesc::l2_ef): evict_first, so that a layer's
+// stream of weights read once does not push out of L2 what is read again (activations, H,
+// the slots' outputs, routing and bucketing), or evict_normal (a plain load's).
+__device__ __forceinline__ uint64_t weight_l2_policy(uint32_t ef) {
+  uint64_t first, normal;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(first));
+  asm("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(normal));
+  return ef ? first : normal;
+}
 
 // -- decode variant: block = (non-empty expert j, slice of 16 output rows); 8 warps, two
 // rows each. Each lane owns units lane, lane+32, ... of a row: the packed words are read
@@ -1644,6 +1657,12 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint32
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
 
+// cp_async16 with L2 cache policy pol (weight_l2_policy)
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint32_t n, uint64_t pol) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
+               "r"(n), "l"(pol));
+}
+
 __device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -1870,6 +1889,16 @@ __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_
       : "memory");
 }
 
+// bulk_copy with L2 cache policy pol (weight_l2_policy)
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar,
+                                          uint64_t pol) {
+  MOE_SM90_ASM(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], "
+      "%4;\n" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(bar), "l"(pol)
+      : "memory");
+}
+
 // Scales and biases of `valid` consecutive groups (rows of one expert are contiguous) into
 // shared memory as fp32 {s, b} pairs, zero past `valid`; 8 loads of each in flight per thread.
 __device__ __forceinline__ void copy_scales(float2* dsb, const WDesc& wd, int64_t base,
@@ -1959,6 +1988,7 @@ __device__ __forceinline__ uint32_t mm_issue_tr(const MlpDesc& md, uint32_t e, u
   const WDesc& w0 = GATEUP ? md.gate : md.down;
   const uint32_t N = w0.N, units = w0.K / 32u, TK = 2u * units, TN = (N + 15u) / 16u;
   const uint32_t lane = threadIdx.x & 31u;
+  const uint64_t pol = weight_l2_policy(md.l2_ef);
   uint32_t ua, ub;
   const uint32_t ngroups = mm_warp_units<MM_WARPS>(units, ua, ub);
   asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -1990,7 +2020,7 @@ __device__ __forceinline__ uint32_t mm_issue_tr(const MlpDesc& md, uint32_t e, u
         if (c_b[p] < cb_n[p] && c_t[p] < c_tpp[p]) {
           for (uint32_t r = r0 + c_t[p]; r < r1; r += c_tpp[p])
             cp_async16(dst + r * tb + c_b[p] * 16u, src + int64_t(r) * TN * tb + c_b[p] * 16u,
-                       ok ? 16u : 0u);
+                       ok ? 16u : 0u, pol);
         }
       }
     }
@@ -2049,6 +2079,7 @@ __device__ __forceinline__ uint32_t mm_issue(const MlpDesc& md, uint32_t e, uint
   const WDesc& w0 = GATEUP ? md.gate : md.down;
   const uint32_t N = w0.N, units = w0.K / 32u, G = sm.G;
   const uint32_t tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
+  const uint64_t pol = weight_l2_policy(md.l2_ef);
   const uint32_t per_w = (((units + MM_WARPS - 1) / MM_WARPS) + 1u) & ~1u;
   const uint32_t ua = min(units, warp * per_w), ub = min(units, ua + per_w);
   const uint32_t ngroups = (ub - ua + MM_GRP - 1) / MM_GRP;
@@ -2092,7 +2123,7 @@ __device__ __forceinline__ uint32_t mm_issue(const MlpDesc& md, uint32_t e, uint
         const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
         const uint32_t dst = smem_u32(sm.Ws + i * sm.wstride);
         if (n < N) {
-          bulk_copy(dst, wd.w + (int64_t(e) * N + n) * wd.row_words, units * 16u, bar);
+          bulk_copy(dst, wd.w + (int64_t(e) * N + n) * wd.row_words, units * 16u, bar, pol);
         } else {
           for (uint32_t u = 0; u < units; ++u)
             asm volatile("st.shared.v4.u32 [%0], {%1,%1,%1,%1};\n" ::"r"(dst + u * 16u), "r"(0u) : "memory");
@@ -2126,7 +2157,7 @@ __device__ __forceinline__ uint32_t mm_issue(const MlpDesc& md, uint32_t e, uint
 #pragma unroll
           for (int j = 0; j < CPL; ++j)
             cp_async16(dst[p][j] + q * (MM_GRP * 16u), src[p][j] + (nb[p][j] ? q * (MM_GRP * 4u) : 0u),
-                       nb[p][j]);
+                       nb[p][j], pol);
       }
       asm volatile("cp.async.commit_group;\n" ::: "memory");
     }

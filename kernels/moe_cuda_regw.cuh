@@ -31,20 +31,19 @@ namespace mlx_moe::cuda {
 
 constexpr int RW_NT = 8;  // tokens per chunk (one MMA column tile)
 
+// NW words at p into o (the read-only path), with L2 cache policy pol (weight_l2_policy)
 template <int NW>
-__device__ __forceinline__ void rw_ldg(const uint32_t* p, uint32_t* o) {
+__device__ __forceinline__ void rw_ldg(const uint32_t* p, uint32_t* o, uint64_t pol) {
   if constexpr (NW == 1) {
-    o[0] = __ldg(p);
+    asm("ld.global.nc.L2::cache_hint.u32 %0, [%1], %2;\n" : "=r"(o[0]) : "l"(p), "l"(pol));
   } else if constexpr (NW == 2) {
-    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
-    o[0] = v.x;
-    o[1] = v.y;
+    asm("ld.global.nc.L2::cache_hint.v2.u32 {%0, %1}, [%2], %3;\n"
+        : "=r"(o[0]), "=r"(o[1])
+        : "l"(p), "l"(pol));
   } else {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-    o[0] = v.x;
-    o[1] = v.y;
-    o[2] = v.z;
-    o[3] = v.w;
+    asm("ld.global.nc.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;\n"
+        : "=r"(o[0]), "=r"(o[1]), "=r"(o[2]), "=r"(o[3])
+        : "l"(p), "l"(pol));
   }
 }
 
@@ -144,6 +143,7 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
   const uint32_t g0 = (DDN ? warp % kw : warp) * GB;  // this warp's first group
   // Codes, scales and biases into registers. Rows n0 .. n0 + 16 MT - 1 exist (N % (16 MT)
   // == 0, checked on the host).
+  const uint64_t pol = weight_l2_policy(md.l2_ef);
   uint32_t wv[NP][MT][2][8];
   uint32_t sv[NP][MT][2][SW], bv[NP][MT][2][BW];
 #pragma unroll
@@ -166,15 +166,15 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
           continue;
         }
 #pragma unroll
-        for (int i = 0; i < GB; ++i) rw_ldg<WPT>(src + i * (GV / 8), &wv[p][mt][r][i * WPT]);
+        for (int i = 0; i < GB; ++i) rw_ldg<WPT>(src + i * (GV / 8), &wv[p][mt][r][i * WPT], pol);
         if constexpr (FP4) {
           rw_ldg<SW>(reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(wd.scales) + so),
-                     sv[p][mt][r]);
+                     sv[p][mt][r], pol);
         } else {
           rw_ldg<SW>(reinterpret_cast<const uint32_t*>(static_cast<const __nv_bfloat16*>(wd.scales) + so),
-                     sv[p][mt][r]);
+                     sv[p][mt][r], pol);
           rw_ldg<SW>(reinterpret_cast<const uint32_t*>(static_cast<const __nv_bfloat16*>(wd.biases) + so),
-                     bv[p][mt][r]);
+                     bv[p][mt][r], pol);
         }
       }
   }

@@ -469,6 +469,14 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   md.F = F;
   md.E = E;
   md.P = P;
+  // The decode kernels' weight loads with L2 evict_first (MlpDesc::l2_ef; the shared-memory,
+  // register-operand and one-launch kernels, each weight read once per call; not the grouped
+  // kernels, whose tiles of one expert share its weights). H200, Qwen3 layer, device time per
+  // layer, same process: affine 4-bit (bf16 scales) 1 / 2 / 16 tokens 19.9 / 33.7 / 115.8 ->
+  // 18.8 / 31.4 / 112.0 us, mxfp4 23.1 / 41.0 / 147.5 -> 22.0 / 38.3 / 143.7, trellis 4-bit
+  // 48.4 -> 44.7 at 1 token (docs/PERFORMANCE.md, twenty-fourth session).
+  // MLX_MOE_CUDA_L2_EVICT_FIRST=0: plain loads.
+  md.l2_ef = env_u32("MLX_MOE_CUDA_L2_EVICT_FIRST", 1u) != 0u ? 1u : 0u;
 
   // Every input of the primitive is read by the first node that touches it.
   for (auto& a : inputs) enc.set_input_array(a);
