@@ -981,8 +981,9 @@ __global__ void dequant_trellis_kernel(WDesc d, uint64_t total_runs, OutT* __res
 struct MlpDesc {
   uint32_t T, k, D, F, E, P;
   WDesc gate, up, down;
-  // 1: the decode kernels load weights, which they read once per call, with L2 evict_first
-  // (weight_l2_policy); 0: plain loads' evict_normal.
+  // Bit 0: the decode kernels load weights, which they read once per call, with L2
+  // evict_first (weight_l2_policy), else with plain loads' evict_normal; bit 1: the grouped
+  // wgmma kernel too (set where an expert's weights are read about once).
   uint32_t l2_ef;
 };
 
@@ -1988,7 +1989,7 @@ __device__ __forceinline__ uint32_t mm_issue_tr(const MlpDesc& md, uint32_t e, u
   const WDesc& w0 = GATEUP ? md.gate : md.down;
   const uint32_t N = w0.N, units = w0.K / 32u, TK = 2u * units, TN = (N + 15u) / 16u;
   const uint32_t lane = threadIdx.x & 31u;
-  const uint64_t pol = weight_l2_policy(md.l2_ef);
+  const uint64_t pol = weight_l2_policy(md.l2_ef & 1u);
   uint32_t ua, ub;
   const uint32_t ngroups = mm_warp_units<MM_WARPS>(units, ua, ub);
   asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -2079,7 +2080,7 @@ __device__ __forceinline__ uint32_t mm_issue(const MlpDesc& md, uint32_t e, uint
   const WDesc& w0 = GATEUP ? md.gate : md.down;
   const uint32_t N = w0.N, units = w0.K / 32u, G = sm.G;
   const uint32_t tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
-  const uint64_t pol = weight_l2_policy(md.l2_ef);
+  const uint64_t pol = weight_l2_policy(md.l2_ef & 1u);
   const uint32_t per_w = (((units + MM_WARPS - 1) / MM_WARPS) + 1u) & ~1u;
   const uint32_t ua = min(units, warp * per_w), ub = min(units, ua + per_w);
   const uint32_t ngroups = (ub - ua + MM_GRP - 1) / MM_GRP;

@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
   const uint32_t g0 = (DDN ? warp % kw : warp) * GB;  // this warp's first group
   // Codes, scales and biases into registers. Rows n0 .. n0 + 16 MT - 1 exist (N % (16 MT)
   // == 0, checked on the host).
-  const uint64_t pol = weight_l2_policy(md.l2_ef);
+  const uint64_t pol = weight_l2_policy(md.l2_ef & 1u);
   uint32_t wv[NP][MT][2][8];
   uint32_t sv[NP][MT][2][SW], bv[NP][MT][2][BW];
 #pragma unroll

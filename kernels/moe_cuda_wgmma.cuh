@@ -316,6 +316,7 @@ __global__ void __launch_bounds__(128 * NWG, 1)
   const uint32_t nrow = (rp ? n0[1] : n0[0]) + rr;
   const bool rok = nrow < N;
   const uint32_t* wrow = wdr.w + (int64_t(e) * N + (rok ? nrow : 0u)) * wdr.row_words;
+  const uint64_t wpol = weight_l2_policy(md.l2_ef & 2u);
   const uint32_t rsc = FMT == GG_TR ? 0u : rr * (rp ? sw[1] : sw[0]) * 4u;  // row's scales (bytes)
   const uint32_t ssr = rp ? scp[1] : scp[0], sbr = rp ? bip[1] : bip[0];
   const uint32_t gsu = wdr.gs_units, G = wdr.groups;
@@ -341,7 +342,7 @@ __global__ void __launch_bounds__(128 * NWG, 1)
         // (a zero-filled copy reads nothing: its source is wrow, a row of the expert, not a
         // select against the projection's base; see gg_copy_act)
         cp_async16(sbw + R * BROW + (wg_raw_pos<FMT>(ch, R) << 4),
-                   wrow + (ok ? k0 / (FMT == GG_A8 ? 4u : 8u) + 4u * ch : 0u), ok ? 16u : 0u);
+                   wrow + (ok ? k0 / (FMT == GG_A8 ? 4u : 8u) + 4u * ch : 0u), ok ? 16u : 0u, wpol);
       }
     }
   };
