@@ -517,12 +517,16 @@ def _counts_routing(rng, counts, k):
 
 def _gg_check(rng, T, E, D, F, k, fmt, bits, gs, dtype, sdt=None, bad_ids=False, tr=None,
               counts=None, x_scale=1.0, e_ranges=(None, None, None)):
-    sdt = sdt or (mx.float16 if fmt == "trellis" else dtype)
+    # fmt, gs: one for all three projections, or a tuple of three (gate, up, down)
+    fmts = fmt if isinstance(fmt, tuple) else (fmt,) * 3
+    gss = gs if isinstance(gs, tuple) else (gs,) * 3
+    sdt = sdt or (mx.float16 if fmts[0] == "trellis" else dtype)
     u = 2.0 ** -8 if dtype == mx.bfloat16 else 2.0 ** -11
     # trellis: (su, sv, per-expert grid, grid dtype) of each projection
     tr = tr or [(True, True, False, mx.float32)] * 3
-    projs, raws = zip(*(_gg_projection(rng, s, fmt, b, gs, sdt, t, er)
-                        for s, b, t, er in zip(((E, F, D), (E, F, D), (E, D, F)), bits, tr, e_ranges)))
+    projs, raws = zip(*(_gg_projection(rng, s, f, b, g, sdt, t, er)
+                        for s, f, b, g, t, er in zip(((E, F, D), (E, F, D), (E, D, F)), fmts, bits, gss,
+                                                     tr, e_ranges)))
     experts = mlx_moe.Experts(*projs)
     if counts is not None:  # (T: from the counts)
         ids, w = _counts_routing(rng, counts, k)
@@ -539,7 +543,8 @@ def _gg_check(rng, T, E, D, F, k, fmt, bits, gs, dtype, sdt=None, bad_ids=False,
     mx.eval(yg, y2)
     yg, y2 = to_np(yg).astype(np.float64), to_np(y2).astype(np.float64)
     assert np.array_equal(yg, y2)  # deterministic
-    exact = sdt == dtype or fmt != "affine"  # (affine scales not exact in the activation type)
+    # (affine scales not exact in the activation type)
+    exact = sdt == dtype or "affine" not in fmts
     return _assert_within_gg_bound(yg, x, ids, w, raws, E, u, exact)
 
 
@@ -668,6 +673,7 @@ def test_moe_mlp_regw_direct_bad_ids(rng, monkeypatch):
         (16, 128, 2048, 768, 8, 2),    # Qwen3 layer, 16 tokens: bucketed
         (40, 8, 512, 256, 4, 2),       # chunks of 8 tokens
         (160, 16, 256, 512, 8, 2),     # 1280 pairs, one warp per gate/up block
+        (183, 16, 256, 512, 7, 2),     # 1281 pairs: the grouped kernels (REGW_FP4_MAX_PAIRS)
     ],
 )
 @pytest.mark.parametrize("regw", ["1", "0"])
@@ -675,6 +681,20 @@ def test_moe_mlp_regw_mxfp4(rng, monkeypatch, T, E, D, F, k, direct_max, regw):
     monkeypatch.setenv("MLX_MOE_CUDA_REGW", regw)
     monkeypatch.setenv("MLX_MOE_CUDA_REGW_DIRECT_MAX_TOKENS", str(direct_max))
     _gg_check(rng, T, E, D, F, k, "mxfp4", (4, 4, 4), 32, mx.bfloat16)
+
+
+# Layers mixing the two: mxfp4 gate/up with affine 4-bit down (bf16 scales, group size 64)
+# and the reverse. Gate and up share a form; down takes its own kernel (FP4 or affine), in
+# the direct (1-2 tokens) and bucketed forms, and at 1281 pairs (a layer with an mxfp4
+# projection leaves the register-operand kernels above 1280) the grouped kernels.
+@pytest.mark.parametrize("T,E,D,F,k", [(1, 128, 2048, 768, 8), (2, 64, 2048, 1536, 4),
+                                       (16, 128, 2048, 768, 8), (183, 16, 256, 512, 7)])
+@pytest.mark.parametrize("fmts", [("mxfp4", "mxfp4", "affine"), ("affine", "affine", "mxfp4")])
+@pytest.mark.parametrize("regw", ["1", "0"])
+def test_moe_mlp_regw_mixed_mxfp4_affine(rng, monkeypatch, T, E, D, F, k, fmts, regw):
+    monkeypatch.setenv("MLX_MOE_CUDA_REGW", regw)
+    gs = tuple(32 if f == "mxfp4" else 64 for f in fmts)
+    _gg_check(rng, T, E, D, F, k, fmts, (4, 4, 4), gs, mx.bfloat16, sdt=mx.bfloat16)
 
 
 # E8M0 bytes 0..3 (scales 2^-127 .. 2^-124: scale / 2 is an fp32 subnormal for 0 and 1) on
