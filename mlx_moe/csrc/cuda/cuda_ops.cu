@@ -471,8 +471,8 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   md.P = P;
   // Weight loads with L2 evict_first (MlpDesc::l2_ef, set below once the path is known): the
   // decode kernels (shared-memory, register-operand and one-launch kernels: each weight read
-  // once per call) always, the grouped wgmma kernel while the experts average at most one tile
-  // of pairs (their weights then read about once too). H200, Qwen3 layer, device time per
+  // once per call) always, the grouped wgmma kernel's affine / mxfp4 copies while the experts
+  // average at most one tile of pairs (their weights then read about once too). H200, Qwen3 layer, device time per
   // layer, same process: affine 4-bit (bf16 scales) 1 / 2 / 16 tokens 19.9 / 33.7 / 115.8 ->
   // 18.8 / 31.4 / 112.0 us, mxfp4 23.1 / 41.0 / 147.5 -> 22.0 / 38.3 / 143.7, trellis 4-bit
   // 48.4 -> 44.7 at 1 token; grouped, 256 tokens: affine 4-bit 369.4 -> 363.0, mxfp4 347.8
