@@ -987,9 +987,10 @@ struct MlpDesc {
   uint32_t l2_ef;
 };
 
-// L2 policy of a decode kernel's weight loads (MlpDesc::l2_ef): evict_first, so that a layer's
-// stream of weights read once does not push out of L2 what is read again (activations, H,
-// the slots' outputs, routing and bucketing), or evict_normal (a plain load's).
+// L2 policy of a kernel's weight loads (a bit of MlpDesc::l2_ef): evict_first, so that a
+// layer's stream of weights read once does not push out of L2 what is read again
+// (activations, H, the slots' outputs, routing and bucketing), or evict_normal (a plain
+// load's).
 __device__ __forceinline__ uint64_t weight_l2_policy(uint32_t ef) {
   uint64_t first, normal;
   asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(first));

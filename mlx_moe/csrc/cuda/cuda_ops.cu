@@ -469,18 +469,6 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   md.F = F;
   md.E = E;
   md.P = P;
-  // Weight loads with L2 evict_first (MlpDesc::l2_ef, set below once the path is known): the
-  // decode kernels (shared-memory, register-operand and one-launch kernels: each weight read
-  // once per call) always, the grouped wgmma kernel's affine / mxfp4 copies while the experts
-  // average at most one tile of pairs (their weights then read about once too). H200, Qwen3 layer, device time per
-  // layer, same process: affine 4-bit (bf16 scales) 1 / 2 / 16 tokens 19.9 / 33.7 / 115.8 ->
-  // 18.8 / 31.4 / 112.0 us, mxfp4 23.1 / 41.0 / 147.5 -> 22.0 / 38.3 / 143.7, trellis 4-bit
-  // 48.4 -> 44.7 at 1 token; grouped, 256 tokens: affine 4-bit 369.4 -> 363.0, mxfp4 347.8
-  // -> 341.3, 1024 tokens equal, 4096 tokens (two tiles per expert) affine 4-bit 965.4 ->
-  // 967.3 (docs/PERFORMANCE.md, twenty-fourth session). MLX_MOE_CUDA_L2_EVICT_FIRST=0: plain
-  // loads everywhere.
-  const bool l2_ef = env_u32("MLX_MOE_CUDA_L2_EVICT_FIRST", 1u) != 0u;
-  md.l2_ef = l2_ef ? 1u : 0u;
 
   // Every input of the primitive is read by the first node that touches it.
   for (auto& a : inputs) enc.set_input_array(a);
@@ -634,7 +622,19 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   const bool gg_rs = gg && wg_rs(gg_fgu, gg_fdn, md);
   const int gg_nwg = gg ? wg_groups(gg_fgu, gg_fdn, md, gg_rs) : 2;
   const uint32_t btile = gg ? uint32_t(64 * gg_nwg) : uint32_t(G_TM);
-  if (l2_ef && gg && P <= btile * E) md.l2_ef |= 2u;
+  // Weight loads with L2 evict_first (MlpDesc::l2_ef): the decode kernels (shared-memory,
+  // register-operand and one-launch kernels: each weight read once per call) always, the
+  // grouped wgmma kernel's affine / mxfp4 copies while the experts average at most one tile of
+  // pairs (their weights then read about once too). H200, Qwen3 layer, device time per layer,
+  // same process: affine 4-bit (bf16 scales) 1 / 2 / 16 tokens 19.9 / 33.7 / 115.8 -> 18.8 /
+  // 31.4 / 112.0 us, mxfp4 23.1 / 41.0 / 147.5 -> 22.0 / 38.3 / 143.7, trellis 4-bit 48.4 ->
+  // 44.7 at 1 token; grouped, 256 tokens: affine 4-bit 369.4 -> 363.0, mxfp4 347.8 -> 341.3,
+  // 1024 tokens equal, 4096 tokens (two tiles per expert) affine 4-bit 965.4 -> 967.3
+  // (docs/PERFORMANCE.md, twenty-fourth session). MLX_MOE_CUDA_L2_EVICT_FIRST=0: plain loads
+  // everywhere.
+  md.l2_ef = env_u32("MLX_MOE_CUDA_L2_EVICT_FIRST", 1u) == 0u ? 0u
+             : gg && P <= btile * E                          ? 3u
+                                                             : 1u;
   const uint32_t max_tiles = (P + btile - 1) / btile + max_active;
   // An expert's tiles balanced in steps of 64 pairs (tile_first_row; only tiles of 192 differ
   // from the plain split): an expert of 193-256 pairs takes 128 + the rest rather than 192 + a
