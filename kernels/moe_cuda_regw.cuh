@@ -59,11 +59,12 @@ __device__ __forceinline__ uint32_t rw_u8_at(const uint32_t* w, int q) {
 }
 
 // Shared memory of a block: the staged rows, their group sums, the split-K partials (of
-// `slots` sets of K / 256 warps: the direct down kernel's k, else 1).
+// `slots` sets of K / 256 warps: the direct down kernel's k, else 1; STREAM: `warps`, the
+// block's warp count).
 __host__ __device__ constexpr uint32_t regw_smem_bytes(uint32_t K, uint32_t GS, int NP, int MT,
-                                                       uint32_t slots = 1u) {
+                                                       uint32_t slots = 1u, uint32_t warps = 0u) {
   return RW_NT * (K + 8u) * 2u + (K / GS) * RW_NT * 4u +
-         slots * (K / 256u) * uint32_t(NP * MT) * 4u * 32u * 4u;
+         (warps ? warps : slots * (K / 256u)) * uint32_t(NP * MT) * 4u * 32u * 4u;
 }
 
 // The direct kernels' routing (DIRECT; unused otherwise): ids [P] of kind id_kind (load_id),
@@ -77,6 +78,125 @@ struct RegwDirect {
 // each); 768 covers top-8 at K = 768 (Qwen3-30B-A3B) and top-4 at 1536 (GLM-4.7-Flash).
 constexpr int RW_DIRECT_THREADS = 768;
 
+// A format's layout in these kernels: group size GS codes of BITS bits (FP4: mxfp4).
+template <int GS_, int BITS_, bool FP4_>
+struct RwFmt {
+  static constexpr int GS = GS_, BITS = BITS_;
+  static constexpr bool FP4 = FP4_;
+  static constexpr int GV = GS * BITS / 4;                     // nibbles per scale group
+  static constexpr float COFF = BITS == 8 ? 2176.f : 128.f;    // the codes' offset per group sum
+  static constexpr int WPT = GV / 32;                          // code words per thread, row and group
+  static constexpr int GB = 8 / WPT;                           // groups per chunk (256 k)
+  // words of a chunk's GB scales (bf16; FP4: E8M0 bytes) and biases (FP4: none)
+  static constexpr int SW = FP4 ? GB / 4 : GB / 2 > 0 ? GB / 2 : 1;
+  static constexpr int BW = FP4 ? 1 : SW;
+};
+
+// What a lane holds of one projection's chunk of 256 k (GB groups) for MT row tiles: its
+// rows gid and gid + 8 of each tile, 8 code words each, their scales and biases.
+template <class F, int MT>
+struct RwUnit {
+  uint32_t w[MT][2][8];
+  uint32_t s[MT][2][F::SW], b[MT][2][F::BW];
+};
+
+// Loads unit u: rows row0 + 16 mt + gid (+ 8) of wd, groups g0 .. g0 + GB - 1 (G groups and
+// RWd words per row), with L2 policy pol; zeros when !live (the direct down kernel's dropped
+// slot: its products are not used).
+template <class F, int MT>
+__device__ __forceinline__ void rw_load(RwUnit<F, MT>& u, const WDesc& wd, int64_t row0, uint32_t G,
+                                        uint32_t RWd, uint32_t g0, uint32_t gid, uint32_t t4,
+                                        uint64_t pol, bool live = true) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t row = row0 + mt * 16 + gid + 8 * r;
+      const uint32_t* src = wd.w + row * RWd + g0 * (F::GV / 8) + t4 * F::WPT;
+      const int64_t so = row * G + g0;  // scale index (G % GB == 0: SW-word aligned)
+      if (!live) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) u.w[mt][r][i] = 0u;
+#pragma unroll
+        for (int i = 0; i < F::SW; ++i) u.s[mt][r][i] = 0u;
+#pragma unroll
+        for (int i = 0; i < F::BW; ++i) u.b[mt][r][i] = 0u;
+        continue;
+      }
+#pragma unroll
+      for (int i = 0; i < F::GB; ++i) rw_ldg<F::WPT>(src + i * (F::GV / 8), &u.w[mt][r][i * F::WPT], pol);
+      if constexpr (F::FP4) {
+        rw_ldg<F::SW>(reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(wd.scales) + so),
+                      u.s[mt][r], pol);
+      } else {
+        rw_ldg<F::SW>(reinterpret_cast<const uint32_t*>(static_cast<const __nv_bfloat16*>(wd.scales) + so),
+                      u.s[mt][r], pol);
+        rw_ldg<F::SW>(reinterpret_cast<const uint32_t*>(static_cast<const __nv_bfloat16*>(wd.biases) + so),
+                      u.b[mt][r], pol);
+      }
+    }
+}
+
+// acc[p] += unit u[p]'s products with the staged columns, groups g0 .. g0 + GB - 1: per
+// group, the MMAs over its codes (from the staged rows at xq; bx: this lane's column
+// exists), then the group's scale (and bias times the column's group sum, XS).
+template <class F, int NU, int MT>
+__device__ __forceinline__ void rw_mma(float (&acc)[NU][MT][4], const RwUnit<F, MT> (&u)[NU],
+                                       uint32_t g0, uint32_t xq, const float* XS, uint32_t t4,
+                                       bool bx) {
+  constexpr int GV = F::GV, WPT = F::WPT;
+#pragma unroll
+  for (int i = 0; i < F::GB; ++i) {
+    const uint32_t gi = g0 + i;
+    const float2 xs = F::FP4 ? float2{0.f, 0.f} : lds64(smem_u32(XS + gi * RW_NT + 2u * t4));
+    uint4 xb[WPT];
+#pragma unroll
+    for (int wi = 0; wi < WPT; ++wi) xb[wi] = lds128_if(bx, xq + (gi * GV + wi * 8u) * 2u);
+#pragma unroll
+    for (int p = 0; p < NU; ++p)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        float t[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int wi = 0; wi < WPT; ++wi) {
+          const uint32_t wg = u[p].w[mt][0][i * WPT + wi], wh = u[p].w[mt][1][i * WPT + wi];
+          uint32_t a0[4], a1[4];
+          if constexpr (F::FP4) {
+            uint32_t dg[4], dh[4];
+            fp4_word_bf16(wg, dg);
+            fp4_word_bf16(wh, dh);
+            a0[0] = dg[0], a0[1] = dh[0], a0[2] = dg[1], a0[3] = dh[1];
+            a1[0] = dg[2], a1[1] = dh[2], a1[2] = dg[3], a1[3] = dh[3];
+          } else {
+            a0[0] = nib2_bf16_128(wg, 0), a0[1] = nib2_bf16_128(wh, 0);
+            a0[2] = nib2_bf16_128(wg, 1), a0[3] = nib2_bf16_128(wh, 1);
+            a1[0] = nib2_bf16_128(wg, 2), a1[1] = nib2_bf16_128(wh, 2);
+            a1[2] = nib2_bf16_128(wg, 3), a1[3] = nib2_bf16_128(wh, 3);
+          }
+          const uint32_t b0[2] = {xb[wi].x, xb[wi].y}, b1[2] = {xb[wi].z, xb[wi].w};
+          mma_bf16(t, a0, b0);
+          mma_bf16(t, a1, b1);
+        }
+        if constexpr (F::FP4) {  // (s / 2: the codes decoded as 2 v; exact, subnormal or not)
+          const float s0 = 0.5f * moe_e8m0_scale(rw_u8_at(u[p].s[mt][0], i));
+          const float s1 = 0.5f * moe_e8m0_scale(rw_u8_at(u[p].s[mt][1], i));
+          acc[p][mt][0] += s0 * t[0];
+          acc[p][mt][1] += s0 * t[1];
+          acc[p][mt][2] += s1 * t[2];
+          acc[p][mt][3] += s1 * t[3];
+        } else {
+          const float s0 = rw_bf16_at(u[p].s[mt][0], i), s1 = rw_bf16_at(u[p].s[mt][1], i);
+          const float c0v = fmaf(-F::COFF, s0, rw_bf16_at(u[p].b[mt][0], i));
+          const float c1v = fmaf(-F::COFF, s1, rw_bf16_at(u[p].b[mt][1], i));
+          acc[p][mt][0] += s0 * t[0] + c0v * xs.x;
+          acc[p][mt][1] += s0 * t[1] + c0v * xs.y;
+          acc[p][mt][2] += s1 * t[2] + c1v * xs.x;
+          acc[p][mt][3] += s1 * t[3] + c1v * xs.y;
+        }
+      }
+  }
+}
+
 // BITS 8: each code's two nibbles are read as two 4-bit codes of a row twice as long (code
 // i = 16 h + l: nibble 2 i = l, 2 i + 1 = h), the activations staged as (x_i, 16 x_i) pairs
 // (exact in bf16): sum (128 + l) x + (128 + h) 16 x = sum q x + 2176 sum x, so the 4-bit
@@ -85,25 +205,29 @@ constexpr int RW_DIRECT_THREADS = 768;
 // FP4 (mxfp4: E2M1 codes, GS 32, an E8M0 byte per group, no bias): the word's nibble pairs
 // decode to exact bf16 values of 2 v (fp4_word_bf16, as in the shared-memory kernels), so
 // acc += (s / 2) * T, with no offset and no group sums.
-template <bool GATEUP, int GS, int MT, bool DIRECT = false, int BITS = 4, bool FP4 = false>
-__global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS == 8 ? 512 : 256,
-                                  DIRECT && !GATEUP ? 1 : BITS == 8 ? 1 : GATEUP ? 3 : 2)
+// STREAM (bucketed, MT 1): the weights stream through registers instead of being loaded
+// once. Block = (non-empty expert slot j, W tiles of 16 rows: W = N / (16 gridDim.y)) with
+// KS = warps / W warps per tile, warp w = (slice w / W, tile w % W); a warp covers K / 256 /
+// KS chunks of 256 k, two units in registers: while it computes one, the next is in flight
+// (gate/up: gate's and up's chunk c, then c + 1; down: chunks c and c + 1). Per block the
+// activations are staged, and the partials reduced, once for W tiles of rows instead of
+// one, over KS partials instead of K / 256.
+template <bool GATEUP, int GS, int MT, bool DIRECT = false, int BITS = 4, bool FP4 = false,
+          bool STREAM = false>
+__global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS == 8 && !STREAM ? 512 : 256,
+                                  DIRECT && !GATEUP ? 1 : BITS == 8 && !STREAM ? 1 : GATEUP && !STREAM ? 3 : 2)
     mlp_regw_kernel(MlpDesc md, const __nv_bfloat16* __restrict__ xin,
                     const uint32_t* __restrict__ pairs, const uint32_t* __restrict__ offsets,
                     const uint32_t* __restrict__ active, const uint32_t* __restrict__ meta,
                     const float* __restrict__ rw, __nv_bfloat16* __restrict__ Hout,
                     float* __restrict__ Yp, RegwDirect dx) {
+  using F = RwFmt<GS, BITS, FP4>;
   constexpr int NP = GATEUP ? 2 : 1;
   constexpr bool DDN = DIRECT && !GATEUP;  // the direct down block (slots x K / 256 warps)
-  constexpr int GV = GS * BITS / 4;  // nibbles per scale group
-  constexpr float COFF = BITS == 8 ? 2176.f : 128.f;  // the codes' offset per group sum
-  constexpr int WPT = GV / 32;      // code words per thread, row and group
-  constexpr int GB = 8 / WPT;       // groups per warp (256 k)
-  // words of a warp's GB scales (bf16; FP4: E8M0 bytes) and biases (FP4: none)
-  constexpr int SW = FP4 ? GB / 4 : GB / 2 > 0 ? GB / 2 : 1;
-  constexpr int BW = FP4 ? 1 : SW;
+  constexpr int GV = F::GV, GB = F::GB;
   static_assert((GS == 32 || GS == 64 || GS == 128) && (BITS == 4 || (BITS == 8 && GS <= 64)) &&
-                    (BITS == 4 || !DIRECT) && (!FP4 || (BITS == 4 && GS == 32)),
+                    (BITS == 4 || !DIRECT) && (!FP4 || (BITS == 4 && GS == 32)) &&
+                    (!STREAM || (!DIRECT && MT == 1)),
                 "group size / bits");
   // In a decode chain (launch_pdl): gate/up reads the bucketing's outputs, so it waits first
   // and then lets down start; down reads those (complete by then) and issues its weight loads
@@ -114,9 +238,14 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
   const uint32_t K = w0.K * (BITS / 4), N = w0.N, G = w0.groups, RWd = w0.row_words;  // (K: nibbles)
   const uint32_t j = blockIdx.x;
   const uint32_t tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u, gid = lane >> 2, t4 = lane & 3u;
-  const uint32_t kw = K / 256u;                   // warps per slot
+  const uint32_t kw = K / 256u;                   // chunks of 256 k per row
   const uint32_t slot = DDN ? warp / kw : 0u;     // (direct down) this warp's slot
-  const uint32_t nwarps = DDN ? kw : blockDim.x >> 5;  // warps summed per slot
+  // STREAM: row tiles per block, this warp's tile, its slice's chunks
+  const uint32_t W = STREAM ? N / (16u * gridDim.y) : 1u;
+  const uint32_t rt = STREAM ? warp % W : 0u;
+  // partial sums per output (the warps of a slot, or of a row tile)
+  const uint32_t nwarps = DDN ? kw : STREAM ? (blockDim.x >> 5) / W : blockDim.x >> 5;
+  const uint32_t cpw = STREAM ? kw / nwarps : 1u;
   uint32_t e, first, last;
   bool live = true;  // (direct down) this warp's slot has an expert
   if constexpr (DDN) {
@@ -139,45 +268,31 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
     first = offsets[e];
     last = offsets[e + 1];
   }
-  const uint32_t n0 = blockIdx.y * 16u * MT;
-  const uint32_t g0 = (DDN ? warp % kw : warp) * GB;  // this warp's first group
-  // Codes, scales and biases into registers. Rows n0 .. n0 + 16 MT - 1 exist (N % (16 MT)
+  const uint32_t nb = blockIdx.y * 16u * MT * W;  // the block's first row
+  const uint32_t n0 = nb + rt * 16u;              // this warp's
+  // this warp's first chunk
+  const uint32_t c0w = STREAM ? (warp / W) * cpw : DDN ? warp % kw : warp;
+  // Codes, scales and biases into registers. Rows n0 .. n0 + 16 MT - 1 exist (N % (16 MT W)
   // == 0, checked on the host).
   const uint64_t pol = weight_l2_policy(md.l2_ef & 1u);
-  uint32_t wv[NP][MT][2][8];
-  uint32_t sv[NP][MT][2][SW], bv[NP][MT][2][BW];
+  const int64_t row0 = int64_t(e) * N + n0;
+  // u[p]: projection p's chunk c0w; STREAM: u[0] and u[1] are the two units in flight (gate
+  // and up, or down's chunks c0w and c0w + 1)
+  RwUnit<F, MT> u[STREAM ? 2 : NP];
+  auto load_first = [&]() {
+    if constexpr (STREAM) {
+      rw_load(u[0], w0, row0, G, RWd, c0w * GB, gid, t4, pol);
+      if (GATEUP)
+        rw_load(u[1], md.up, row0, G, RWd, c0w * GB, gid, t4, pol);
+      else if (cpw > 1u)
+        rw_load(u[1], w0, row0, G, RWd, (c0w + 1u) * GB, gid, t4, pol);
+    } else {
 #pragma unroll
-  for (int p = 0; p < NP; ++p) {
-    const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t row = int64_t(e) * N + n0 + mt * 16 + gid + 8 * r;
-        const uint32_t* src = wd.w + row * RWd + g0 * (GV / 8) + t4 * WPT;
-        const int64_t so = row * G + g0;  // scale index (G % GB == 0: SW-word aligned)
-        if (DDN && !live) {  // (a dropped slot: its products are not used)
-#pragma unroll
-          for (int i = 0; i < 8; ++i) wv[p][mt][r][i] = 0u;
-#pragma unroll
-          for (int i = 0; i < SW; ++i) sv[p][mt][r][i] = 0u;
-#pragma unroll
-          for (int i = 0; i < BW; ++i) bv[p][mt][r][i] = 0u;
-          continue;
-        }
-#pragma unroll
-        for (int i = 0; i < GB; ++i) rw_ldg<WPT>(src + i * (GV / 8), &wv[p][mt][r][i * WPT], pol);
-        if constexpr (FP4) {
-          rw_ldg<SW>(reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(wd.scales) + so),
-                     sv[p][mt][r], pol);
-        } else {
-          rw_ldg<SW>(reinterpret_cast<const uint32_t*>(static_cast<const __nv_bfloat16*>(wd.scales) + so),
-                     sv[p][mt][r], pol);
-          rw_ldg<SW>(reinterpret_cast<const uint32_t*>(static_cast<const __nv_bfloat16*>(wd.biases) + so),
-                     bv[p][mt][r], pol);
-        }
-      }
-  }
+      for (int p = 0; p < NP; ++p)
+        rw_load(u[p], (GATEUP && p == 1) ? md.up : w0, row0, G, RWd, c0w * GB, gid, t4, pol, live);
+    }
+  };
+  load_first();
   if (!GATEUP) pdl_wait();  // gate/up's H
   extern __shared__ __align__(16) unsigned char rw_smem[];
   const uint32_t tstride = (K + 8u) * 2u;  // bytes per staged row (16-byte shift per row: the
@@ -189,12 +304,15 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
   for (uint32_t c0 = first; c0 < last; c0 += RW_NT) {
     // (direct down: the token's k slots are the columns)
     const uint32_t nt = DDN ? md.k : min(uint32_t(RW_NT), last - c0);
-    if (c0 != first) __syncthreads();  // the previous chunk's Xs, XS and Red are read
-    // Stage the chunk's rows: 8 values per thread (K / 8 == blockDim.x; direct down: chunk ch
-    // of its own slot's row, K / 8 == 32 kw, zeros for a dropped slot), permuted, and each
-    // group's sum (its GS / 8 lanes).
-    for (uint32_t t = DDN ? slot : 0u; t < nt; t += DDN ? nt : 1u) {
-      const uint32_t ch = DDN ? tid - slot * (K / 8u) : tid;
+    if (c0 != first) {
+      __syncthreads();  // the previous chunk's Xs, XS and Red are read
+      if (STREAM) load_first();  // (its units were consumed)
+    }
+    // Stage the chunk's rows: 8 values per thread and chunk ch of 16 bytes (K / 8 ==
+    // blockDim.x, one chunk each; STREAM: every blockDim.x-th; direct down: chunk ch of its own
+    // slot's row, K / 8 == 32 kw, zeros for a dropped slot), permuted, and each group's sum
+    // (its GS / 8 lanes).
+    auto stage = [&](uint32_t t, uint32_t ch) {
       const uint32_t Kx = w0.K;  // (activations per row)
       const __nv_bfloat16* src =
           DDN      ? xin + (int64_t(j) * md.k + t) * Kx
@@ -203,8 +321,8 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
       float s = 0.f;
       if constexpr (BITS == 8) {  // 4 activations as (x, 16 x) pairs; the sum over x
-        const uint2 u = *reinterpret_cast<const uint2*>(src + ch * 4u);
-        const uint32_t uu[2] = {u.x, u.y};
+        const uint2 uv = *reinterpret_cast<const uint2*>(src + ch * 4u);
+        const uint32_t uu[2] = {uv.x, uv.y};
         uint32_t vv[4];
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
@@ -234,59 +352,43 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
         for (int o2 = 1; o2 < GV / 8; o2 <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o2);
         if (ch % (GV / 8) == 0) XS[(ch / (GV / 8)) * RW_NT + t] = s;
       }
+    };
+    for (uint32_t t = DDN ? slot : 0u; t < nt; t += DDN ? nt : 1u) {
+      if constexpr (STREAM) {
+        // (K / 8 and blockDim.x multiples of 32: whole warps take each step)
+        for (uint32_t ch = tid; ch < K / 8u; ch += blockDim.x) stage(t, ch);
+      } else {
+        stage(t, DDN ? tid - slot * (K / 8u) : tid);
+      }
     }
     __syncthreads();
     float acc[NP][MT][4] = {};
     const bool bx = gid < nt;
-#pragma unroll
-    for (int i = 0; i < GB; ++i) {
-      const uint32_t gi = g0 + i;
-      const float2 xs = FP4 ? float2{0.f, 0.f} : lds64(smem_u32(XS + gi * RW_NT + 2u * t4));
-      uint4 xb[WPT];
-#pragma unroll
-      for (int wi = 0; wi < WPT; ++wi) xb[wi] = lds128_if(bx, xq + (gi * GV + wi * 8u) * 2u);
-#pragma unroll
-      for (int p = 0; p < NP; ++p)
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          float t[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-          for (int wi = 0; wi < WPT; ++wi) {
-            const uint32_t wg = wv[p][mt][0][i * WPT + wi], wh = wv[p][mt][1][i * WPT + wi];
-            uint32_t a0[4], a1[4];
-            if constexpr (FP4) {
-              uint32_t dg[4], dh[4];
-              fp4_word_bf16(wg, dg);
-              fp4_word_bf16(wh, dh);
-              a0[0] = dg[0], a0[1] = dh[0], a0[2] = dg[1], a0[3] = dh[1];
-              a1[0] = dg[2], a1[1] = dh[2], a1[2] = dg[3], a1[3] = dh[3];
-            } else {
-              a0[0] = nib2_bf16_128(wg, 0), a0[1] = nib2_bf16_128(wh, 0);
-              a0[2] = nib2_bf16_128(wg, 1), a0[3] = nib2_bf16_128(wh, 1);
-              a1[0] = nib2_bf16_128(wg, 2), a1[1] = nib2_bf16_128(wh, 2);
-              a1[2] = nib2_bf16_128(wg, 3), a1[3] = nib2_bf16_128(wh, 3);
-            }
-            const uint32_t b0[2] = {xb[wi].x, xb[wi].y}, b1[2] = {xb[wi].z, xb[wi].w};
-            mma_bf16(t, a0, b0);
-            mma_bf16(t, a1, b1);
-          }
-          if constexpr (FP4) {  // (s / 2: the codes decoded as 2 v; exact, subnormal or not)
-            const float s0 = 0.5f * moe_e8m0_scale(rw_u8_at(sv[p][mt][0], i));
-            const float s1 = 0.5f * moe_e8m0_scale(rw_u8_at(sv[p][mt][1], i));
-            acc[p][mt][0] += s0 * t[0];
-            acc[p][mt][1] += s0 * t[1];
-            acc[p][mt][2] += s1 * t[2];
-            acc[p][mt][3] += s1 * t[3];
-          } else {
-            const float s0 = rw_bf16_at(sv[p][mt][0], i), s1 = rw_bf16_at(sv[p][mt][1], i);
-            const float c0v = fmaf(-COFF, s0, rw_bf16_at(bv[p][mt][0], i));
-            const float c1v = fmaf(-COFF, s1, rw_bf16_at(bv[p][mt][1], i));
-            acc[p][mt][0] += s0 * t[0] + c0v * xs.x;
-            acc[p][mt][1] += s0 * t[1] + c0v * xs.y;
-            acc[p][mt][2] += s1 * t[2] + c1v * xs.x;
-            acc[p][mt][3] += s1 * t[3] + c1v * xs.y;
-          }
+    if constexpr (!STREAM) {
+      rw_mma<F, NP, MT>(acc, u, c0w * GB, xq, XS, t4, bx);
+    } else if constexpr (GATEUP) {
+      // gate's chunk c (u[0]) while up's is in flight, then up's (u[1]) while gate's c + 1 is
+      for (uint32_t q = 0; q < cpw; ++q) {
+        const uint32_t c = c0w + q;
+        rw_mma<F, 1, MT>(reinterpret_cast<float(&)[1][MT][4]>(acc[0]),
+                         reinterpret_cast<const RwUnit<F, MT>(&)[1]>(u[0]), c * GB, xq, XS, t4, bx);
+        if (q + 1u < cpw) rw_load(u[0], w0, row0, G, RWd, (c + 1u) * GB, gid, t4, pol);
+        rw_mma<F, 1, MT>(reinterpret_cast<float(&)[1][MT][4]>(acc[NP - 1]),
+                         reinterpret_cast<const RwUnit<F, MT>(&)[1]>(u[1]), c * GB, xq, XS, t4, bx);
+        if (q + 1u < cpw) rw_load(u[1], md.up, row0, G, RWd, (c + 1u) * GB, gid, t4, pol);
+      }
+    } else {
+      // chunks c (u[0]) and c + 1 (u[1]), each reloaded with c + 2 / c + 3 once used
+      for (uint32_t q = 0; q < cpw; q += 2u) {
+        const uint32_t c = c0w + q;
+        rw_mma<F, 1, MT>(acc, reinterpret_cast<const RwUnit<F, MT>(&)[1]>(u[0]), c * GB, xq, XS, t4, bx);
+        if (q + 2u < cpw) rw_load(u[0], w0, row0, G, RWd, (c + 2u) * GB, gid, t4, pol);
+        if (q + 1u < cpw) {
+          rw_mma<F, 1, MT>(acc, reinterpret_cast<const RwUnit<F, MT>(&)[1]>(u[1]), (c + 1u) * GB, xq, XS,
+                           t4, bx);
+          if (q + 3u < cpw) rw_load(u[1], w0, row0, G, RWd, (c + 3u) * GB, gid, t4, pol);
         }
+      }
     }
     // The warps' partial sums, then one thread per (row, token) of each row tile.
 #pragma unroll
@@ -318,16 +420,19 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
         dx.y[int64_t(j) * N + n0 + mt * 16u + r] = __float2bfloat16_rn(y);
       }
     } else {
-      for (uint32_t o = tid; o < uint32_t(MT * 128); o += blockDim.x) {
-        const uint32_t mt = o >> 7, c = (o >> 5) & 3u, ln = o & 31u;
+      // (STREAM: output o of tile rt2 sums the partials of warps w W + rt2)
+      for (uint32_t o = tid; o < uint32_t(MT * 128) * W; o += blockDim.x) {
+        const uint32_t rt2 = STREAM ? o >> 7 : 0u, oo = STREAM ? o & 127u : o;
+        const uint32_t mt = oo >> 7, c = (oo >> 5) & 3u, ln = oo & 31u;
         const uint32_t tok = 2u * (ln & 3u) + (c & 1u);
         if (tok >= nt) continue;
-        const uint32_t row = n0 + mt * 16u + (ln >> 2) + (c >= 2u ? 8u : 0u);
+        const uint32_t row = nb + rt2 * 16u + mt * 16u + (ln >> 2) + (c >= 2u ? 8u : 0u);
         float v[NP];
 #pragma unroll
         for (int p = 0; p < NP; ++p) {
           float s = 0.f;
-          for (uint32_t w = 0; w < nwarps; ++w) s += Red[((w * (NP * MT) + p * MT + mt) * 4u + c) * 32u + ln];
+          for (uint32_t w = 0; w < nwarps; ++w)
+            s += Red[(((w * W + rt2) * (NP * MT) + p * MT + mt) * 4u + c) * 32u + ln];
           v[p] = s;
         }
         if (GATEUP) {

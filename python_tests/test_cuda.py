@@ -623,6 +623,64 @@ def test_moe_mlp_regw_decode_8bit(rng, monkeypatch, T, E, D, F, k, gs, bits, reg
     _gg_check(rng, T, E, D, F, k, "affine", bits, gs, mx.bfloat16, sdt=mx.bfloat16)
 
 
+# The bucketed kernels' streaming form (STREAM in kernels/moe_cuda_regw.cuh: blocks of W
+# tiles of 16 rows with KS warps each, every warp streaming its K / 256 / KS chunks of the
+# weights through two units of registers; opt-in, MLX_MOE_CUDA_REGW_STREAM_MAX_PAIRS), in
+# shapes MLX_MOE_CUDA_REGW_{GU,DN}_{W,KS} select ("gu W x KS / dn W x KS"; "on": its default,
+# gate/up 4 x 2 and down plain; a shape that does not divide a layer's N or K leaves that
+# projection on the plain form), and the plain form. The products are the plain form's,
+# summed in another order (per warp over its chunks, then over the KS warps), so
+# _gg_check's bound holds for every shape. Down at K = 768 streams 3 chunks (an odd count:
+# the second unit's last reload skipped), gate/up at K = 2048 with W = 8 all 8 on one warp;
+# 40 tokens on 8 experts take three passes of 8 columns (the units reloaded per pass).
+_ON = {"MLX_MOE_CUDA_REGW_STREAM_MAX_PAIRS": "1536"}
+REGW_STREAM_SHAPES = {
+    "plain": {"MLX_MOE_CUDA_REGW_STREAM_MAX_PAIRS": "0"},
+    "on": _ON,
+    "1x8/8x1": {**_ON, "MLX_MOE_CUDA_REGW_GU_W": "1", "MLX_MOE_CUDA_REGW_GU_KS": "8",
+                "MLX_MOE_CUDA_REGW_DN_W": "8", "MLX_MOE_CUDA_REGW_DN_KS": "1"},
+    "8x1/2x3": {**_ON, "MLX_MOE_CUDA_REGW_GU_W": "8", "MLX_MOE_CUDA_REGW_GU_KS": "1",
+                "MLX_MOE_CUDA_REGW_DN_W": "2", "MLX_MOE_CUDA_REGW_DN_KS": "3"},
+    "2x4/4x2": {**_ON, "MLX_MOE_CUDA_REGW_GU_W": "2", "MLX_MOE_CUDA_REGW_GU_KS": "4",
+                "MLX_MOE_CUDA_REGW_DN_W": "4", "MLX_MOE_CUDA_REGW_DN_KS": "2"},
+}
+
+
+@pytest.mark.parametrize(
+    "T,E,D,F,k,fmt,bits,gs",
+    [
+        (16, 128, 2048, 768, 8, "affine", (4, 4, 4), 64),    # Qwen3 layer, 16 tokens
+        (12, 64, 2048, 1536, 4, "affine", (4, 4, 4), 128),   # GLM-4.7-Flash widths
+        (40, 8, 512, 256, 4, "affine", (4, 4, 4), 32),       # three passes of 8 columns
+        (16, 128, 2048, 768, 8, "mxfp4", (4, 4, 4), 32),     # mxfp4
+        (16, 128, 2048, 768, 8, "affine", (8, 8, 8), 64),    # 8-bit: 16 chunks per gate/up row
+        (100, 16, 256, 512, 6, "affine", (4, 4, 4), 64),     # gate/up K = 256: one chunk
+    ],
+)
+@pytest.mark.parametrize("shape", list(REGW_STREAM_SHAPES))
+def test_moe_mlp_regw_stream(rng, monkeypatch, T, E, D, F, k, fmt, bits, gs, shape):
+    for name, value in REGW_STREAM_SHAPES[shape].items():
+        monkeypatch.setenv(name, value)
+    _gg_check(rng, T, E, D, F, k, fmt, bits, gs, mx.bfloat16,
+              sdt=None if fmt == "mxfp4" else mx.bfloat16)
+
+
+# Dropped ids in the streaming form: affine 4-bit at Qwen3 widths, and mxfp4 with E8M0
+# scales 2^-127 .. 2^-124 on gate / up and activations scaled by 2^110 (the register-operand
+# kernels' scale-range case; down streamed at K = 256 with W = 8 in "1x8/8x1").
+@pytest.mark.parametrize("case", ["affine", "mxfp4_scale_range"])
+@pytest.mark.parametrize("shape", ["on", "1x8/8x1", "8x1/2x3"])
+def test_moe_mlp_regw_stream_bad_ids(rng, monkeypatch, case, shape):
+    for name, value in REGW_STREAM_SHAPES[shape].items():
+        monkeypatch.setenv(name, value)
+    if case == "affine":
+        _gg_check(rng, 20, 16, 2048, 768, 4, "affine", (4, 4, 4), 64, mx.bfloat16,
+                  sdt=mx.bfloat16, bad_ids=True)
+    else:
+        _gg_check(rng, 12, 16, 512, 256, 8, "mxfp4", (4, 4, 4), 32, mx.bfloat16,
+                  x_scale=2.0 ** 110, e_ranges=((0, 4), (0, 4), None), bad_ids=True)
+
+
 def test_moe_mlp_regw_decode_bad_ids(rng):
     _gg_check(rng, 20, 16, 2048, 768, 4, "affine", (4, 4, 4), 64, mx.bfloat16, sdt=mx.bfloat16,
               bad_ids=True)

@@ -703,18 +703,42 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
         const uint32_t Kg = D * b_gu / 4u, Kd = F * b_dn / 4u;
         __nv_bfloat16* Hb = reinterpret_cast<__nv_bfloat16*>(ptr<uint32_t>(H));
         const cuda::RegwDirect dx{ptr<void>(ids), ik, regw_direct ? ptr<__nv_bfloat16>(out) : nullptr};
-        const uint32_t dn_mt = regw_direct ? 1u : uint32_t(REGW_DN_MT);
-        chain.add(kernel_node(regw_kernel(true, gs_gu, regw_direct, b_gu, md.gate.mode == 1u),
-                              dim3(regw_direct ? P : max_active, F / 16u), dim3(Kg / 8u),
-                              regw_smem_bytes(Kg, gs_gu * b_gu / 4u, 2, 1), md, xp, ptr<uint32_t>(pairs),
-                              ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta),
-                              ptr<float>(rw), Hb, static_cast<float*>(nullptr), dx),
+        // The bucketed kernels' streaming form (STREAM in kernels/moe_cuda_regw.cuh: blocks of W
+        // tiles of 16 rows with KS warps each, the weights streamed through registers), opt-in:
+        // up to MLX_MOE_CUDA_REGW_STREAM_MAX_PAIRS pairs (default 0: off), gate/up on W = 4, KS = 2
+        // and down on the plain form unless MLX_MOE_CUDA_REGW_{GU,DN}_{W,KS} say otherwise (W 0,
+        // or a shape that does not fit N, K or 8 warps: that projection on the plain form).
+        // H200, device time per layer, plain -> gate/up streamed (4 x 2), Qwen3 affine 4-bit
+        // (bf16 scales) 16 / 32 / 64 tokens 111.4 / 144.8 / 178.7 -> 104.9 / 136.8 / 171.9 us,
+        // mxfp4 142.9 / 185.0 / 220.7 -> 132.3 / 170.7 / 209.0, affine 8-bit 224.1 / 292.8 /
+        // 355.7 -> 165.2 / 217.0 / 274.8; down streamed was slower than its plain form (Qwen3
+        // affine 4-bit, 16 tokens: 47-83 us against 41). Off by default: one run of the test
+        // suite with it on (and down streamed) hit an illegal address that did not reproduce
+        // alone or under compute-sanitizer (docs/PERFORMANCE.md, twenty-fifth session).
+        const uint32_t st_max = env_u32("MLX_MOE_CUDA_REGW_STREAM_MAX_PAIRS", 0u);
+        auto stream_shape = [&](bool gu, uint32_t Kn, uint32_t N, uint32_t& Wt, uint32_t& KS) {
+          Wt = env_u32(gu ? "MLX_MOE_CUDA_REGW_GU_W" : "MLX_MOE_CUDA_REGW_DN_W", gu ? 4u : 0u);
+          KS = env_u32(gu ? "MLX_MOE_CUDA_REGW_GU_KS" : "MLX_MOE_CUDA_REGW_DN_KS", gu ? 2u : 1u);
+          return regw && P <= st_max && Wt > 0u && KS > 0u && Wt * KS <= 8u &&
+                 N % (16u * Wt) == 0u && (Kn / 256u) % KS == 0u;
+        };
+        uint32_t w_gu = 1u, ks_gu = 1u, w_dn = 1u, ks_dn = 1u;
+        const bool st_gu = stream_shape(true, Kg, F, w_gu, ks_gu);
+        const bool st_dn = stream_shape(false, Kd, D, w_dn, ks_dn);
+        const uint32_t dn_mt = regw_direct || st_dn ? 1u : uint32_t(REGW_DN_MT);
+        chain.add(kernel_node(regw_kernel(true, gs_gu, regw_direct, b_gu, md.gate.mode == 1u, st_gu),
+                              dim3(regw_direct ? P : max_active, F / (16u * (st_gu ? w_gu : 1u))),
+                              dim3(st_gu ? 32u * w_gu * ks_gu : Kg / 8u),
+                              regw_smem_bytes(Kg, gs_gu * b_gu / 4u, 2, 1, 1u, st_gu ? w_gu * ks_gu : 0u),
+                              md, xp, ptr<uint32_t>(pairs), ptr<uint32_t>(offsets), ptr<uint32_t>(active),
+                              ptr<uint32_t>(meta), ptr<float>(rw), Hb, static_cast<float*>(nullptr), dx),
                   {&x, &ids, &pairs, &offsets, &active, &meta}, {&H});
-        chain.add(kernel_node(regw_kernel(false, gs_dn, regw_direct, b_dn, md.down.mode == 1u),
-                              dim3(regw_direct ? T : max_active, D / (16u * dn_mt)),
-                              dim3(regw_direct ? k * F / 8u : Kd / 8u),
-                              regw_smem_bytes(Kd, gs_dn * b_dn / 4u, 1, int(dn_mt), regw_direct ? k : 1u), md,
-                              static_cast<const __nv_bfloat16*>(Hb), ptr<uint32_t>(pairs),
+        chain.add(kernel_node(regw_kernel(false, gs_dn, regw_direct, b_dn, md.down.mode == 1u, st_dn),
+                              dim3(regw_direct ? T : max_active, D / (16u * dn_mt * (st_dn ? w_dn : 1u))),
+                              dim3(regw_direct ? k * F / 8u : st_dn ? 32u * w_dn * ks_dn : Kd / 8u),
+                              regw_smem_bytes(Kd, gs_dn * b_dn / 4u, 1, int(dn_mt), regw_direct ? k : 1u,
+                                              st_dn ? w_dn * ks_dn : 0u),
+                              md, static_cast<const __nv_bfloat16*>(Hb), ptr<uint32_t>(pairs),
                               ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta),
                               ptr<float>(rw), static_cast<__nv_bfloat16*>(nullptr), ptr<float>(Yp), dx),
                   {&H, &ids, &pairs, &offsets, &active, &meta, &rw}, {regw_direct ? &out : &Yp});

@@ -17,9 +17,13 @@ constexpr int REGW_DN_MT = 2;
 
 // Gate/up (gateup) or down for scale groups of gs codes of `bits` bits: affine 4-bit 32, 64
 // or 128, bucketed or direct (the kernels' DIRECT form); affine 8-bit 32 or 64, bucketed;
-// mxfp4 (fp4) 32, bucketed or direct; null otherwise.
+// mxfp4 (fp4) 32, bucketed or direct; stream: the bucketed kernels' STREAM form (weights
+// streamed through registers); null otherwise.
 // Block: K * bits / 32 threads for a K-wide projection (one 16-byte chunk of the staged
-// nibble-row activations each); the direct down block k times F / 8.
-RegwKernel regw_kernel(bool gateup, uint32_t gs, bool direct, uint32_t bits, bool fp4);
+// nibble-row activations each); the direct down block k times F / 8; STREAM: 32 W KS threads
+// for W tiles of 16 rows (grid.y = N / (16 W)) and KS warps per tile (K * bits / 1024 a
+// multiple of KS), at most 256.
+RegwKernel regw_kernel(bool gateup, uint32_t gs, bool direct, uint32_t bits, bool fp4,
+                       bool stream = false);
 
 }  // namespace mlx_moe::gpu
