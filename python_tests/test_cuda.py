@@ -16,8 +16,8 @@ import pytest
 
 import mlx.core as mx
 import mlx_moe
-from reference import (misaligned_view, misaligned_weight, random_affine, random_logits, random_mxfp4,
-                       random_routing, to_np)
+from reference import (misaligned_view, misaligned_weight, poison_cache, random_affine, random_logits,
+                       random_mxfp4, random_routing, to_np)
 from test_trellis_ops import random_trellis
 
 pytestmark = pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX's CUDA backend")
@@ -538,9 +538,18 @@ def _gg_check(rng, T, E, D, F, k, fmt, bits, gs, dtype, sdt=None, bad_ids=False,
         idn = np.array(ids)
         idn[::7, 1] = E + 5
         ids = mx.array(idn) + 0
+    # The output and the scratch buffers poisoned: MLX's buffer cache filled with NaN buffers
+    # of the sizes the call allocates (output, H, the slots' outputs, the bucketing's
+    # arrays), so that a kernel which skips part of its output, or reads a scratch word it did
+    # not write (an index, say), shows NaN or faults instead of finding a lucky zero. (ids
+    # stay unevaluated: the bad-ids cases need them lazy.)
+    P = ids.size
+    poison_cache([T * D * 2, T * D * 4, P * F * 2, P * F * 4, P * D * 4, P * 4, (E + 1) * 4, E * 4, 16])
     yg = mlx_moe.moe_mlp(x, ids, w, experts, stream=mx.gpu)
+    mx.eval(yg)
+    poison_cache([T * D * 2, T * D * 4, P * F * 2, P * F * 4, P * D * 4, P * 4, (E + 1) * 4, E * 4, 16])
     y2 = mlx_moe.moe_mlp(x, ids, w, experts, stream=mx.gpu)
-    mx.eval(yg, y2)
+    mx.eval(y2)
     yg, y2 = to_np(yg).astype(np.float64), to_np(y2).astype(np.float64)
     assert np.array_equal(yg, y2)  # deterministic
     # (affine scales not exact in the activation type)
