@@ -31,7 +31,11 @@ namespace mlx_moe::cuda {
 
 constexpr int RW_NT = 8;  // tokens per chunk (one MMA column tile)
 
-// NW words at p into o (the read-only path), with L2 cache policy pol (weight_l2_policy)
+// NW words at p into o (the read-only path), with L2 cache policy pol (weight_l2_policy).
+// Not volatile: the compiler may move these loads, and may issue one that the source guards by
+// a condition without that condition (it hoisted a STREAM kernel's second-pass reloads out of
+// their branch). So every address a caller forms must be in bounds whether or not its load
+// is taken: the STREAM kernels clamp their next chunk to the warp's last one.
 template <int NW>
 __device__ __forceinline__ void rw_ldg(const uint32_t* p, uint32_t* o, uint64_t pol) {
   if constexpr (NW == 1) {
@@ -279,13 +283,16 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
   // u[p]: projection p's chunk c0w; STREAM: u[0] and u[1] are the two units in flight (gate
   // and up, or down's chunks c0w and c0w + 1)
   RwUnit<F, MT> u[STREAM ? 2 : NP];
+  // (STREAM) chunk c, clamped to the warp's last: the address of a load the source skips
+  // stays in bounds if the compiler issues it anyway (rw_ldg)
+  auto cl = [&](uint32_t c) { return min(c, c0w + cpw - 1u); };
   auto load_first = [&]() {
     if constexpr (STREAM) {
       rw_load(u[0], w0, row0, G, RWd, c0w * GB, gid, t4, pol);
       if (GATEUP)
         rw_load(u[1], md.up, row0, G, RWd, c0w * GB, gid, t4, pol);
       else if (cpw > 1u)
-        rw_load(u[1], w0, row0, G, RWd, (c0w + 1u) * GB, gid, t4, pol);
+        rw_load(u[1], w0, row0, G, RWd, cl(c0w + 1u) * GB, gid, t4, pol);
     } else {
 #pragma unroll
       for (int p = 0; p < NP; ++p)
@@ -372,21 +379,21 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
         const uint32_t c = c0w + q;
         rw_mma<F, 1, MT>(reinterpret_cast<float(&)[1][MT][4]>(acc[0]),
                          reinterpret_cast<const RwUnit<F, MT>(&)[1]>(u[0]), c * GB, xq, XS, t4, bx);
-        if (q + 1u < cpw) rw_load(u[0], w0, row0, G, RWd, (c + 1u) * GB, gid, t4, pol);
+        if (q + 1u < cpw) rw_load(u[0], w0, row0, G, RWd, cl(c + 1u) * GB, gid, t4, pol);
         rw_mma<F, 1, MT>(reinterpret_cast<float(&)[1][MT][4]>(acc[NP - 1]),
                          reinterpret_cast<const RwUnit<F, MT>(&)[1]>(u[1]), c * GB, xq, XS, t4, bx);
-        if (q + 1u < cpw) rw_load(u[1], md.up, row0, G, RWd, (c + 1u) * GB, gid, t4, pol);
+        if (q + 1u < cpw) rw_load(u[1], md.up, row0, G, RWd, cl(c + 1u) * GB, gid, t4, pol);
       }
     } else {
       // chunks c (u[0]) and c + 1 (u[1]), each reloaded with c + 2 / c + 3 once used
       for (uint32_t q = 0; q < cpw; q += 2u) {
         const uint32_t c = c0w + q;
         rw_mma<F, 1, MT>(acc, reinterpret_cast<const RwUnit<F, MT>(&)[1]>(u[0]), c * GB, xq, XS, t4, bx);
-        if (q + 2u < cpw) rw_load(u[0], w0, row0, G, RWd, (c + 2u) * GB, gid, t4, pol);
+        if (q + 2u < cpw) rw_load(u[0], w0, row0, G, RWd, cl(c + 2u) * GB, gid, t4, pol);
         if (q + 1u < cpw) {
           rw_mma<F, 1, MT>(acc, reinterpret_cast<const RwUnit<F, MT>(&)[1]>(u[1]), (c + 1u) * GB, xq, XS,
                            t4, bx);
-          if (q + 3u < cpw) rw_load(u[1], w0, row0, G, RWd, (c + 3u) * GB, gid, t4, pol);
+          if (q + 3u < cpw) rw_load(u[1], w0, row0, G, RWd, cl(c + 3u) * GB, gid, t4, pol);
         }
       }
     }

@@ -719,8 +719,8 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
         auto stream_shape = [&](bool gu, uint32_t Kn, uint32_t N, uint32_t& Wt, uint32_t& KS) {
           Wt = env_u32(gu ? "MLX_MOE_CUDA_REGW_GU_W" : "MLX_MOE_CUDA_REGW_DN_W", gu ? 4u : 0u);
           KS = env_u32(gu ? "MLX_MOE_CUDA_REGW_GU_KS" : "MLX_MOE_CUDA_REGW_DN_KS", gu ? 2u : 1u);
-          return regw && P <= st_max && Wt > 0u && KS > 0u && Wt * KS <= 8u &&
-                 N % (16u * Wt) == 0u && (Kn / 256u) % KS == 0u;
+          return regw && P <= st_max && Wt > 0u && KS > 0u && Wt <= 8u && KS <= 8u &&
+                 Wt * KS <= 8u && N % (16u * Wt) == 0u && (Kn / 256u) % KS == 0u;
         };
         uint32_t w_gu = 1u, ks_gu = 1u, w_dn = 1u, ks_dn = 1u;
         const bool st_gu = stream_shape(true, Kg, F, w_gu, ks_gu);
