@@ -318,7 +318,7 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
     // Stage the chunk's rows: 8 values per thread and chunk ch of 16 bytes (K / 8 ==
     // blockDim.x, one chunk each; STREAM: every blockDim.x-th; direct down: chunk ch of its own
     // slot's row, K / 8 == 32 kw, zeros for a dropped slot), permuted, and each group's sum
-    // (its GS / 8 lanes).
+    // (its GV / 8 lanes).
     auto stage = [&](uint32_t t, uint32_t ch) {
       const uint32_t Kx = w0.K;  // (activations per row)
       const __nv_bfloat16* src =

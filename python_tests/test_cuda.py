@@ -539,15 +539,18 @@ def _gg_check(rng, T, E, D, F, k, fmt, bits, gs, dtype, sdt=None, bad_ids=False,
         idn[::7, 1] = E + 5
         ids = mx.array(idn) + 0
     # The output and the scratch buffers poisoned: MLX's buffer cache filled with NaN buffers
-    # of the sizes the call allocates (output, H, the slots' outputs, the bucketing's
-    # arrays), so that a kernel which skips part of its output, or reads a scratch word it did
-    # not write (an index, say), shows NaN or faults instead of finding a lucky zero. (ids
-    # stay unevaluated: the bad-ids cases need them lazy.)
+    # of the sizes the call allocates (the bf16 output, H and the slots' outputs as the
+    # kernels' 4-byte scratch words, the bucketing's arrays), so that a kernel which skips part
+    # of its output, or reads a scratch word it did not write (an index, say), shows NaN or
+    # faults instead of finding a lucky zero. x and w are evaluated first, so that their own
+    # buffers do not take the poisoned ones; the bad-ids cases' ids stay lazy (as above).
+    mx.eval(x, w)
     P = ids.size
-    poison_cache([T * D * 2, T * D * 4, P * F * 2, P * F * 4, P * D * 4, P * 4, (E + 1) * 4, E * 4, 16])
+    sizes = [T * D * 2, P * F * 4, P * D * 4, P * 4, (E + 1) * 4, E * 4, E * 4, 16]
+    poison_cache(sizes)
     yg = mlx_moe.moe_mlp(x, ids, w, experts, stream=mx.gpu)
     mx.eval(yg)
-    poison_cache([T * D * 2, T * D * 4, P * F * 2, P * F * 4, P * D * 4, P * 4, (E + 1) * 4, E * 4, 16])
+    poison_cache(sizes)
     y2 = mlx_moe.moe_mlp(x, ids, w, experts, stream=mx.gpu)
     mx.eval(y2)
     yg, y2 = to_np(yg).astype(np.float64), to_np(y2).astype(np.float64)

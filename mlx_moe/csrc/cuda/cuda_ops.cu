@@ -713,8 +713,9 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
         // mxfp4 142.9 / 185.0 / 220.7 -> 132.3 / 170.7 / 209.0, affine 8-bit 224.1 / 292.8 /
         // 355.7 -> 165.2 / 217.0 / 274.8; down streamed was slower than its plain form (Qwen3
         // affine 4-bit, 16 tokens: 47-83 us against 41). Off by default: one run of the test
-        // suite with it on (and down streamed) hit an illegal address that did not reproduce
-        // alone or under compute-sanitizer (docs/PERFORMANCE.md, twenty-fifth session).
+        // suite with it on (and down streamed) hit an illegal address, traced afterwards to a
+        // speculated scale load past the array (the chunk clamp in the kernel fixes it), and
+        // the fix has not run on a GPU yet (docs/PERFORMANCE.md, twenty-fifth session).
         const uint32_t st_max = env_u32("MLX_MOE_CUDA_REGW_STREAM_MAX_PAIRS", 0u);
         auto stream_shape = [&](bool gu, uint32_t Kn, uint32_t N, uint32_t& Wt, uint32_t& KS) {
           Wt = env_u32(gu ? "MLX_MOE_CUDA_REGW_GU_W" : "MLX_MOE_CUDA_REGW_DN_W", gu ? 4u : 0u);
