@@ -717,28 +717,33 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
         // speculated scale load past the array (the chunk clamp in the kernel fixes it), and
         // the fix has not run on a GPU yet (docs/PERFORMANCE.md, twenty-fifth session).
         const uint32_t st_max = env_u32("MLX_MOE_CUDA_REGW_STREAM_MAX_PAIRS", 0u);
-        auto stream_shape = [&](bool gu, uint32_t Kn, uint32_t N, uint32_t& Wt, uint32_t& KS) {
+        // Whether a projection streams; W (1 when not) and its block's warps (0 when not).
+        auto stream_shape = [&](bool gu, uint32_t Kn, uint32_t N, uint32_t& Wt, uint32_t& warps) {
           Wt = env_u32(gu ? "MLX_MOE_CUDA_REGW_GU_W" : "MLX_MOE_CUDA_REGW_DN_W", gu ? 4u : 0u);
-          KS = env_u32(gu ? "MLX_MOE_CUDA_REGW_GU_KS" : "MLX_MOE_CUDA_REGW_DN_KS", gu ? 2u : 1u);
-          return regw && P <= st_max && Wt > 0u && KS > 0u && Wt <= 8u && KS <= 8u &&
-                 Wt * KS <= 8u && N % (16u * Wt) == 0u && (Kn / 256u) % KS == 0u;
+          const uint32_t KS =
+              env_u32(gu ? "MLX_MOE_CUDA_REGW_GU_KS" : "MLX_MOE_CUDA_REGW_DN_KS", gu ? 2u : 1u);
+          const bool on = regw && P <= st_max && Wt > 0u && KS > 0u && Wt <= 8u && KS <= 8u &&
+                          Wt * KS <= 8u && N % (16u * Wt) == 0u && (Kn / 256u) % KS == 0u;
+          warps = on ? Wt * KS : 0u;
+          if (!on) Wt = 1u;
+          return on;
         };
-        uint32_t w_gu = 1u, ks_gu = 1u, w_dn = 1u, ks_dn = 1u;
-        const bool st_gu = stream_shape(true, Kg, F, w_gu, ks_gu);
-        const bool st_dn = stream_shape(false, Kd, D, w_dn, ks_dn);
+        uint32_t w_gu, wp_gu, w_dn, wp_dn;
+        const bool st_gu = stream_shape(true, Kg, F, w_gu, wp_gu);
+        const bool st_dn = stream_shape(false, Kd, D, w_dn, wp_dn);
         const uint32_t dn_mt = regw_direct || st_dn ? 1u : uint32_t(REGW_DN_MT);
         chain.add(kernel_node(regw_kernel(true, gs_gu, regw_direct, b_gu, md.gate.mode == 1u, st_gu),
-                              dim3(regw_direct ? P : max_active, F / (16u * (st_gu ? w_gu : 1u))),
-                              dim3(st_gu ? 32u * w_gu * ks_gu : Kg / 8u),
-                              regw_smem_bytes(Kg, gs_gu * b_gu / 4u, 2, 1, 1u, st_gu ? w_gu * ks_gu : 0u),
+                              dim3(regw_direct ? P : max_active, F / (16u * w_gu)),
+                              dim3(st_gu ? 32u * wp_gu : Kg / 8u),
+                              regw_smem_bytes(Kg, gs_gu * b_gu / 4u, 2, 1, 1u, wp_gu),
                               md, xp, ptr<uint32_t>(pairs), ptr<uint32_t>(offsets), ptr<uint32_t>(active),
                               ptr<uint32_t>(meta), ptr<float>(rw), Hb, static_cast<float*>(nullptr), dx),
                   {&x, &ids, &pairs, &offsets, &active, &meta}, {&H});
         chain.add(kernel_node(regw_kernel(false, gs_dn, regw_direct, b_dn, md.down.mode == 1u, st_dn),
-                              dim3(regw_direct ? T : max_active, D / (16u * dn_mt * (st_dn ? w_dn : 1u))),
-                              dim3(regw_direct ? k * F / 8u : st_dn ? 32u * w_dn * ks_dn : Kd / 8u),
+                              dim3(regw_direct ? T : max_active, D / (16u * dn_mt * w_dn)),
+                              dim3(regw_direct ? k * F / 8u : st_dn ? 32u * wp_dn : Kd / 8u),
                               regw_smem_bytes(Kd, gs_dn * b_dn / 4u, 1, int(dn_mt), regw_direct ? k : 1u,
-                                              st_dn ? w_dn * ks_dn : 0u),
+                                              wp_dn),
                               md, static_cast<const __nv_bfloat16*>(Hb), ptr<uint32_t>(pairs),
                               ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta),
                               ptr<float>(rw), static_cast<__nv_bfloat16*>(nullptr), ptr<float>(Yp), dx),

@@ -28,19 +28,19 @@ static RegwKernel regw_pick(bool gateup, uint32_t gs) {
 }
 
 RegwKernel regw_kernel(bool gateup, uint32_t gs, bool direct, uint32_t bits, bool fp4, bool stream) {
-  if (stream) {  // (bucketed)
-    if (direct) return nullptr;
-    if (fp4) return bits == 4u ? regw_pick<false, 4, true, true>(gateup, gs) : nullptr;
-    if (bits == 8u) return regw_pick<false, 8, false, true>(gateup, gs);
-    return bits == 4u ? regw_pick<false, 4, false, true>(gateup, gs) : nullptr;
-  }
-  if (fp4) {
-    if (bits != 4u) return nullptr;
-    return direct ? regw_pick<true, 4, true>(gateup, gs) : regw_pick<false, 4, true>(gateup, gs);
-  }
-  if (bits == 8u) return direct ? nullptr : regw_pick<false, 8>(gateup, gs);  // (bucketed only)
-  if (bits == 4u) return direct ? regw_pick<true, 4>(gateup, gs) : regw_pick<false, 4>(gateup, gs);
-  return nullptr;
+  // (DIRECT: 4-bit only; STREAM: bucketed only)
+  auto by_format = [&](auto direct_c, auto stream_c) -> RegwKernel {
+    constexpr bool D = decltype(direct_c)::value, S = decltype(stream_c)::value;
+    if (fp4) return bits == 4u ? regw_pick<D, 4, true, S>(gateup, gs) : nullptr;
+    if (bits == 4u) return regw_pick<D, 4, false, S>(gateup, gs);
+    if constexpr (!D) {
+      if (bits == 8u) return regw_pick<D, 8, false, S>(gateup, gs);
+    }
+    return nullptr;
+  };
+  if (direct) return stream ? nullptr : by_format(std::true_type{}, std::false_type{});
+  return stream ? by_format(std::false_type{}, std::true_type{})
+                : by_format(std::false_type{}, std::false_type{});
 }
 
 }  // namespace mlx_moe::gpu
