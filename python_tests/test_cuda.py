@@ -637,9 +637,10 @@ def test_moe_mlp_regw_decode_8bit(rng, monkeypatch, T, E, D, F, k, gs, bits, reg
 
 # The bucketed kernels' streaming form (STREAM in kernels/moe_cuda_regw.cuh: blocks of W
 # tiles of 16 rows with KS warps each, every warp streaming its K / 256 / KS chunks of the
-# weights through two units of registers; opt-in, MLX_MOE_CUDA_REGW_STREAM_MAX_PAIRS), in
-# shapes MLX_MOE_CUDA_REGW_{GU,DN}_{W,KS} select ("gu W x KS / dn W x KS"; "on": its default,
-# gate/up 4 x 2 and down plain; a shape that does not divide a layer's N or K leaves that
+# weights through two units of registers; by default up to 8 E pairs,
+# MLX_MOE_CUDA_REGW_STREAM_MAX_PAIRS), in shapes MLX_MOE_CUDA_REGW_{GU,DN}_{W,KS} select ("gu
+# W x KS / dn W x KS"; "on": the default shapes at any pair count, gate/up 4 x 2 (mxfp4 8 x 1
+# from E pairs up) and down plain; a shape that does not divide a layer's N or K leaves that
 # projection on the plain form), and the plain form. The products are the plain form's,
 # summed in another order (per warp over its chunks, then over the KS warps), so
 # _gg_check's bound holds for every shape. Down at K = 768 streams 3 chunks (an odd count:

@@ -704,24 +704,28 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
         __nv_bfloat16* Hb = reinterpret_cast<__nv_bfloat16*>(ptr<uint32_t>(H));
         const cuda::RegwDirect dx{ptr<void>(ids), ik, regw_direct ? ptr<__nv_bfloat16>(out) : nullptr};
         // The bucketed kernels' streaming form (STREAM in kernels/moe_cuda_regw.cuh: blocks of W
-        // tiles of 16 rows with KS warps each, the weights streamed through registers), opt-in:
-        // up to MLX_MOE_CUDA_REGW_STREAM_MAX_PAIRS pairs (default 0: off), gate/up on W = 4, KS = 2
-        // and down on the plain form unless MLX_MOE_CUDA_REGW_{GU,DN}_{W,KS} say otherwise (W 0,
-        // or a shape that does not fit N, K or 8 warps: that projection on the plain form).
+        // tiles of 16 rows with KS warps each, the weights streamed through registers), up to
+        // MLX_MOE_CUDA_REGW_STREAM_MAX_PAIRS pairs (default 8 E: experts averaging up to 8
+        // pairs; 0: never). Gate/up on W = 4, KS = 2, or 8 x 1 for mxfp4 from E pairs up (one
+        // pair per expert on average); down on the plain form (its block already covers 32
+        // rows). MLX_MOE_CUDA_REGW_{GU,DN}_{W,KS} override the shape (W 0, or a shape that does
+        // not fit N, K or 8 warps: that projection on the plain form).
         // H200, device time per layer, plain -> gate/up streamed (4 x 2), Qwen3 affine 4-bit
         // (bf16 scales) 16 / 32 / 64 tokens 111.4 / 144.8 / 178.7 -> 104.9 / 136.8 / 171.9 us,
-        // mxfp4 142.9 / 185.0 / 220.7 -> 132.3 / 170.7 / 209.0, affine 8-bit 224.1 / 292.8 /
-        // 355.7 -> 165.2 / 217.0 / 274.8; down streamed was slower than its plain form (Qwen3
-        // affine 4-bit, 16 tokens: 47-83 us against 41). Off by default: one run of the test
-        // suite with it on (and down streamed) hit an illegal address, traced afterwards to a
-        // speculated scale load past the array (the chunk clamp in the kernel fixes it), and
-        // the fix has not run on a GPU yet (docs/PERFORMANCE.md, twenty-fifth session).
-        const uint32_t st_max = env_u32("MLX_MOE_CUDA_REGW_STREAM_MAX_PAIRS", 0u);
+        // affine 8-bit 224.1 / 292.8 / 355.7 -> 165.2 / 217.0 / 274.8; mxfp4 (8 x 1) 142.9 /
+        // 185.0 / 220.7 -> 126.7 / 166.9 / 205.9, 4 x 2 at 8 tokens 92.8 -> 88.0. Above 8 pairs
+        // per expert it loses (192 tokens: 7-19 us; the streamed units are reloaded for each
+        // pass of 8 columns); down streamed was slower than its plain form (Qwen3 affine 4-bit,
+        // 16 tokens: 47-83 us against 41) (docs/PERFORMANCE.md, twenty-fifth and twenty-sixth
+        // sessions).
+        const uint32_t st_max = env_u32("MLX_MOE_CUDA_REGW_STREAM_MAX_PAIRS", 8u * E);
+        const bool gu_8x1 = md.gate.mode == 1u && P >= E;
         // Whether a projection streams; W (1 when not) and its block's warps (0 when not).
         auto stream_shape = [&](bool gu, uint32_t Kn, uint32_t N, uint32_t& Wt, uint32_t& warps) {
-          Wt = env_u32(gu ? "MLX_MOE_CUDA_REGW_GU_W" : "MLX_MOE_CUDA_REGW_DN_W", gu ? 4u : 0u);
-          const uint32_t KS =
-              env_u32(gu ? "MLX_MOE_CUDA_REGW_GU_KS" : "MLX_MOE_CUDA_REGW_DN_KS", gu ? 2u : 1u);
+          Wt = env_u32(gu ? "MLX_MOE_CUDA_REGW_GU_W" : "MLX_MOE_CUDA_REGW_DN_W",
+                       gu ? (gu_8x1 ? 8u : 4u) : 0u);
+          const uint32_t KS = env_u32(gu ? "MLX_MOE_CUDA_REGW_GU_KS" : "MLX_MOE_CUDA_REGW_DN_KS",
+                                      gu ? (gu_8x1 ? 1u : 2u) : 1u);
           const bool on = regw && P <= st_max && Wt > 0u && KS > 0u && Wt <= 8u && KS <= 8u &&
                           Wt * KS <= 8u && N % (16u * Wt) == 0u && (Kn / 256u) % KS == 0u;
           warps = on ? Wt * KS : 0u;
