@@ -29,14 +29,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sass_loop_paths import functions, parse
+
 # template parameters of mlp_regw_kernel<GATEUP, GS, NP, DIRECT, BITS, FP4, STREAM>
 _TARGS = re.compile(r"mlp_regw_kernelILb([01])ELi(\d+)ELi(\d+)ELb([01])ELi(\d+)ELb([01])ELb([01])E")
-_INS = re.compile(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);")
 
 
 def loads_before_exit(body: str):
     """(index of the first predicated EXIT or None, the LDG instructions before it)."""
-    ins = [m.group(1).strip() for m in _INS.finditer(body)]
+    ins = [t for _, t in parse(body)]
     stop = next((i for i, t in enumerate(ins) if re.match(r"@!?U?P\d+ EXIT", t)), None)
     return stop, [t for t in ins[: stop if stop is not None else 0] if "LDG" in t]
 
@@ -53,8 +54,7 @@ def main(argv=None) -> int:
         so = next(Path(mlx_moe.__file__).parent.glob("_ext*.so"))
     sass = subprocess.run([args.cuobjdump, "-sass", str(so)], capture_output=True, text=True,
                           check=True).stdout
-    funcs = {m.group(1): body for body in re.split(r"(?=\t\tFunction : )", sass)
-             for m in [re.match(r"\t\tFunction : (\S+)", body)] if m}
+    funcs = functions(sass)
     bad = n = 0
     for name in sorted(funcs):
         m = _TARGS.search(name)

@@ -69,6 +69,12 @@ def parse(sass: str) -> list[tuple[int, str]]:
     return ins
 
 
+def functions(sass: str) -> dict[str, str]:
+    """cuobjdump -sass output split by kernel: {mangled name: its text}."""
+    return {m.group(1): body for body in re.split(r"(?=\t\tFunction : )", sass)
+            for m in [re.match(r"\t\tFunction : (\S+)", body)] if m}
+
+
 def unit_loops(ins: list[tuple[int, str]]) -> list[tuple[int, int]]:
     """The unit loops: the backward branches (start, back-edge) whose bodies hold HMMA and
     contain no other such loop (the trellis form has two)."""
@@ -163,8 +169,7 @@ def main(argv=None):
         m = re.search(r"Used (\d+) registers", line)
         if m and fn:
             regs[fn] = int(m.group(1))
-    funcs = {m.group(1): body for body in re.split(r"(?=\t\tFunction : )", sass)
-             for m in [re.match(r"\t\tFunction : (\S+)", body)] if m}
+    funcs = functions(sass)
     for name, targs, _, per_unit in kernels:
         tag = "Lb1E" if targs.startswith("true") else "Lb0E"
         fn = next(f for f in funcs if "mlp_mma_dec_kernel" in f and f"kernelI{tag}" in f)
