@@ -201,6 +201,83 @@ __device__ __forceinline__ void rw_mma(float (&acc)[NU][MT][4], const RwUnit<F, 
   }
 }
 
+// Stages 16 bytes (8 activations, chunk ch) of staged row t from src (its row): permuted for
+// the MMA's B operand (per 8 values: 0, 4, 1, 5, 2, 6, 3, 7) into Xs (rows tstride bytes
+// apart), and each scale group's sum into XS [group][RW_NT] (the group's GV / 8 lanes: whole
+// warps call this). BITS 8: 4 activations as (x, 16 x) pairs. Zeros when !live.
+template <class F>
+__device__ __forceinline__ void rw_stage(const __nv_bfloat16* src, uint32_t t, uint32_t ch, bool live,
+                                         unsigned char* Xs, uint32_t tstride, float* XS) {
+  constexpr int BITS = F::BITS, GV = F::GV;
+  uint4 v = make_uint4(0u, 0u, 0u, 0u);
+  float s = 0.f;
+  if constexpr (BITS == 8) {  // 4 activations as (x, 16 x) pairs; the sum over x
+    const uint2 uv = *reinterpret_cast<const uint2*>(src + ch * 4u);
+    const uint32_t uu[2] = {uv.x, uv.y};
+    uint32_t vv[4];
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const float lo = __uint_as_float(uu[q] << 16), hi = __uint_as_float(uu[q] & 0xFFFF0000u);
+      s += lo + hi;
+      // (x 16: exact, the exponent moved; bf16 from the exact fp32 product)
+      vv[2 * q] = (uu[q] & 0xFFFFu) | (__float_as_uint(lo * 16.f) & 0xFFFF0000u);
+      vv[2 * q + 1] = (uu[q] >> 16) | (__float_as_uint(hi * 16.f) & 0xFFFF0000u);
+    }
+    v = make_uint4(vv[0], vv[1], vv[2], vv[3]);
+  } else {
+    if (live) v = *reinterpret_cast<const uint4*>(src + ch * 8u);
+  }
+  uint4 o;
+  o.x = __byte_perm(v.x, v.z, 0x5410);
+  o.y = __byte_perm(v.x, v.z, 0x7632);
+  o.z = __byte_perm(v.y, v.w, 0x5410);
+  o.w = __byte_perm(v.y, v.w, 0x7632);
+  *reinterpret_cast<uint4*>(Xs + t * tstride + ch * 16u) = o;
+  if constexpr (!F::FP4) {  // (FP4: no offset, no group sums)
+    if constexpr (BITS == 4) {
+      const uint32_t vv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) s += __uint_as_float(vv[q] << 16) + __uint_as_float(vv[q] & 0xFFFF0000u);
+    }
+#pragma unroll
+    for (int o2 = 1; o2 < GV / 8; o2 <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o2);
+    if (ch % (GV / 8) == 0) XS[(ch / (GV / 8)) * RW_NT + t] = s;
+  }
+}
+
+// The split-K partials in Red ([warps][W][NP MT][4][32] floats, W row tiles of 16 MT rows
+// from row nb; W == 1 unless TILED) summed over nwarps warps in warp order, one thread (of
+// nthreads, from tid) per (row, token < nt) of each tile: gate/up writes H[c0 + token, row] =
+// silu(gate) * up as bf16, down Yp[pair, row] = rw[pair] * y in fp32 (pair = pairs[c0 + token]).
+template <bool GATEUP, int NP, int MT, bool TILED>
+__device__ __forceinline__ void rw_reduce_store(const float* Red, uint32_t tid, uint32_t nthreads,
+                                                uint32_t W, uint32_t nwarps, uint32_t nt, uint32_t nb,
+                                                uint32_t N, uint32_t c0, const uint32_t* __restrict__ pairs,
+                                                const float* __restrict__ rw,
+                                                __nv_bfloat16* __restrict__ Hout, float* __restrict__ Yp) {
+  for (uint32_t o = tid; o < uint32_t(MT * 128) * W; o += nthreads) {
+    const uint32_t rt2 = TILED ? o / uint32_t(MT * 128) : 0u, oo = TILED ? o % uint32_t(MT * 128) : o;
+    const uint32_t mt = oo >> 7, c = (oo >> 5) & 3u, ln = oo & 31u;
+    const uint32_t tok = 2u * (ln & 3u) + (c & 1u);
+    if (tok >= nt) continue;
+    const uint32_t row = nb + rt2 * 16u + mt * 16u + (ln >> 2) + (c >= 2u ? 8u : 0u);
+    float v[NP];
+#pragma unroll
+    for (int p = 0; p < NP; ++p) {
+      float s = 0.f;
+      for (uint32_t w = 0; w < nwarps; ++w)
+        s += Red[(((w * W + rt2) * (NP * MT) + p * MT + mt) * 4u + c) * 32u + ln];
+      v[p] = s;
+    }
+    if (GATEUP) {
+      Hout[int64_t(c0 + tok) * N + row] = __float2bfloat16_rn(silu(v[0]) * v[NP - 1]);
+    } else {
+      const uint32_t pr = pairs[c0 + tok];
+      Yp[int64_t(pr) * N + row] = rw[pr] * v[0];
+    }
+  }
+}
+
 // BITS 8: each code's two nibbles are read as two 4-bit codes of a row twice as long (code
 // i = 16 h + l: nibble 2 i = l, 2 i + 1 = h), the activations staged as (x_i, 16 x_i) pairs
 // (exact in bf16): sum (128 + l) x + (128 + h) 16 x = sum q x + 2176 sum x, so the 4-bit
@@ -325,40 +402,7 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
           DDN      ? xin + (int64_t(j) * md.k + t) * Kx
           : GATEUP ? xin + int64_t((DIRECT ? c0 + t : pairs[c0 + t]) / md.k) * Kx
                    : xin + int64_t(c0 + t) * Kx;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      float s = 0.f;
-      if constexpr (BITS == 8) {  // 4 activations as (x, 16 x) pairs; the sum over x
-        const uint2 uv = *reinterpret_cast<const uint2*>(src + ch * 4u);
-        const uint32_t uu[2] = {uv.x, uv.y};
-        uint32_t vv[4];
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const float lo = __uint_as_float(uu[q] << 16), hi = __uint_as_float(uu[q] & 0xFFFF0000u);
-          s += lo + hi;
-          // (x 16: exact, the exponent moved; bf16 from the exact fp32 product)
-          vv[2 * q] = (uu[q] & 0xFFFFu) | (__float_as_uint(lo * 16.f) & 0xFFFF0000u);
-          vv[2 * q + 1] = (uu[q] >> 16) | (__float_as_uint(hi * 16.f) & 0xFFFF0000u);
-        }
-        v = make_uint4(vv[0], vv[1], vv[2], vv[3]);
-      } else {
-        if (live) v = *reinterpret_cast<const uint4*>(src + ch * 8u);
-      }
-      uint4 o;
-      o.x = __byte_perm(v.x, v.z, 0x5410);
-      o.y = __byte_perm(v.x, v.z, 0x7632);
-      o.z = __byte_perm(v.y, v.w, 0x5410);
-      o.w = __byte_perm(v.y, v.w, 0x7632);
-      *reinterpret_cast<uint4*>(Xs + t * tstride + ch * 16u) = o;
-      if constexpr (!FP4) {  // (FP4: no offset, no group sums)
-        if constexpr (BITS == 4) {
-          const uint32_t vv[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-          for (int q = 0; q < 4; ++q) s += __uint_as_float(vv[q] << 16) + __uint_as_float(vv[q] & 0xFFFF0000u);
-        }
-#pragma unroll
-        for (int o2 = 1; o2 < GV / 8; o2 <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o2);
-        if (ch % (GV / 8) == 0) XS[(ch / (GV / 8)) * RW_NT + t] = s;
-      }
+      rw_stage<F>(src, t, ch, live, Xs, tstride, XS);
     };
     for (uint32_t t = DDN ? slot : 0u; t < nt; t += DDN ? nt : 1u) {
       if constexpr (STREAM) {
@@ -427,28 +471,8 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
         dx.y[int64_t(j) * N + n0 + mt * 16u + r] = __float2bfloat16_rn(y);
       }
     } else {
-      // (STREAM: output o of tile rt2 sums the partials of warps w W + rt2)
-      for (uint32_t o = tid; o < uint32_t(MT * 128) * W; o += blockDim.x) {
-        const uint32_t rt2 = STREAM ? o >> 7 : 0u, oo = STREAM ? o & 127u : o;
-        const uint32_t mt = oo >> 7, c = (oo >> 5) & 3u, ln = oo & 31u;
-        const uint32_t tok = 2u * (ln & 3u) + (c & 1u);
-        if (tok >= nt) continue;
-        const uint32_t row = nb + rt2 * 16u + mt * 16u + (ln >> 2) + (c >= 2u ? 8u : 0u);
-        float v[NP];
-#pragma unroll
-        for (int p = 0; p < NP; ++p) {
-          float s = 0.f;
-          for (uint32_t w = 0; w < nwarps; ++w)
-            s += Red[(((w * W + rt2) * (NP * MT) + p * MT + mt) * 4u + c) * 32u + ln];
-          v[p] = s;
-        }
-        if (GATEUP) {
-          Hout[int64_t(c0 + tok) * N + row] = __float2bfloat16_rn(silu(v[0]) * v[NP - 1]);
-        } else {
-          const uint32_t pr = pairs[c0 + tok];
-          Yp[int64_t(pr) * N + row] = rw[pr] * v[0];
-        }
-      }
+      rw_reduce_store<GATEUP, NP, MT, STREAM>(Red, tid, blockDim.x, W, nwarps, nt, nb, N, c0, pairs, rw, Hout,
+                                              Yp);
     }
   }
 }

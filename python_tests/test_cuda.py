@@ -694,6 +694,55 @@ def test_moe_mlp_regw_stream_bad_ids(rng, monkeypatch, case, shape):
                   x_scale=2.0 ** 110, e_ranges=((0, 4), (0, 4), None), bad_ids=True)
 
 
+# The persistent ring-fed kernels (kernels/moe_cuda_ring.cuh, MLX_MOE_CUDA_REGW_RING: bit 0
+# gate/up, bit 1 down; sm_90): the plain register-operand block's units and products, read from
+# a ring of shared-memory stages that a producer warp fills by bulk copies, the warps' partials
+# summed in the same order; so _gg_check's bound holds. "ns2": two stages, the ring wrapping
+# at every other item; "dn1": one down block per SM. 40 tokens on 8 experts take three passes
+# of 8 columns per item (the activations restaged per pass); gate/up at K = 256 has one
+# consumer warp; 8-bit layers are not taken (the register-operand kernels run them).
+_RING = {"MLX_MOE_CUDA_REGW_RING": "3", "MLX_MOE_CUDA_REGW_RING_MAX_PAIRS": "1536"}
+RING_SHAPES = {
+    "both": _RING,
+    "gu": {**_RING, "MLX_MOE_CUDA_REGW_RING": "1"},
+    "dn": {**_RING, "MLX_MOE_CUDA_REGW_RING": "2"},
+    "ns2": {**_RING, "MLX_MOE_CUDA_RING_NS": "2", "MLX_MOE_CUDA_RING_DN_BPS": "3"},
+    "dn1": {**_RING, "MLX_MOE_CUDA_RING_DN_BPS": "1"},
+}
+
+
+@pytest.mark.parametrize(
+    "T,E,D,F,k,fmt,bits,gs",
+    [
+        (16, 128, 2048, 768, 8, "affine", (4, 4, 4), 64),    # Qwen3 layer, 16 tokens
+        (12, 64, 2048, 1536, 4, "affine", (4, 4, 4), 128),   # GLM-4.7-Flash widths
+        (40, 8, 512, 256, 4, "affine", (4, 4, 4), 32),       # three passes of 8 columns
+        (16, 128, 2048, 768, 8, "mxfp4", (4, 4, 4), 32),     # mxfp4
+        (6, 16, 512, 512, 8, "affine", (4, 4, 8), 64),       # 8-bit down: down not taken
+        (100, 16, 256, 512, 6, "affine", (4, 4, 4), 64),     # gate/up K = 256: one consumer warp
+    ],
+)
+@pytest.mark.parametrize("shape", list(RING_SHAPES))
+def test_moe_mlp_regw_ring(rng, monkeypatch, T, E, D, F, k, fmt, bits, gs, shape):
+    for name, value in RING_SHAPES[shape].items():
+        monkeypatch.setenv(name, value)
+    _gg_check(rng, T, E, D, F, k, fmt, bits, gs, mx.bfloat16,
+              sdt=None if fmt == "mxfp4" else mx.bfloat16)
+
+
+@pytest.mark.parametrize("case", ["affine", "mxfp4_scale_range"])
+@pytest.mark.parametrize("shape", ["both", "ns2"])
+def test_moe_mlp_regw_ring_bad_ids(rng, monkeypatch, case, shape):
+    for name, value in RING_SHAPES[shape].items():
+        monkeypatch.setenv(name, value)
+    if case == "affine":
+        _gg_check(rng, 20, 16, 2048, 768, 4, "affine", (4, 4, 4), 64, mx.bfloat16,
+                  sdt=mx.bfloat16, bad_ids=True)
+    else:
+        _gg_check(rng, 12, 16, 512, 256, 8, "mxfp4", (4, 4, 4), 32, mx.bfloat16,
+                  x_scale=2.0 ** 110, e_ranges=((0, 4), (0, 4), None), bad_ids=True)
+
+
 def test_moe_mlp_regw_decode_bad_ids(rng):
     _gg_check(rng, 20, 16, 2048, 768, 4, "affine", (4, 4, 4), 64, mx.bfloat16, sdt=mx.bfloat16,
               bad_ids=True)

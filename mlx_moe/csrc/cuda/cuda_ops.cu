@@ -23,6 +23,7 @@
 #include "route.h"
 #include "mm_dec.h"
 #include "regw.h"
+#include "ring.h"
 
 namespace mlx_moe::gpu {
 
@@ -736,6 +737,56 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
         const bool st_gu = stream_shape(true, Kg, F, w_gu, wp_gu);
         const bool st_dn = stream_shape(false, Kd, D, w_dn, wp_dn);
         const uint32_t dn_mt = regw_direct || st_dn ? 1u : uint32_t(REGW_DN_MT);
+        // The persistent ring-fed kernels (kernels/moe_cuda_ring.cuh: a producer warp copying
+        // each item's weight rows into a ring of shared-memory stages by bulk copies, K / 256
+        // consumer warps), bucketed 4-bit projections on sm_90, up to
+        // MLX_MOE_CUDA_REGW_RING_MAX_PAIRS pairs (8 E). MLX_MOE_CUDA_REGW_RING: bit 0 gate/up,
+        // bit 1 down (default 0: off; slower, DESIGN.md). The grid is the blocks resident at once:
+        // gate/up one per SM, down MLX_MOE_CUDA_RING_DN_BPS (2) per SM, each with as many
+        // stages as fit (at most MLX_MOE_CUDA_RING_NS, 8).
+        const uint32_t ring_env = env_u32("MLX_MOE_CUDA_REGW_RING", 0u);
+        const bool ring_on = regw && ring_env != 0u &&
+                             P <= env_u32("MLX_MOE_CUDA_REGW_RING_MAX_PAIRS", 8u * E) && ring_available();
+        auto ring_node = [&](bool gu, uint32_t Kn, uint32_t N, const cuda::WDesc& wd, const XT* xin,
+                             KernelNode& out_node) {
+          RingKernel rk = ring_kernel(gu, wd.group_size, wd.mode == 1u);
+          if (!rk || wd.bits != 4u || Kn % 256u != 0u || Kn > 2048u) return false;
+          const int mt = gu ? RING_GU_MT : RING_DN_MT;
+          if (N % (16u * uint32_t(mt)) != 0u) return false;
+          const uint32_t bps = gu ? 1u : std::max(1u, env_u32("MLX_MOE_CUDA_RING_DN_BPS", 2u));
+          int dev = 0, smem_sm = 0, smem_blk = 0;
+          check(cudaGetDevice(&dev), "cudaGetDevice");
+          check(cudaDeviceGetAttribute(&smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev),
+                "cudaDeviceGetAttribute");
+          check(cudaDeviceGetAttribute(&smem_blk, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+                "cudaDeviceGetAttribute");
+          const uint32_t budget = std::min<uint32_t>(uint32_t(smem_blk), uint32_t(smem_sm) / bps - 1024u);
+          const uint32_t G = Kn / wd.group_size;
+          const int np = gu ? 2 : 1;
+          uint32_t ns = std::min(8u, env_u32("MLX_MOE_CUDA_RING_NS", 8u));
+          while (ns > 2u && cuda::ring_layout(Kn, G, wd.group_size, wd.mode == 1u, np, mt, ns).total > budget) --ns;
+          const uint32_t smem = cuda::ring_layout(Kn, G, wd.group_size, wd.mode == 1u, np, mt, ns).total;
+          if (smem > budget) return false;
+          const uint32_t threads = Kn / 8u + 32u;
+          const uint32_t grid = std::min(capacity(rk, int(threads), smem),
+                                         max_active * (N / (16u * uint32_t(mt))));
+          if (grid == 0u) return false;
+          out_node = kernel_node(rk, dim3(grid), dim3(threads), smem, md,
+                                 reinterpret_cast<const __nv_bfloat16*>(xin), ptr<uint32_t>(pairs),
+                                 ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta),
+                                 ptr<float>(rw), gu ? Hb : static_cast<__nv_bfloat16*>(nullptr),
+                                 gu ? static_cast<float*>(nullptr) : ptr<float>(Yp), ns);
+          return true;
+        };
+        KernelNode ring_gu, ring_dn;
+        const bool rg_gu = ring_on && (ring_env & 1u) && ring_node(true, Kg, F, md.gate, xp, ring_gu) &&
+                           md.up.group_size == md.gate.group_size && md.up.mode == md.gate.mode &&
+                           md.up.bits == 4u;
+        const bool rg_dn = ring_on && (ring_env & 2u) &&
+                           ring_node(false, Kd, D, md.down, reinterpret_cast<const XT*>(Hb), ring_dn);
+        if (rg_gu)
+          chain.add(ring_gu, {&x, &ids, &pairs, &offsets, &active, &meta}, {&H});
+        else
         chain.add(kernel_node(regw_kernel(true, gs_gu, regw_direct, b_gu, md.gate.mode == 1u, st_gu),
                               dim3(regw_direct ? P : max_active, F / (16u * w_gu)),
                               dim3(st_gu ? 32u * wp_gu : Kg / 8u),
@@ -743,6 +794,9 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
                               md, xp, ptr<uint32_t>(pairs), ptr<uint32_t>(offsets), ptr<uint32_t>(active),
                               ptr<uint32_t>(meta), ptr<float>(rw), Hb, static_cast<float*>(nullptr), dx),
                   {&x, &ids, &pairs, &offsets, &active, &meta}, {&H});
+        if (rg_dn)
+          chain.add(ring_dn, {&H, &ids, &pairs, &offsets, &active, &meta, &rw}, {&Yp});
+        else
         chain.add(kernel_node(regw_kernel(false, gs_dn, regw_direct, b_dn, md.down.mode == 1u, st_dn),
                               dim3(regw_direct ? T : max_active, D / (16u * dn_mt * w_dn)),
                               dim3(regw_direct ? k * F / 8u : st_dn ? 32u * wp_dn : Kd / 8u),

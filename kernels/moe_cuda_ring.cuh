@@ -1,0 +1,253 @@
+// Decode-path expert MLP, persistent and fed by a ring of bulk copies (sm_90; included after
+// moe_cuda_regw.cuh, whose unit layout, products and epilogue it shares).
+//
+// Why: the register-operand kernels (moe_cuda_regw.cuh) start a block per (expert, row tile):
+// each block finds its expert, issues its loads, waits a full memory latency, computes,
+// reduces and exits, and a block holds at most its registers' worth of weights in flight. At
+// 16 tokens of a Qwen3 layer that ran gate/up at ~66% and down at ~54% of the copy bandwidth
+// (benchmarks/kernel_timeline.py, docs/PERFORMANCE.md, twenty-seventh session).
+//
+// Here a block stays resident and walks a contiguous range of items (non-empty expert slot j,
+// row tile of 16 MT rows; tiles innermost, so a block's items are one or two experts). Its last
+// warp is the producer: for each item it copies the tile's rows of every projection (one bulk
+// copy per row, all of K, into rows padded so that the consumers' loads are conflict-free),
+// their scales and biases (one bulk copy each: an expert's rows are contiguous) into stage
+// q % ns of a ring in shared memory, completing on that stage's `full` mbarrier; it waits on
+// the stage's `empty` mbarrier before it refills it, so ns - 1 items' weights are in flight
+// while the consumers compute. The other K / 256 warps are the consumers, warp w owning chunk w
+// (k in [256 w, 256 w + 256)) as in the plain register-operand block: each reads its unit of
+// the stage into registers (rw_lds: the registers rw_load fills), releases the stage, and runs
+// rw_mma; the warps' partials meet in shared memory (rw_reduce_store; one barrier of the
+// consumer warps per item, the partials double-buffered). The expert's activations are staged
+// once per expert (rw_stage; again per chunk of 8 pairs for an expert with more).
+// The down kernel's producer copies weights before the kernel waits for gate/up (pdl_wait):
+// only the consumers read H. Opt-in (MLX_MOE_CUDA_REGW_RING): measured slower, docs/DESIGN.md.
+#pragma once
+
+namespace mlx_moe::cuda {
+
+// mbarrier helpers with a phase parity and an arrival count (moe_cuda.cuh's mbar_* serve one
+// phase of one arrival).
+__device__ __forceinline__ void ring_bar_init(uint32_t bar, uint32_t count) {
+  MOE_SM90_ASM("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void ring_bar_arrive(uint32_t bar) {
+  MOE_SM90_ASM("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void ring_bar_wait(uint32_t bar, uint32_t parity) {
+  MOE_SM90_ASM(
+      "{\n .reg .pred p;\n RING_WAIT_%=:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      " @!p bra RING_WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// Barrier 1 over the consumer warps (n threads); barrier 0 is __syncthreads.
+__device__ __forceinline__ void ring_sync(uint32_t n) {
+  asm volatile("bar.sync 1, %0;\n" ::"r"(n) : "memory");
+}
+
+// NW words from a shared-space address (ordered after the mbarrier wait: volatile, memory).
+template <int NW>
+__device__ __forceinline__ void ring_lds(uint32_t a, uint32_t* o) {
+  if constexpr (NW == 1) {
+    asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(o[0]) : "r"(a) : "memory");
+  } else if constexpr (NW == 2) {
+    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(o[0]), "=r"(o[1]) : "r"(a) : "memory");
+  } else {
+    static_assert(NW == 4, "1, 2 or 4 words");
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(o[0]), "=r"(o[1]), "=r"(o[2]), "=r"(o[3])
+                 : "r"(a)
+                 : "memory");
+  }
+}
+
+// Slots of the consumers' partial sums (double-buffered: one barrier per round).
+constexpr uint32_t RING_NR = 2;
+
+// A ring stage's layout for one projection: R = 16 MT rows of codes, each padded to `cs`
+// bytes (K / 8 words + 4 WPT: the lanes of a load phase then hit distinct banks), then the R
+// rows' scales (G per row; bf16, mxfp4: E8M0 bytes) and biases (bf16; mxfp4: none), each area
+// 16-byte aligned.
+struct RingLayout {
+  uint32_t cs;      // bytes per padded code row
+  uint32_t codes;   // bytes of a projection's code rows
+  uint32_t sbytes;  // bytes of a projection's scales (and of its biases)
+  uint32_t proj;    // bytes per projection in a stage
+  uint32_t stage;   // bytes per stage (NP projections)
+  uint32_t tx;      // bytes the copies of one stage deliver
+  uint32_t head;    // bytes before the stages (2 ns mbarriers, rounded to 16)
+  uint32_t xs_off, XS_off, red_off, total;
+};
+
+// K: codes per row (4-bit), G scale groups per row of gs codes (RwFmt: gs / 32 code words per
+// lane, row and group).
+__host__ __device__ inline RingLayout ring_layout(uint32_t K, uint32_t G, uint32_t gs, bool fp4, int NP,
+                                                  int MT, uint32_t ns) {
+  RingLayout L{};
+  const uint32_t WPT = gs / 32u;
+  const uint32_t R = 16u * uint32_t(MT), rwd = K / 8u;
+  auto r16 = [](uint32_t b) { return (b + 15u) & ~15u; };
+  L.cs = (rwd + 4u * WPT) * 4u;
+  L.codes = R * L.cs;
+  L.sbytes = r16(R * G * (fp4 ? 1u : 2u));
+  L.proj = L.codes + L.sbytes * (fp4 ? 1u : 2u);
+  L.stage = uint32_t(NP) * L.proj;
+  L.tx = uint32_t(NP) * (R * rwd * 4u + R * G * (fp4 ? 1u : 4u));
+  L.head = r16(2u * ns * 8u);
+  L.xs_off = L.head + ns * L.stage;
+  L.XS_off = L.xs_off + uint32_t(RW_NT) * (K + 8u) * 2u;
+  L.red_off = L.XS_off + r16(G * uint32_t(RW_NT) * 4u);
+  L.total = L.red_off + RING_NR * (K / 256u) * uint32_t(NP * MT) * 4u * 32u * 4u;
+  return L;
+}
+
+// Reads this lane's unit of a stage (the registers rw_load would fill): rows mt 16 + gid (+ 8),
+// groups g0 .. g0 + GB - 1, from a projection's area at `base` (shared-space address).
+template <class F, int MT>
+__device__ __forceinline__ void rw_lds(RwUnit<F, MT>& u, uint32_t base, const RingLayout& L, uint32_t G,
+                                       uint32_t g0, uint32_t gid, uint32_t t4) {
+  constexpr uint32_t sb = F::FP4 ? 1u : 2u;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const uint32_t row = uint32_t(mt) * 16u + gid + 8u * uint32_t(r);
+      const uint32_t cw = base + row * L.cs + (g0 * (F::GV / 8) + t4 * F::WPT) * 4u;
+#pragma unroll
+      for (int i = 0; i < F::GB; ++i) ring_lds<F::WPT>(cw + uint32_t(i) * (F::GV / 8) * 4u, &u.w[mt][r][i * F::WPT]);
+      const uint32_t so = (row * G + g0) * sb;  // (SW-word aligned: G % GB == 0, GB sb % 4 == 0)
+      ring_lds<F::SW>(base + L.codes + so, u.s[mt][r]);
+      if constexpr (!F::FP4) ring_lds<F::BW>(base + L.codes + L.sbytes + so, u.b[mt][r]);
+    }
+}
+
+// Block: K / 256 consumer warps + 1 producer warp; grid: the blocks resident at once (or
+// fewer); dynamic shared memory ring_layout(...).total; ns ring stages.
+template <bool GATEUP, int GS, int MT, bool FP4>
+__global__ void __launch_bounds__(9 * 32, 1)
+    mlp_ring_kernel(MlpDesc md, const __nv_bfloat16* __restrict__ xin, const uint32_t* __restrict__ pairs,
+                    const uint32_t* __restrict__ offsets, const uint32_t* __restrict__ active,
+                    const uint32_t* __restrict__ meta, const float* __restrict__ rw,
+                    __nv_bfloat16* __restrict__ Hout, float* __restrict__ Yp, uint32_t ns) {
+  using F = RwFmt<GS, 4, FP4>;
+  constexpr int NP = GATEUP ? 2 : 1;
+  constexpr uint32_t R = 16u * MT;
+  // gate/up reads the bucketing's outputs: it waits, then lets down start; down reads those
+  // (complete by then) and copies weights before its consumers wait for H.
+  if (GATEUP) pdl_wait();
+  pdl_trigger();
+  const WDesc& w0 = GATEUP ? md.gate : md.down;
+  const uint32_t K = w0.K, N = w0.N, G = w0.groups, RWd = w0.row_words;
+  const uint32_t C = K / 256u;  // consumer warps
+  const uint32_t tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
+  const uint32_t tiles = N / R;
+  const uint32_t n_items = meta[0] * tiles;
+  const uint32_t lo = uint32_t(uint64_t(blockIdx.x) * n_items / gridDim.x);
+  const uint32_t hi = uint32_t(uint64_t(blockIdx.x + 1u) * n_items / gridDim.x);
+  if (lo >= hi) return;
+  const RingLayout L = ring_layout(K, G, GS, FP4, NP, MT, ns);
+  extern __shared__ __align__(16) unsigned char ring_smem[];
+  const uint32_t sbase = smem_u32(ring_smem);
+  auto full = [&](uint32_t s) { return sbase + 8u * s; };
+  auto empty = [&](uint32_t s) { return sbase + 8u * (ns + s); };
+  auto stage_at = [&](uint32_t s) { return sbase + L.head + s * L.stage; };
+  if (tid == 0) {
+    for (uint32_t s = 0; s < ns; ++s) {
+      ring_bar_init(full(s), 1u);
+      ring_bar_init(empty(s), C * 32u);
+    }
+    MOE_SM90_ASM("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == C) {  // the producer
+    const uint64_t pol = weight_l2_policy(md.l2_ef & 1u);
+    uint32_t jc = ~0u, e = 0u;
+    for (uint32_t it = lo, q = 0, s = 0; it < hi; ++it, ++q, s = s + 1u == ns ? 0u : s + 1u) {
+      if (q >= ns) ring_bar_wait(empty(s), ((q / ns) - 1u) & 1u);
+      const uint32_t j = it / tiles, tile = it - j * tiles;
+      if (j != jc) {
+        jc = j;
+        e = active[j];
+      }
+      const int64_t row0 = int64_t(e) * N + int64_t(tile) * R;
+      if (lane == 0) mbar_arrive_tx(full(s), L.tx);
+      __syncwarp();
+#pragma unroll
+      for (int p = 0; p < NP; ++p) {
+        const WDesc& wd = (GATEUP && p == 1) ? md.up : w0;
+        const uint32_t dst = stage_at(s) + uint32_t(p) * L.proj;
+        for (uint32_t r = lane; r < R; r += 32u)
+          bulk_copy(dst + r * L.cs, wd.w + (row0 + r) * RWd, RWd * 4u, full(s), pol);
+        if (lane == 0u) {
+          if constexpr (FP4) {
+            bulk_copy(dst + L.codes, static_cast<const uint8_t*>(wd.scales) + row0 * G, R * G, full(s), pol);
+          } else {
+            bulk_copy(dst + L.codes, static_cast<const __nv_bfloat16*>(wd.scales) + row0 * G, R * G * 2u,
+                      full(s), pol);
+          }
+        } else if (lane == 1u) {
+          if constexpr (!FP4)
+            bulk_copy(dst + L.codes + L.sbytes, static_cast<const __nv_bfloat16*>(wd.biases) + row0 * G,
+                      R * G * 2u, full(s), pol);
+        }
+      }
+    }
+    return;
+  }
+
+  // The consumers.
+  if (!GATEUP) pdl_wait();  // gate/up's H
+  const uint32_t gid = lane >> 2, t4 = lane & 3u, nthr = C * 32u;
+  unsigned char* Xs = ring_smem + L.xs_off;
+  float* XS = reinterpret_cast<float*>(ring_smem + L.XS_off);
+  const uint32_t tstride = (K + 8u) * 2u;
+  const uint32_t xq = smem_u32(Xs + gid * tstride + t4 * (F::GV / 4) * 2);
+  const uint32_t red_words = C * uint32_t(NP * MT) * 4u * 32u;
+  uint32_t jc = ~0u, first = 0u, last = 0u, staged = ~0u, rq = 0u;
+  for (uint32_t it = lo, q = 0, s = 0; it < hi; ++it, ++q, s = s + 1u == ns ? 0u : s + 1u) {
+    const uint32_t j = it / tiles, tile = it - j * tiles;
+    if (j != jc) {
+      jc = j;
+      const uint32_t e = active[j];
+      first = offsets[e];
+      last = offsets[e + 1u];
+    }
+    RwUnit<F, MT> u[NP];
+    ring_bar_wait(full(s), (q / ns) & 1u);
+#pragma unroll
+    for (int p = 0; p < NP; ++p) rw_lds<F, MT>(u[p], stage_at(s) + uint32_t(p) * L.proj, L, G, warp * F::GB, gid, t4);
+    ring_bar_arrive(empty(s));
+    for (uint32_t c0 = first; c0 < last; c0 += RW_NT, ++rq) {
+      const uint32_t nt = min(uint32_t(RW_NT), last - c0);
+      if (staged != c0) {  // (a position identifies the expert and the chunk)
+        // Every consumer has passed the last round's barrier, so its products (the readers of
+        // Xs and XS) are done.
+        for (uint32_t t = 0; t < nt; ++t) {
+          const __nv_bfloat16* src =
+              GATEUP ? xin + int64_t(pairs[c0 + t] / md.k) * K : xin + int64_t(c0 + t) * K;
+          rw_stage<F>(src, t, tid, true, Xs, tstride, XS);
+        }
+        ring_sync(nthr);
+        staged = c0;
+      }
+      float acc[NP][MT][4] = {};
+      rw_mma<F, NP, MT>(acc, u, warp * F::GB, xq, XS, t4, gid < nt);
+      // (slot rq % 2: a warp writes it again only after the next round's barrier, which every
+      // warp reaches after its sums of this round)
+      float* Red = reinterpret_cast<float*>(ring_smem + L.red_off) + (rq % RING_NR) * red_words;
+#pragma unroll
+      for (int p = 0; p < NP; ++p)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) Red[((warp * (NP * MT) + p * MT + mt) * 4u + c) * 32u + lane] = acc[p][mt][c];
+      ring_sync(nthr);
+      rw_reduce_store<GATEUP, NP, MT, false>(Red, tid, nthr, 1u, C, nt, tile * R, N, c0, pairs, rw, Hout, Yp);
+    }
+  }
+}
+
+}  // namespace mlx_moe::cuda

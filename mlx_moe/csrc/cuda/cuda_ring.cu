@@ -1,0 +1,39 @@
+// Instantiations of the persistent ring-fed decode kernels (ring.h).
+#include <type_traits>
+
+#include "cuda_util.h"
+#include "ring.h"
+
+namespace mlx_moe::gpu {
+
+using namespace mlx_moe::cuda;
+
+RingKernel ring_kernel(bool gateup, uint32_t gs, bool fp4) {
+  auto pick = [&](auto g, auto f) -> RingKernel {
+    constexpr int G = decltype(g)::value;
+    constexpr bool FP4 = decltype(f)::value;
+    return gateup ? mlp_ring_kernel<true, G, RING_GU_MT, FP4> : mlp_ring_kernel<false, G, RING_DN_MT, FP4>;
+  };
+  if (fp4) return gs == 32u ? pick(std::integral_constant<int, 32>{}, std::true_type{}) : nullptr;
+  if (gs == 32u) return pick(std::integral_constant<int, 32>{}, std::false_type{});
+  if (gs == 64u) return pick(std::integral_constant<int, 64>{}, std::false_type{});
+  if (gs == 128u) return pick(std::integral_constant<int, 128>{}, std::false_type{});
+  return nullptr;
+}
+
+bool ring_available() {
+  if (compute_capability() < 90) return false;
+  static std::mutex mu;
+  static std::map<int, bool> known;
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find(dev);
+  if (it != known.end()) return it->second;
+  cudaFuncAttributes fa{};
+  check(cudaFuncGetAttributes(&fa, reinterpret_cast<const void*>(mlp_ring_kernel<true, 64, RING_GU_MT, false>)),
+        "cudaFuncGetAttributes");
+  return known[dev] = fa.binaryVersion >= 90;
+}
+
+}  // namespace mlx_moe::gpu
