@@ -41,8 +41,6 @@ def parse_case(text: str):
 
 
 def worker(args):
-    import numpy as np
-
     import mlx.core as mx
 
     sys.path.insert(0, str(HERE))
@@ -63,19 +61,9 @@ def worker(args):
     dtype = getattr(mx, args.dtype)
     for shape_name, fmt_name, tokens in args.case:
         shape, fmt = b.SHAPES[shape_name], b.FORMATS[fmt_name]
-        E, D, k, L = shape["E"], shape["D"], shape["k"], args.layers
-        fns = [b.ours_layer(b.make_layer(shape, fmt, seed=i), k) for i in range(L)]
+        L, fns = args.layers, None
         for T in tokens:
-            rng = np.random.default_rng(T)
-            x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(dtype)
-            lgs = [mx.array(rng.standard_normal((T, E)).astype(np.float32)) for _ in range(L)]
-            mx.eval(x, lgs)
-
-            def chain(x):
-                for f, lg in zip(fns, lgs):
-                    x = f(x, lg)
-                return x
-
+            fns, x, chain = b.chain_inputs(shape, fmt, T, L, dtype, fns)
             if device_time:
                 t = b.device_span_per_layer(chain, x, L, 10)
             else:

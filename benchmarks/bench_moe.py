@@ -202,11 +202,10 @@ def time_pipelined(fn, x, steps=24):
     return (time.perf_counter() - t0) / steps
 
 
-def device_span_per_layer(fn, x, layers, n):
-    """Device time per layer of fn(x) (a chain of `layers` layers): over n evals, the median of
-    (last kernel end - first kernel start) / layers, from the CUDA kernel timeline (CUPTI,
-    through torch.profiler; MLX's CUDA backend only). The host's work per layer (graph
-    building, MLX's encoding) is not in it; MLX's own kernels between ours are."""
+def kernel_events(fn, x, n):
+    """The CUDA kernels of n evals of fn(x) (after two warm-up evals) as (start, end, name),
+    in us, start-ordered, from the kernel timeline (CUPTI through torch.profiler; MLX's CUDA
+    backend only)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -216,8 +215,35 @@ def device_span_per_layer(fn, x, layers, n):
         for _ in range(n):
             mx.eval(fn(x))
         torch.cuda.synchronize()
-    ev = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+    return sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                  if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+
+
+def chain_inputs(shape, fmt, T, layers, dtype, fns=None):
+    """bench_moe's chained case: `layers` layers of our path with distinct weights (or fns),
+    T tokens of activations and each layer's router logits (seeded by T), and the chain
+    x -> layer 1 -> ... -> layer L as a function of x."""
+    E, D, k = shape["E"], shape["D"], shape["k"]
+    fns = fns or [ours_layer(make_layer(shape, fmt, seed=i), k) for i in range(layers)]
+    rng = np.random.default_rng(T)
+    x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(dtype)
+    lgs = [mx.array(rng.standard_normal((T, E)).astype(np.float32)) for _ in range(layers)]
+    mx.eval(x, lgs)
+
+    def chain(x):
+        for f, lg in zip(fns, lgs):
+            x = f(x, lg)
+        return x
+
+    return fns, x, chain
+
+
+def device_span_per_layer(fn, x, layers, n):
+    """Device time per layer of fn(x) (a chain of `layers` layers): over n evals, the median of
+    (last kernel end - first kernel start) / layers, from the CUDA kernel timeline (CUPTI,
+    through torch.profiler; MLX's CUDA backend only). The host's work per layer (graph
+    building, MLX's encoding) is not in it; MLX's own kernels between ours are."""
+    ev = [(s, e) for s, e, _ in kernel_events(fn, x, n)]
     if len(ev) < n:
         return float("nan")
     if len(ev) % n == 0:  # the n evals run the same kernels: K each, in order

@@ -20,8 +20,6 @@ import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
-
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,17 +43,7 @@ def short_name(name: str) -> str:
 
 def timeline(fn, x, layers, n):
     """Per-layer kernels as lists of (name, start, end) in us, start-ordered, from n evals."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(2):
-        mx.eval(fn(x))
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            mx.eval(fn(x))
-        torch.cuda.synchronize()
-    ev = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+    ev = b.kernel_events(fn, x, n)
     if not ev or len(ev) % (n * layers):
         sys.exit(f"{len(ev)} kernels over {n} evals of {layers} layers: not one kernel list per "
                  "layer (a kernel outside the layers, or layers that differ)")
@@ -78,23 +66,13 @@ def main(argv=None):
 
     torch.cuda.init()
     shape, fmt = b.SHAPES[args.shape], b.FORMATS[args.format]
-    E, D, k, L = shape["E"], shape["D"], shape["k"], args.layers
-    fns = [b.ours_layer(b.make_layer(shape, fmt, seed=i), k) for i in range(L)]
+    L, fns = args.layers, None
     dtype = getattr(mx, args.dtype)
     print(f"{shape['name']} layer, {args.format}, {args.dtype}, {b.machine_name()}; per kernel: "
           "median start / end (us) from the layer's first kernel start; 'adds': end minus the "
           "previous kernel's end; 'span': next layer's start minus this one's")
     for T in args.tokens:
-        rng = np.random.default_rng(T)
-        x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(dtype)
-        lgs = [mx.array(rng.standard_normal((T, E)).astype(np.float32)) for _ in range(L)]
-        mx.eval(x, lgs)
-
-        def chain(x):
-            for f, lg in zip(fns, lgs):
-                x = f(x, lg)
-            return x
-
+        fns, x, chain = b.chain_inputs(shape, fmt, T, L, dtype, fns)
         lays = timeline(chain, x, L, args.evals)
         inner = [(lays[i], lays[i + 1]) for i in range(len(lays) - 1) if 0 < i % L < L - 1]
         names = [nm for nm, _, _ in inner[0][0]]

@@ -659,20 +659,28 @@ REGW_STREAM_SHAPES = {
 }
 
 
+# (T, E, D, F, k, format, bits, group size) of the streaming and ring forms' cases
+REGW_FORM_CASES = [
+    (16, 128, 2048, 768, 8, "affine", (4, 4, 4), 64),    # Qwen3 layer, 16 tokens
+    (12, 64, 2048, 1536, 4, "affine", (4, 4, 4), 128),   # GLM-4.7-Flash widths
+    (40, 8, 512, 256, 4, "affine", (4, 4, 4), 32),       # three passes of 8 columns
+    (16, 128, 2048, 768, 8, "mxfp4", (4, 4, 4), 32),     # mxfp4
+    (100, 16, 256, 512, 6, "affine", (4, 4, 4), 64),     # gate/up K = 256: one chunk (one warp)
+]
+
+
 @pytest.mark.parametrize(
     "T,E,D,F,k,fmt,bits,gs",
-    [
-        (16, 128, 2048, 768, 8, "affine", (4, 4, 4), 64),    # Qwen3 layer, 16 tokens
-        (12, 64, 2048, 1536, 4, "affine", (4, 4, 4), 128),   # GLM-4.7-Flash widths
-        (40, 8, 512, 256, 4, "affine", (4, 4, 4), 32),       # three passes of 8 columns
-        (16, 128, 2048, 768, 8, "mxfp4", (4, 4, 4), 32),     # mxfp4
-        (16, 128, 2048, 768, 8, "affine", (8, 8, 8), 64),    # 8-bit: 16 chunks per gate/up row
-        (100, 16, 256, 512, 6, "affine", (4, 4, 4), 64),     # gate/up K = 256: one chunk
-    ],
+    REGW_FORM_CASES + [(16, 128, 2048, 768, 8, "affine", (8, 8, 8), 64)],  # 8-bit: 16 chunks per gate/up row
 )
 @pytest.mark.parametrize("shape", list(REGW_STREAM_SHAPES))
 def test_moe_mlp_regw_stream(rng, monkeypatch, T, E, D, F, k, fmt, bits, gs, shape):
-    for name, value in REGW_STREAM_SHAPES[shape].items():
+    _regw_form_check(rng, monkeypatch, REGW_STREAM_SHAPES[shape], T, E, D, F, k, fmt, bits, gs)
+
+
+def _regw_form_check(rng, monkeypatch, env, T, E, D, F, k, fmt, bits, gs):
+    """_gg_check of a bf16 layer (affine with bf16 scales, or mxfp4) under the settings env."""
+    for name, value in env.items():
         monkeypatch.setenv(name, value)
     _gg_check(rng, T, E, D, F, k, fmt, bits, gs, mx.bfloat16,
               sdt=None if fmt == "mxfp4" else mx.bfloat16)
@@ -684,7 +692,13 @@ def test_moe_mlp_regw_stream(rng, monkeypatch, T, E, D, F, k, fmt, bits, gs, sha
 @pytest.mark.parametrize("case", ["affine", "mxfp4_scale_range"])
 @pytest.mark.parametrize("shape", ["on", "1x8/8x1", "8x1/2x3"])
 def test_moe_mlp_regw_stream_bad_ids(rng, monkeypatch, case, shape):
-    for name, value in REGW_STREAM_SHAPES[shape].items():
+    _regw_bad_ids_check(rng, monkeypatch, REGW_STREAM_SHAPES[shape], case)
+
+
+def _regw_bad_ids_check(rng, monkeypatch, env, case):
+    """Dropped ids under the settings env: affine 4-bit at Qwen3 widths, or mxfp4 with E8M0
+    scales 2^-127 .. 2^-124 on gate / up and activations scaled by 2^110."""
+    for name, value in env.items():
         monkeypatch.setenv(name, value)
     if case == "affine":
         _gg_check(rng, 20, 16, 2048, 768, 4, "affine", (4, 4, 4), 64, mx.bfloat16,
@@ -713,34 +727,17 @@ RING_SHAPES = {
 
 @pytest.mark.parametrize(
     "T,E,D,F,k,fmt,bits,gs",
-    [
-        (16, 128, 2048, 768, 8, "affine", (4, 4, 4), 64),    # Qwen3 layer, 16 tokens
-        (12, 64, 2048, 1536, 4, "affine", (4, 4, 4), 128),   # GLM-4.7-Flash widths
-        (40, 8, 512, 256, 4, "affine", (4, 4, 4), 32),       # three passes of 8 columns
-        (16, 128, 2048, 768, 8, "mxfp4", (4, 4, 4), 32),     # mxfp4
-        (6, 16, 512, 512, 8, "affine", (4, 4, 8), 64),       # 8-bit down: down not taken
-        (100, 16, 256, 512, 6, "affine", (4, 4, 4), 64),     # gate/up K = 256: one consumer warp
-    ],
+    REGW_FORM_CASES + [(6, 16, 512, 512, 8, "affine", (4, 4, 8), 64)],  # 8-bit down: not taken
 )
 @pytest.mark.parametrize("shape", list(RING_SHAPES))
 def test_moe_mlp_regw_ring(rng, monkeypatch, T, E, D, F, k, fmt, bits, gs, shape):
-    for name, value in RING_SHAPES[shape].items():
-        monkeypatch.setenv(name, value)
-    _gg_check(rng, T, E, D, F, k, fmt, bits, gs, mx.bfloat16,
-              sdt=None if fmt == "mxfp4" else mx.bfloat16)
+    _regw_form_check(rng, monkeypatch, RING_SHAPES[shape], T, E, D, F, k, fmt, bits, gs)
 
 
 @pytest.mark.parametrize("case", ["affine", "mxfp4_scale_range"])
 @pytest.mark.parametrize("shape", ["both", "ns2"])
 def test_moe_mlp_regw_ring_bad_ids(rng, monkeypatch, case, shape):
-    for name, value in RING_SHAPES[shape].items():
-        monkeypatch.setenv(name, value)
-    if case == "affine":
-        _gg_check(rng, 20, 16, 2048, 768, 4, "affine", (4, 4, 4), 64, mx.bfloat16,
-                  sdt=mx.bfloat16, bad_ids=True)
-    else:
-        _gg_check(rng, 12, 16, 512, 256, 8, "mxfp4", (4, 4, 4), 32, mx.bfloat16,
-                  x_scale=2.0 ** 110, e_ranges=((0, 4), (0, 4), None), bad_ids=True)
+    _regw_bad_ids_check(rng, monkeypatch, RING_SHAPES[shape], case)
 
 
 def test_moe_mlp_regw_decode_bad_ids(rng):
