@@ -784,28 +784,30 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
                            md.up.bits == 4u;
         const bool rg_dn = ring_on && (ring_env & 2u) &&
                            ring_node(false, Kd, D, md.down, reinterpret_cast<const XT*>(Hb), ring_dn);
-        if (rg_gu)
+        if (rg_gu) {
           chain.add(ring_gu, {&x, &ids, &pairs, &offsets, &active, &meta}, {&H});
-        else
-        chain.add(kernel_node(regw_kernel(true, gs_gu, regw_direct, b_gu, md.gate.mode == 1u, st_gu),
-                              dim3(regw_direct ? P : max_active, F / (16u * w_gu)),
-                              dim3(st_gu ? 32u * wp_gu : Kg / 8u),
-                              regw_smem_bytes(Kg, gs_gu * b_gu / 4u, 2, 1, 1u, wp_gu),
-                              md, xp, ptr<uint32_t>(pairs), ptr<uint32_t>(offsets), ptr<uint32_t>(active),
-                              ptr<uint32_t>(meta), ptr<float>(rw), Hb, static_cast<float*>(nullptr), dx),
-                  {&x, &ids, &pairs, &offsets, &active, &meta}, {&H});
-        if (rg_dn)
+        } else {
+          chain.add(kernel_node(regw_kernel(true, gs_gu, regw_direct, b_gu, md.gate.mode == 1u, st_gu),
+                                dim3(regw_direct ? P : max_active, F / (16u * w_gu)),
+                                dim3(st_gu ? 32u * wp_gu : Kg / 8u),
+                                regw_smem_bytes(Kg, gs_gu * b_gu / 4u, 2, 1, 1u, wp_gu),
+                                md, xp, ptr<uint32_t>(pairs), ptr<uint32_t>(offsets), ptr<uint32_t>(active),
+                                ptr<uint32_t>(meta), ptr<float>(rw), Hb, static_cast<float*>(nullptr), dx),
+                    {&x, &ids, &pairs, &offsets, &active, &meta}, {&H});
+        }
+        if (rg_dn) {
           chain.add(ring_dn, {&H, &ids, &pairs, &offsets, &active, &meta, &rw}, {&Yp});
-        else
-        chain.add(kernel_node(regw_kernel(false, gs_dn, regw_direct, b_dn, md.down.mode == 1u, st_dn),
-                              dim3(regw_direct ? T : max_active, D / (16u * dn_mt * w_dn)),
-                              dim3(regw_direct ? k * F / 8u : st_dn ? 32u * wp_dn : Kd / 8u),
-                              regw_smem_bytes(Kd, gs_dn * b_dn / 4u, 1, int(dn_mt), regw_direct ? k : 1u,
-                                              wp_dn),
-                              md, static_cast<const __nv_bfloat16*>(Hb), ptr<uint32_t>(pairs),
-                              ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta),
-                              ptr<float>(rw), static_cast<__nv_bfloat16*>(nullptr), ptr<float>(Yp), dx),
-                  {&H, &ids, &pairs, &offsets, &active, &meta, &rw}, {regw_direct ? &out : &Yp});
+        } else {
+          chain.add(kernel_node(regw_kernel(false, gs_dn, regw_direct, b_dn, md.down.mode == 1u, st_dn),
+                                dim3(regw_direct ? T : max_active, D / (16u * dn_mt * w_dn)),
+                                dim3(regw_direct ? k * F / 8u : st_dn ? 32u * wp_dn : Kd / 8u),
+                                regw_smem_bytes(Kd, gs_dn * b_dn / 4u, 1, int(dn_mt), regw_direct ? k : 1u,
+                                                wp_dn),
+                                md, static_cast<const __nv_bfloat16*>(Hb), ptr<uint32_t>(pairs),
+                                ptr<uint32_t>(offsets), ptr<uint32_t>(active), ptr<uint32_t>(meta),
+                                ptr<float>(rw), static_cast<__nv_bfloat16*>(nullptr), ptr<float>(Yp), dx),
+                    {&H, &ids, &pairs, &offsets, &active, &meta, &rw}, {regw_direct ? &out : &Yp});
+        }
         combined = regw_direct;
       }
     } else if (!grouped) {
