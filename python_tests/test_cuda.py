@@ -711,10 +711,13 @@ def _regw_bad_ids_check(rng, monkeypatch, env, case):
 # The persistent ring-fed kernels (kernels/moe_cuda_ring.cuh, MLX_MOE_CUDA_REGW_RING: bit 0
 # gate/up, bit 1 down; sm_90): the plain register-operand block's units and products, read from
 # a ring of shared-memory stages that a producer warp fills by bulk copies, the warps' partials
-# summed in the same order; so _gg_check's bound holds. "ns2": two stages, the ring wrapping
-# at every other item; "dn1": one down block per SM. 40 tokens on 8 experts take three passes
-# of 8 columns per item (the activations restaged per pass); gate/up at K = 256 has one
-# consumer warp; 8-bit layers are not taken (the register-operand kernels run them).
+# summed in the same order; so _gg_check's bound holds. By default gate/up has two stages (the
+# ring wraps at every other item) and down three; "ns2" caps both at two and asks for three
+# down blocks per SM (at Qwen3 and GLM-4.7-Flash widths two down stages do not fit there, and
+# down takes the host's fallback, the register-operand kernel); "dn1": one down block per SM
+# (six stages). 40 tokens on 8
+# experts take three passes of 8 columns per item (the activations restaged per pass);
+# gate/up at K = 256 has one consumer warp; 8-bit projections are not taken.
 _RING = {"MLX_MOE_CUDA_REGW_RING": "3", "MLX_MOE_CUDA_REGW_RING_MAX_PAIRS": "1536"}
 RING_SHAPES = {
     "both": _RING,
