@@ -763,9 +763,14 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
           const uint32_t budget = std::min<uint32_t>(uint32_t(smem_blk), uint32_t(smem_sm) / bps - 1024u);
           const uint32_t G = Kn / wd.group_size;
           const int np = gu ? 2 : 1;
-          uint32_t ns = std::min(8u, env_u32("MLX_MOE_CUDA_RING_NS", 8u));
-          while (ns > 2u && cuda::ring_layout(Kn, G, wd.group_size, wd.mode == 1u, np, mt, ns).total > budget) --ns;
-          const uint32_t smem = cuda::ring_layout(Kn, G, wd.group_size, wd.mode == 1u, np, mt, ns).total;
+          // as many stages as fit, down to 2 (MLX_MOE_CUDA_RING_NS: at most that many, 1-8; 0
+          // stages would divide by zero in the kernel's ring index)
+          uint32_t ns = std::clamp(env_u32("MLX_MOE_CUDA_RING_NS", 8u), 1u, 8u);
+          auto smem_of = [&](uint32_t n) {
+            return cuda::ring_layout(Kn, G, wd.group_size, wd.mode == 1u, np, mt, n).total;
+          };
+          uint32_t smem = smem_of(ns);
+          while (ns > 2u && smem > budget) smem = smem_of(--ns);
           if (smem > budget) return false;
           const uint32_t threads = Kn / 8u + 32u;
           const uint32_t grid = std::min(capacity(rk, int(threads), smem),
@@ -779,9 +784,10 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
           return true;
         };
         KernelNode ring_gu, ring_dn;
-        const bool rg_gu = ring_on && (ring_env & 1u) && ring_node(true, Kg, F, md.gate, xp, ring_gu) &&
-                           md.up.group_size == md.gate.group_size && md.up.mode == md.gate.mode &&
-                           md.up.bits == 4u;
+        // (gate/up: one kernel for both projections, so up in gate's format)
+        const bool rg_gu = ring_on && (ring_env & 1u) && md.up.group_size == md.gate.group_size &&
+                           md.up.mode == md.gate.mode && md.up.bits == md.gate.bits &&
+                           ring_node(true, Kg, F, md.gate, xp, ring_gu);
         const bool rg_dn = ring_on && (ring_env & 2u) &&
                            ring_node(false, Kd, D, md.down, reinterpret_cast<const XT*>(Hb), ring_dn);
         if (rg_gu) {
