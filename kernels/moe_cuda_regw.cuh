@@ -248,13 +248,15 @@ __device__ __forceinline__ void rw_stage(const __nv_bfloat16* src, uint32_t t, u
 // The split-K partials in Red ([warps][W][NP MT][4][32] floats, W row tiles of 16 MT rows
 // from row nb; W == 1 unless TILED) summed over nwarps warps in warp order, one thread (of
 // nthreads, from tid) per (row, token < nt) of each tile: gate/up writes H[c0 + token, row] =
-// silu(gate) * up as bf16, down Yp[pair, row] = rw[pair] * y in fp32 (pair = pairs[c0 + token]).
+// silu(gate) * up as bf16, down Yp[pair, row] = rw[pair] * y in fp32 (pair = pairs[c0 + token];
+// spr / sw given: the chunk's pairs and their weights, spr[token] and sw[token], loaded earlier).
 template <bool GATEUP, int NP, int MT, bool TILED>
 __device__ __forceinline__ void rw_reduce_store(const float* Red, uint32_t tid, uint32_t nthreads,
                                                 uint32_t W, uint32_t nwarps, uint32_t nt, uint32_t nb,
                                                 uint32_t N, uint32_t c0, const uint32_t* __restrict__ pairs,
                                                 const float* __restrict__ rw,
-                                                __nv_bfloat16* __restrict__ Hout, float* __restrict__ Yp) {
+                                                __nv_bfloat16* __restrict__ Hout, float* __restrict__ Yp,
+                                                const uint32_t* spr = nullptr, const float* sw = nullptr) {
   for (uint32_t o = tid; o < uint32_t(MT * 128) * W; o += nthreads) {
     const uint32_t rt2 = TILED ? o / uint32_t(MT * 128) : 0u, oo = TILED ? o % uint32_t(MT * 128) : o;
     const uint32_t mt = oo >> 7, c = (oo >> 5) & 3u, ln = oo & 31u;
@@ -272,8 +274,8 @@ __device__ __forceinline__ void rw_reduce_store(const float* Red, uint32_t tid, 
     if (GATEUP) {
       Hout[int64_t(c0 + tok) * N + row] = __float2bfloat16_rn(silu(v[0]) * v[NP - 1]);
     } else {
-      const uint32_t pr = pairs[c0 + tok];
-      Yp[int64_t(pr) * N + row] = rw[pr] * v[0];
+      const uint32_t pr = spr ? spr[tok] : pairs[c0 + tok];
+      Yp[int64_t(pr) * N + row] = (spr ? sw[tok] : rw[pr]) * v[0];
     }
   }
 }
@@ -312,11 +314,23 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
                 "group size / bits");
   // In a decode chain (launch_pdl): gate/up reads the bucketing's outputs, so it waits first
   // and then lets down start; down reads those (complete by then) and issues its weight loads
-  // before it waits for gate/up's H.
-  if (GATEUP) pdl_wait();
-  pdl_trigger();
+  // before it waits for gate/up's H. The direct gate/up kernel stages its token's activations
+  // first: x is no kernel's output in the chain (complete before its first kernel started).
+  if (GATEUP && !DIRECT) pdl_wait();
+  if (!GATEUP || !DIRECT) pdl_trigger();
   const WDesc& w0 = GATEUP ? md.gate : md.down;
   const uint32_t K = w0.K * (BITS / 4), N = w0.N, G = w0.groups, RWd = w0.row_words;  // (K: nibbles)
+  extern __shared__ __align__(16) unsigned char rw_smem[];
+  const uint32_t tstride = (K + 8u) * 2u;  // bytes per staged row (16-byte shift per row: the
+                                           // 8 rows' B loads hit distinct banks)
+  unsigned char* Xs = rw_smem;
+  float* XS = reinterpret_cast<float*>(rw_smem + RW_NT * tstride);  // [G][RW_NT]
+  float* Red = XS + G * RW_NT;                                       // [warps][NP MT][4][32]
+  // (down) the epilogue's routing weights and pairs, loaded before they are needed: the chunk's
+  // (direct: the token's slots' weights, and which slots have an expert)
+  __shared__ float rw_sw[RW_NT];
+  __shared__ uint32_t rw_spr[RW_NT];
+  __shared__ uint32_t rw_sok;
   const uint32_t j = blockIdx.x;
   const uint32_t tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u, gid = lane >> 2, t4 = lane & 3u;
   const uint32_t kw = K / 256u;                   // chunks of 256 k per row
@@ -338,14 +352,21 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
     first = j;  // (one chunk: the token's k slots as its columns)
     last = j + 1;
   } else if constexpr (DIRECT) {
+    // (the staging of the one column, token j / k, chunk tid; then the router's ids)
+    rw_stage<F>(xin + int64_t(j / md.k) * w0.K, 0u, tid, true, Xs, tstride, XS);
+    pdl_wait();
+    pdl_trigger();
     const int64_t id = load_id(dx.ids, dx.id_kind, j);
     if (!valid_id(id, md.E)) return;
     e = uint32_t(id);
     first = j;
     last = j + 1;
   } else {
-    if (j >= meta[0]) return;  // grid sized for min(E, P) experts
-    e = active[j];
+    // (grid sized for min(E, P) <= E experts: active[j] exists, and is loaded with the count,
+    // not after it)
+    const uint32_t nact = meta[0], ea = active[j];
+    if (j >= nact) return;
+    e = ea;
     first = offsets[e];
     last = offsets[e + 1];
   }
@@ -377,20 +398,34 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
     }
   };
   load_first();
+  // (down) the epilogue's weights (route's, as the ids above) and pairs (the bucketing's), so
+  // that its loop does not wait for two loads per slot or output in turn
+  auto load_epilogue = [&](uint32_t c0, uint32_t nt) {
+    if (warp != 0u) return;
+    if constexpr (DDN) {
+      const bool in = lane < md.k;
+      const int64_t pr = int64_t(j) * md.k + (in ? lane : 0u);
+      const bool ok = in && valid_id(load_id(dx.ids, dx.id_kind, pr), md.E);
+      const float wv = rw[pr];
+      const uint32_t m = __ballot_sync(0xffffffffu, ok);
+      if (in) rw_sw[lane] = wv;
+      if (lane == 0u) rw_sok = m;
+    } else if (!GATEUP && lane < nt) {
+      const uint32_t pr = pairs[c0 + lane];
+      rw_spr[lane] = pr;
+      rw_sw[lane] = rw[pr];
+    }
+  };
+  load_epilogue(first, DDN ? md.k : min(uint32_t(RW_NT), last - first));
   if (!GATEUP) pdl_wait();  // gate/up's H
-  extern __shared__ __align__(16) unsigned char rw_smem[];
-  const uint32_t tstride = (K + 8u) * 2u;  // bytes per staged row (16-byte shift per row: the
-                                           // 8 rows' B loads hit distinct banks)
-  unsigned char* Xs = rw_smem;
-  float* XS = reinterpret_cast<float*>(rw_smem + RW_NT * tstride);  // [G][RW_NT]
-  float* Red = XS + G * RW_NT;                                       // [warps][NP MT][4][32]
   const uint32_t xq = smem_u32(Xs + gid * tstride + t4 * (GV / 4) * 2);
   for (uint32_t c0 = first; c0 < last; c0 += RW_NT) {
     // (direct down: the token's k slots are the columns)
     const uint32_t nt = DDN ? md.k : min(uint32_t(RW_NT), last - c0);
     if (c0 != first) {
-      __syncthreads();  // the previous chunk's Xs, XS and Red are read
+      __syncthreads();  // the previous chunk's Xs, XS, Red and epilogue values are read
       if (STREAM) load_first();  // (its units were consumed)
+      load_epilogue(c0, nt);
     }
     // Stage the chunk's rows: 8 values per thread and chunk ch of 16 bytes (K / 8 ==
     // blockDim.x, one chunk each; STREAM: every blockDim.x-th; direct down: chunk ch of its own
@@ -404,7 +439,8 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
                    : xin + int64_t(c0 + t) * Kx;
       rw_stage<F>(src, t, ch, live, Xs, tstride, XS);
     };
-    for (uint32_t t = DDN ? slot : 0u; t < nt; t += DDN ? nt : 1u) {
+    // (direct gate/up: staged before pdl_wait, above)
+    for (uint32_t t = DDN ? slot : 0u; !(DIRECT && GATEUP) && t < nt; t += DDN ? nt : 1u) {
       if constexpr (STREAM) {
         // (K / 8 and blockDim.x multiples of 32: whole warps take each step)
         for (uint32_t ch = tid; ch < K / 8u; ch += blockDim.x) stage(t, ch);
@@ -458,13 +494,11 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
         float y = 0.f;
         bool any = false;
         for (uint32_t s2 = 0; s2 < nt; ++s2) {
-          const int64_t pr = int64_t(j) * md.k + s2;
-          const int64_t id = load_id(dx.ids, dx.id_kind, pr);
-          if (!valid_id(id, md.E)) continue;
+          if (!((rw_sok >> s2) & 1u)) continue;
           const uint32_t c = (r >= 8u ? 2u : 0u) + (s2 & 1u), ln = (r & 7u) * 4u + (s2 >> 1);
           float v = 0.f;
           for (uint32_t w = 0; w < kw; ++w) v += Red[(((s2 * kw + w) * (NP * MT) + mt) * 4u + c) * 32u + ln];
-          const float yv = rw[pr] * v;
+          const float yv = rw_sw[s2] * v;
           y = any ? y + yv : yv;
           any = true;
         }
@@ -472,7 +506,7 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
       }
     } else {
       rw_reduce_store<GATEUP, NP, MT, STREAM>(Red, tid, blockDim.x, W, nwarps, nt, nb, N, c0, pairs, rw, Hout,
-                                              Yp);
+                                              Yp, GATEUP ? nullptr : rw_spr, rw_sw);
     }
   }
 }
