@@ -779,6 +779,33 @@ def test_moe_mlp_regw_direct_bad_ids(rng, monkeypatch):
               bad_ids=True)
 
 
+@pytest.mark.parametrize("T", [1, 2])
+def test_moe_mlp_regw_direct_dropped_slot_patterns(rng, T):
+    """The direct down block's epilogue sums only the slots that have an expert (a ballot
+    taken before its wait), in slot order: token 0's slot 0 (the sum starts at the first kept
+    slot) and last slot dropped (an id past E and a negative one), and at 2 tokens token 1's
+    every slot dropped, whose output row is exactly zero. Qwen3-30B-A3B widths, the output
+    poisoned first; against the float64 reference of the kept slots (_gg_check's bound)."""
+    E, D, F, k = 128, 2048, 768, 8
+    projs, raws = zip(*(_gg_projection(rng, s, "affine", 4, 64, mx.bfloat16)
+                        for s in ((E, F, D), (E, F, D), (E, D, F))))
+    experts = mlx_moe.Experts(*projs)
+    x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(mx.bfloat16)
+    ids, w = mlx_moe.route(random_logits(rng, T, E), k, stream=mx.cpu)
+    idn = np.array(ids).astype(np.int64)
+    idn[0, 0], idn[0, k - 1] = E + 1, -3
+    if T == 2:
+        idn[1, :] = E + 7
+    ids = mx.array(idn)
+    mx.eval(x, ids, w, *[a for p in projs for a in p.arrays()])
+    poison_cache([T * D * 2, T * k * F * 2, T * k * 4])
+    y = to_np(mlx_moe.moe_mlp(x, ids, w, experts, stream=mx.gpu)).astype(np.float64)
+    if T == 2:
+        assert np.array_equal(y[1], np.zeros(D))
+    assert np.abs(y[0]).max() > 0
+    _assert_within_gg_bound(y, x, ids, w, raws, E, 2.0 ** -8, True)
+
+
 # mxfp4 projections in the same kernels (FP4: E2M1 nibble pairs decoded to exact bf16 values
 # of 2 v, each group's products scaled by its E8M0 scale / 2 in fp32; no bias, no group
 # sums): bucketed and direct forms, the same roundings, so the same bound. Each case also
