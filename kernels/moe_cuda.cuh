@@ -1858,15 +1858,18 @@ __device__ __forceinline__ void cp_async_wait_pending(uint32_t n) {
 
 // Bulk copies (sm_90: cp.async.bulk, the TMA unit's one-dimensional form) completing on an
 // mbarrier: one instruction per contiguous run of bytes (16-byte aligned, a multiple of 16),
-// instead of a cp.async per 16 (or 4) bytes and its address arithmetic. The barriers are used
-// for one phase (parity 0).
+// instead of a cp.async per 16 (or 4) bytes and its address arithmetic.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define MOE_SM90_ASM(...) asm volatile(__VA_ARGS__)
 #else
 #define MOE_SM90_ASM(...) ((void)0)
 #endif
-__device__ __forceinline__ void mbar_init(uint32_t bar) {
-  MOE_SM90_ASM("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
+// Barrier `bar` expecting `count` arrivals per phase; mbar_init_fence after the block's last
+// init, before the barriers are used.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count = 1u) {
+  MOE_SM90_ASM("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_init_fence() {
   MOE_SM90_ASM("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 }
 
@@ -1876,11 +1879,13 @@ __device__ __forceinline__ void mbar_arrive_tx(uint32_t bar, uint32_t bytes) {
                : "memory");
 }
 
-__device__ __forceinline__ void mbar_wait0(uint32_t bar) {
+// Waits until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   MOE_SM90_ASM(
       "{\n .reg .pred p;\n MBAR_WAIT_%=:\n"
-      " mbarrier.try_wait.parity.shared::cta.b64 p, [%0], 0;\n"
-      " @!p bra MBAR_WAIT_%=;\n}\n" ::"r"(bar)
+      " mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      " @!p bra MBAR_WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
       : "memory");
 }
 
@@ -2117,6 +2122,7 @@ __device__ __forceinline__ uint32_t mm_issue(const MlpDesc& md, uint32_t e, uint
     if (warp == 0) {
       if (lane == 0) {
         mbar_init(bar);
+        mbar_init_fence();
         mbar_arrive_tx(bar, NP * vrows * units * 16u);
       }
       __syncwarp();
@@ -2451,7 +2457,7 @@ __device__ __forceinline__ void mm_compute(const MlpDesc& md, const DecExtra& ex
       // units two at a time.
       for (uint32_t dq = 0; ua + dq < ub; dq += MM_GRP) {
         if constexpr (BULK) {  // the block's whole rows have landed
-          if (dq == 0u) mbar_wait0(sm.mbar);
+          if (dq == 0u) mbar_wait(sm.mbar, 0u);  // (its one phase)
         } else {
           cp_async_wait_pending(ngroups - 1u - dq / MM_GRP + extra);  // this group has landed
         }

@@ -26,21 +26,9 @@
 
 namespace mlx_moe::cuda {
 
-// mbarrier helpers with a phase parity and an arrival count (moe_cuda.cuh's mbar_* serve one
-// phase of one arrival).
-__device__ __forceinline__ void ring_bar_init(uint32_t bar, uint32_t count) {
-  MOE_SM90_ASM("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
+// A plain arrival on an mbarrier (moe_cuda.cuh has init, wait and the bulk copies' arrival).
 __device__ __forceinline__ void ring_bar_arrive(uint32_t bar) {
   MOE_SM90_ASM("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void ring_bar_wait(uint32_t bar, uint32_t parity) {
-  MOE_SM90_ASM(
-      "{\n .reg .pred p;\n RING_WAIT_%=:\n"
-      " mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      " @!p bra RING_WAIT_%=;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
 }
 // Barrier 1 over the consumer warps (n threads); barrier 0 is __syncthreads.
 __device__ __forceinline__ void ring_sync(uint32_t n) {
@@ -155,10 +143,10 @@ __global__ void __launch_bounds__(9 * 32, 1)
   auto stage_at = [&](uint32_t s) { return sbase + L.head + s * L.stage; };
   if (tid == 0) {
     for (uint32_t s = 0; s < ns; ++s) {
-      ring_bar_init(full(s), 1u);
-      ring_bar_init(empty(s), C * 32u);
+      mbar_init(full(s), 1u);
+      mbar_init(empty(s), C * 32u);
     }
-    MOE_SM90_ASM("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    mbar_init_fence();
   }
   __syncthreads();
 
@@ -166,7 +154,7 @@ __global__ void __launch_bounds__(9 * 32, 1)
     const uint64_t pol = weight_l2_policy(md.l2_ef & 1u);
     uint32_t jc = ~0u, e = 0u;
     for (uint32_t it = lo, q = 0, s = 0; it < hi; ++it, ++q, s = s + 1u == ns ? 0u : s + 1u) {
-      if (q >= ns) ring_bar_wait(empty(s), ((q / ns) - 1u) & 1u);
+      if (q >= ns) mbar_wait(empty(s), ((q / ns) - 1u) & 1u);
       const uint32_t j = it / tiles, tile = it - j * tiles;
       if (j != jc) {
         jc = j;
@@ -216,7 +204,7 @@ __global__ void __launch_bounds__(9 * 32, 1)
       last = offsets[e + 1u];
     }
     RwUnit<F, MT> u[NP];
-    ring_bar_wait(full(s), (q / ns) & 1u);
+    mbar_wait(full(s), (q / ns) & 1u);
 #pragma unroll
     for (int p = 0; p < NP; ++p) rw_lds<F, MT>(u[p], stage_at(s) + uint32_t(p) * L.proj, L, G, warp * F::GB, gid, t4);
     ring_bar_arrive(empty(s));

@@ -23,17 +23,12 @@ RingKernel ring_kernel(bool gateup, uint32_t gs, bool fp4) {
 
 bool ring_available() {
   if (compute_capability() < 90) return false;
-  static std::mutex mu;
-  static std::map<int, bool> known;
-  int dev = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = known.find(dev);
-  if (it != known.end()) return it->second;
-  cudaFuncAttributes fa{};
-  check(cudaFuncGetAttributes(&fa, reinterpret_cast<const void*>(mlp_ring_kernel<true, 64, RING_GU_MT, false>)),
-        "cudaFuncGetAttributes");
-  return known[dev] = fa.binaryVersion >= 90;
+  return per_device([](int) {
+    cudaFuncAttributes fa{};
+    check(cudaFuncGetAttributes(&fa, reinterpret_cast<const void*>(mlp_ring_kernel<true, 64, RING_GU_MT, false>)),
+          "cudaFuncGetAttributes");
+    return fa.binaryVersion >= 90;
+  });
 }
 
 }  // namespace mlx_moe::gpu

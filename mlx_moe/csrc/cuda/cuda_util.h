@@ -129,19 +129,28 @@ void launch(cu::CommandEncoder& enc, const std::vector<const mx::array*>& reads,
   add_node(enc, reads, writes, n);
 }
 
-// The current device's compute capability as 10 * major + minor (looked up once per device).
-inline int compute_capability() {
+// lookup(dev) for the current device, computed once per device: each caller passes its own
+// lambda, whose type gives it its own cache.
+template <class Lookup>
+auto per_device(Lookup lookup) {
   static std::mutex mu;
-  static std::map<int, int> known;
+  static std::map<int, decltype(lookup(0))> known;
   int dev = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
   std::lock_guard<std::mutex> lock(mu);
   auto it = known.find(dev);
   if (it != known.end()) return it->second;
-  int major = 0, minor = 0;
-  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
-  check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
-  return known[dev] = 10 * major + minor;
+  return known[dev] = lookup(dev);
+}
+
+// The current device's compute capability as 10 * major + minor.
+inline int compute_capability() {
+  return per_device([](int dev) {
+    int major = 0, minor = 0;
+    check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+    check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
+    return 10 * major + minor;
+  });
 }
 
 // Programmatic dependent launch (compute capability 9.0+, CUDA 12.3+ for graph edge data;
