@@ -1,5 +1,6 @@
-// Decode-path expert MLP with the weights loaded straight into registers (included by
-// moe_cuda.cuh's users through mlx_moe/csrc/cuda/regw.h; kernels/moe_cuda.cuh has the helpers).
+// Decode-path expert MLP with the weights loaded straight into registers (compiled in
+// mlx_moe/csrc/cuda/cuda_regw.cu; kernels/moe_cuda.cuh has the helpers, moe_cuda_regw_host.h
+// what the launch code needs).
 //
 // Affine 4-bit projections with bf16 scales and biases, bf16 activations (8-bit: BITS, below,
 // the same on rows of twice as many nibbles; mxfp4: FP4, below). Block = (non-empty
@@ -27,9 +28,10 @@
 // nothing (its H row is not written: it is staged as zeros and skipped).
 #pragma once
 
-namespace mlx_moe::cuda {
+#include "moe_cuda.cuh"
+#include "moe_cuda_regw_host.h"
 
-constexpr int RW_NT = 8;  // tokens per chunk (one MMA column tile)
+namespace mlx_moe::cuda {
 
 // NW words at p into o (the read-only path), with L2 cache policy pol (weight_l2_policy).
 // Not volatile: the compiler may move these loads, and may issue one that the source guards by
@@ -61,26 +63,6 @@ __device__ __forceinline__ float rw_bf16_at(const uint32_t* w, int q) {
 __device__ __forceinline__ uint32_t rw_u8_at(const uint32_t* w, int q) {
   return (w[q >> 2] >> (8 * (q & 3))) & 0xFFu;
 }
-
-// Shared memory of a block: the staged rows, their group sums, the split-K partials (of
-// `slots` sets of K / 256 warps: the direct down kernel's k, else 1; STREAM: `warps`, the
-// block's warp count).
-__host__ __device__ constexpr uint32_t regw_smem_bytes(uint32_t K, uint32_t GS, int NP, int MT,
-                                                       uint32_t slots = 1u, uint32_t warps = 0u) {
-  return RW_NT * (K + 8u) * 2u + (K / GS) * RW_NT * 4u +
-         (warps ? warps : slots * (K / 256u)) * uint32_t(NP * MT) * 4u * 32u * 4u;
-}
-
-// The direct kernels' routing (DIRECT; unused otherwise): ids [P] of kind id_kind (load_id),
-// and the down kernel's output y [T, N] (bf16).
-struct RegwDirect {
-  const void* ids;
-  int id_kind;
-  __nv_bfloat16* y;
-};
-// Threads of the direct down block at most: k * K / 8 (one 16-byte chunk of a staged row
-// each); 768 covers top-8 at K = 768 (Qwen3-30B-A3B) and top-4 at 1536 (GLM-4.7-Flash).
-constexpr int RW_DIRECT_THREADS = 768;
 
 // A format's layout in these kernels: group size GS codes of BITS bits (FP4: mxfp4).
 template <int GS_, int BITS_, bool FP4_>

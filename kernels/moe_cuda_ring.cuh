@@ -1,5 +1,6 @@
-// Decode-path expert MLP, persistent and fed by a ring of bulk copies (sm_90; included after
-// moe_cuda_regw.cuh, whose unit layout, products and epilogue it shares).
+// Decode-path expert MLP, persistent and fed by a ring of bulk copies (sm_90; compiled in
+// mlx_moe/csrc/cuda/cuda_ring.cu; it shares moe_cuda_regw.cuh's unit layout, products and
+// epilogue, and its layout is in moe_cuda_regw_host.h).
 //
 // Why: the register-operand kernels (moe_cuda_regw.cuh) start a block per (expert, row tile):
 // each block finds its expert, issues its loads, waits a full memory latency, computes,
@@ -23,6 +24,8 @@
 // The down kernel's producer copies weights before the kernel waits for gate/up (pdl_wait):
 // only the consumers read H. Opt-in (MLX_MOE_CUDA_REGW_RING): measured slower, docs/DESIGN.md.
 #pragma once
+
+#include "moe_cuda_regw.cuh"
 
 namespace mlx_moe::cuda {
 
@@ -49,46 +52,6 @@ __device__ __forceinline__ void ring_lds(uint32_t a, uint32_t* o) {
                  : "r"(a)
                  : "memory");
   }
-}
-
-// Slots of the consumers' partial sums (double-buffered: one barrier per round).
-constexpr uint32_t RING_NR = 2;
-
-// A ring stage's layout for one projection: R = 16 MT rows of codes, each padded to `cs`
-// bytes (K / 8 words + 4 WPT: the lanes of a load phase then hit distinct banks), then the R
-// rows' scales (G per row; bf16, mxfp4: E8M0 bytes) and biases (bf16; mxfp4: none), each area
-// 16-byte aligned.
-struct RingLayout {
-  uint32_t cs;      // bytes per padded code row
-  uint32_t codes;   // bytes of a projection's code rows
-  uint32_t sbytes;  // bytes of a projection's scales (and of its biases)
-  uint32_t proj;    // bytes per projection in a stage
-  uint32_t stage;   // bytes per stage (NP projections)
-  uint32_t tx;      // bytes the copies of one stage deliver
-  uint32_t head;    // bytes before the stages (2 ns mbarriers, rounded to 16)
-  uint32_t xs_off, XS_off, red_off, total;
-};
-
-// K: codes per row (4-bit), G scale groups per row of gs codes (RwFmt: gs / 32 code words per
-// lane, row and group).
-__host__ __device__ inline RingLayout ring_layout(uint32_t K, uint32_t G, uint32_t gs, bool fp4, int NP,
-                                                  int MT, uint32_t ns) {
-  RingLayout L{};
-  const uint32_t WPT = gs / 32u;
-  const uint32_t R = 16u * uint32_t(MT), rwd = K / 8u;
-  auto r16 = [](uint32_t b) { return (b + 15u) & ~15u; };
-  L.cs = (rwd + 4u * WPT) * 4u;
-  L.codes = R * L.cs;
-  L.sbytes = r16(R * G * (fp4 ? 1u : 2u));
-  L.proj = L.codes + L.sbytes * (fp4 ? 1u : 2u);
-  L.stage = uint32_t(NP) * L.proj;
-  L.tx = uint32_t(NP) * (R * rwd * 4u + R * G * (fp4 ? 1u : 4u));
-  L.head = r16(2u * ns * 8u);
-  L.xs_off = L.head + ns * L.stage;
-  L.XS_off = L.xs_off + uint32_t(RW_NT) * (K + 8u) * 2u;
-  L.red_off = L.XS_off + r16(G * uint32_t(RW_NT) * 4u);
-  L.total = L.red_off + RING_NR * (K / 256u) * uint32_t(NP * MT) * 4u * 32u * 4u;
-  return L;
 }
 
 // Reads this lane's unit of a stage (the registers rw_load would fill): rows mt 16 + gid (+ 8),

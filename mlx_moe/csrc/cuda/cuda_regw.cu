@@ -1,6 +1,7 @@
 // Instantiations of the register-operand decode kernels (regw.h).
 #include <type_traits>
 
+#include "moe_cuda_regw.cuh"
 #include "regw.h"
 
 namespace mlx_moe::gpu {

@@ -2,6 +2,8 @@
 #include <type_traits>
 
 #include "cuda_util.h"
+#include "moe_cuda_regw.cuh"
+#include "moe_cuda_ring.cuh"
 #include "ring.h"
 
 namespace mlx_moe::gpu {

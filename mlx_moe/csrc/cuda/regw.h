@@ -1,10 +1,11 @@
 // The register-operand decode kernels (kernels/moe_cuda_regw.cuh: mlp_regw_kernel), in their
-// own translation unit (cuda_regw.cu).
+// own translation unit (cuda_regw.cu); their shapes for the launch code from
+// moe_cuda_regw_host.h, not the kernels' header (a kernel change recompiles cuda_regw.cu only).
 #pragma once
 #include <cuda_bf16.h>
 
 #include "moe_cuda.cuh"
-#include "moe_cuda_regw.cuh"
+#include "moe_cuda_regw_host.h"
 
 namespace mlx_moe::gpu {
 

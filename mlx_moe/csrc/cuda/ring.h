@@ -1,11 +1,10 @@
 // The persistent ring-fed decode kernels (kernels/moe_cuda_ring.cuh: mlp_ring_kernel), in their
-// own translation unit (cuda_ring.cu).
+// own translation unit (cuda_ring.cu); its layout for the launch code from moe_cuda_regw_host.h.
 #pragma once
 #include <cuda_bf16.h>
 
 #include "moe_cuda.cuh"
-#include "moe_cuda_regw.cuh"
-#include "moe_cuda_ring.cuh"
+#include "moe_cuda_regw_host.h"
 
 namespace mlx_moe::gpu {
 
