@@ -2,7 +2,6 @@
 #include <type_traits>
 
 #include "cuda_util.h"
-#include "moe_cuda_regw.cuh"
 #include "moe_cuda_ring.cuh"
 #include "ring.h"
 
