@@ -227,6 +227,19 @@ __device__ __forceinline__ void rw_stage(const __nv_bfloat16* src, uint32_t t, u
   }
 }
 
+// Warp `warp`'s split-K partials (its MMA accumulators) into Red, in the layout
+// rw_reduce_store reads: [warp][NP MT][4][32] floats.
+template <int NP, int MT>
+__device__ __forceinline__ void rw_store_partials(float* Red, const float (&acc)[NP][MT][4], uint32_t warp,
+                                                  uint32_t lane) {
+#pragma unroll
+  for (int p = 0; p < NP; ++p)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) Red[((warp * (NP * MT) + p * MT + mt) * 4u + c) * 32u + lane] = acc[p][mt][c];
+}
+
 // The split-K partials in Red ([warps][W][NP MT][4][32] floats, W row tiles of 16 MT rows
 // from row nb; W == 1 unless TILED) summed over nwarps warps in warp order, one thread (of
 // nthreads, from tid) per (row, token < nt) of each tile: gate/up writes H[c0 + token, row] =
@@ -466,13 +479,7 @@ __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS =
       }
     }
     // The warps' partial sums, then one thread per (row, token) of each row tile.
-#pragma unroll
-    for (int p = 0; p < NP; ++p)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          Red[((warp * (NP * MT) + p * MT + mt) * 4u + c) * 32u + lane] = acc[p][mt][c];
+    rw_store_partials<NP, MT>(Red, acc, warp, lane);
     __syncthreads();
     if constexpr (DDN) {
       // One thread per row: the token's slots in order (as combine_kernel), each the sum of

@@ -189,12 +189,7 @@ __global__ void __launch_bounds__(9 * 32, 1)
       // (slot rq % 2: a warp writes it again only after the next round's barrier, which every
       // warp reaches after its sums of this round)
       float* Red = reinterpret_cast<float*>(ring_smem + L.red_off) + (rq % RING_NR) * red_words;
-#pragma unroll
-      for (int p = 0; p < NP; ++p)
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) Red[((warp * (NP * MT) + p * MT + mt) * 4u + c) * 32u + lane] = acc[p][mt][c];
+      rw_store_partials<NP, MT>(Red, acc, warp, lane);
       ring_sync(nthr);
       rw_reduce_store<GATEUP, NP, MT, false>(Red, tid, nthr, 1u, C, nt, tile * R, N, c0, pairs, rw, Hout, Yp);
     }
