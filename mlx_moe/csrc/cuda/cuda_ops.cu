@@ -9,6 +9,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "backends.h"
 #include "bucket.h"
@@ -754,12 +755,16 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
           const int mt = gu ? RING_GU_MT : RING_DN_MT;
           if (N % (16u * uint32_t(mt)) != 0u) return false;
           const uint32_t bps = gu ? 1u : std::max(1u, env_u32("MLX_MOE_CUDA_RING_DN_BPS", 2u));
-          int dev = 0, smem_sm = 0, smem_blk = 0;
-          check(cudaGetDevice(&dev), "cudaGetDevice");
-          check(cudaDeviceGetAttribute(&smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev),
-                "cudaDeviceGetAttribute");
-          check(cudaDeviceGetAttribute(&smem_blk, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
-                "cudaDeviceGetAttribute");
+          // (the device's shared memory per SM and per block, looked up once per device)
+          const std::pair<int, int> smem_lim = per_device([](int dev) {
+            int sm = 0, blk = 0;
+            check(cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev),
+                  "cudaDeviceGetAttribute");
+            check(cudaDeviceGetAttribute(&blk, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+                  "cudaDeviceGetAttribute");
+            return std::pair<int, int>(sm, blk);
+          });
+          const int smem_sm = smem_lim.first, smem_blk = smem_lim.second;
           const uint32_t budget = std::min<uint32_t>(uint32_t(smem_blk), uint32_t(smem_sm) / bps - 1024u);
           const uint32_t G = Kn / wd.group_size;
           const int np = gu ? 2 : 1;
