@@ -492,11 +492,15 @@ __global__ void route_kernel(const T* __restrict__ logits, uint32_t rows, uint32
 // Routing of one row by a whole block (blockDim.x >= E), the same values and order as
 // route_row, so the same ids and weights bitwise: warp 0 computes the row maximum, the
 // probabilities and their sum exactly as route_row does (lane-strided partial sums, then
-// warp_sum), then every thread ranks one expert under (p descending, id ascending) against
-// all E probabilities in shared memory -- the experts of rank < k are route_row's picks in its
+// warp_sum), then each expert is ranked under (p descending, id ascending) against all E
+// probabilities in shared memory -- the experts of rank < k are route_row's picks in its
 // order, without its k dependent rounds of warp arg-max -- and the slots are normalised by
-// their sum taken in slot order. Needs E <= ROUTE_BLOCK_MAX_E and k <= 32. Shared scratch:
-// s_p[E], s_w[32], s_id[32], s_state. Every thread of the block must call it.
+// their sum taken in slot order. The rank of expert e counts the experts before it with
+// q >= p and those after it with q > p; the row is padded with -1 (below every probability)
+// to a multiple of 8, read four entries per load when s_p is 16-byte aligned, and split
+// over two adjacent threads per expert when the block has 2 E threads. Needs E <=
+// ROUTE_BLOCK_MAX_E and k <= 32. Shared scratch: s_p[ROUTE_BLOCK_MAX_E], s_w[32], s_id[32],
+// s_state. Every thread of the block must call it.
 constexpr uint32_t ROUTE_BLOCK_MAX_E = 256;
 template <typename T>
 __device__ __forceinline__ void route_row_block(const T* __restrict__ l, uint32_t E, uint32_t k,
@@ -531,28 +535,50 @@ __device__ __forceinline__ void route_row_block(const T* __restrict__ l, uint32_
         s += pc[c];
       }
       s = warp_sum(s);
+      const uint32_t EP = (E + 7u) & ~7u;
 #pragma unroll
       for (int c = 0; c < CACHE; ++c) {
         const uint32_t i = lane + 32u * c;
         if (i < E) s_p[i] = pc[c] / s;
+        else if (i < EP) s_p[i] = -1.f;  // (the padding: never counted)
       }
       if (lane == 0) *s_state = 0u;
     }
   }
   __syncthreads();
   if (*s_state == 0u) {
-    if (tid < E) {
-      const float p = s_p[tid];
-      uint32_t rank = 0;
+    const uint32_t EP = (E + 7u) & ~7u;
+    const bool vec = (__cvta_generic_to_shared(s_p) & 15u) == 0u;
+    const bool two = vec && blockDim.x >= 2u * E;  // (uniform)
+    const uint32_t e = two ? tid >> 1 : tid, h = two ? tid & 1u : 0u;
+    const uint32_t len = two ? EP / 2u : EP, j0 = h * len;  // (multiples of 4)
+    uint32_t rank = 0;
+    float p = 0.f;
+    if (e < E) {
+      p = s_p[e];
+      if (vec) {
+        const float4* q4 = reinterpret_cast<const float4*>(s_p + j0);
+#pragma unroll 4
+        for (uint32_t m = 0; m < len / 4u; ++m) {
+          const float4 q = q4[m];
+          const uint32_t j = j0 + 4u * m;
+          rank += (j < e ? q.x >= p : q.x > p) ? 1u : 0u;
+          rank += (j + 1u < e ? q.y >= p : q.y > p) ? 1u : 0u;
+          rank += (j + 2u < e ? q.z >= p : q.z > p) ? 1u : 0u;
+          rank += (j + 3u < e ? q.w >= p : q.w > p) ? 1u : 0u;
+        }
+      } else {
 #pragma unroll 8
-      for (uint32_t j = 0; j < E; ++j) {
-        const float q = s_p[j];
-        rank += (q > p || (q == p && j < tid)) ? 1u : 0u;
+        for (uint32_t j = 0; j < E; ++j) {
+          const float q = s_p[j];
+          rank += (j < e ? q >= p : q > p) ? 1u : 0u;
+        }
       }
-      if (rank < k) {
-        s_id[rank] = tid;
-        s_w[rank] = p;
-      }
+    }
+    if (two) rank += __shfl_xor_sync(0xffffffffu, rank, 1);  // (the pair: adjacent lanes)
+    if (e < E && h == 0u && rank < k) {
+      s_id[rank] = e;
+      s_w[rank] = p;
     }
     __syncthreads();
     if (tid < k) {
@@ -574,7 +600,7 @@ template <typename T>
 __global__ void __launch_bounds__(256)
     route_block_kernel(const T* __restrict__ logits, uint32_t E, uint32_t k, uint32_t normalize,
                        uint32_t* __restrict__ ids, float* __restrict__ wout) {
-  __shared__ float s_p[ROUTE_BLOCK_MAX_E];
+  __shared__ __align__(16) float s_p[ROUTE_BLOCK_MAX_E];
   __shared__ float s_w[32];
   __shared__ uint32_t s_id[32];
   __shared__ uint32_t s_state;
@@ -761,6 +787,9 @@ static __global__ void bucket_scatter_kernel(const void* __restrict__ ids, int i
 // pairs per expert (__match_any_sync, one histogram row per warp: no atomics), the block
 // turns the rows into per-warp bases and scans the experts (offsets, GEMM tile prefix,
 // active prefix), then each warp scatters its chunk in order. Bitwise the same results.
+// Only the warps whose chunk holds pairs (nw: 4 at P = 128) have a histogram row to clear and
+// to scan, and a warp keeps its first step's keys for the scatter (one load of the ids less
+// up to 1024 pairs, where that step is its whole chunk).
 // Shared memory: [32][E] histogram rows, [E] offsets. Needs E <= 1024.
 constexpr uint32_t BS_WARPS = 32;
 
@@ -818,15 +847,18 @@ static __global__ void __launch_bounds__(BS_WARPS * 32)
   __shared__ uint32_t wtot[BS_WARPS][3];
   __shared__ uint32_t ptile_tot[BS_WARPS];
   const uint32_t lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-  for (uint32_t i = threadIdx.x; i < BS_WARPS * E; i += blockDim.x) hist[i] = 0u;
-  __syncthreads();
-  // chunk per warp: ceil(P / 32) rounded up to whole steps of 32
+  // chunk per warp: ceil(P / 32) rounded up to whole steps of 32; nw warps have pairs
   const uint32_t chunk = ((P + BS_WARPS - 1u) / BS_WARPS + 31u) & ~31u;
+  const uint32_t nw = chunk ? min(BS_WARPS, (P + chunk - 1u) / chunk) : 0u;
+  for (uint32_t i = threadIdx.x; i < nw * E; i += blockDim.x) hist[i] = 0u;
+  __syncthreads();
   const uint32_t p0 = warp * chunk;
   uint32_t* row = hist + warp * E;
+  uint32_t key0 = 0xffffffffu;  // (the first step's key)
   for (uint32_t s = 0; s < chunk && p0 + s < P; s += 32u) {
     const uint32_t i = p0 + s + lane;
     const uint32_t key = bucket_key(ids, id_kind, P, E, i);
+    if (s == 0u) key0 = key;
     const uint32_t mask = __match_any_sync(0xffffffffu, key);
     if (key != 0xffffffffu && (__ffs(mask) - 1) == int(lane)) row[key] += __popc(mask);
     __syncwarp();
@@ -836,7 +868,7 @@ static __global__ void __launch_bounds__(BS_WARPS * 32)
   const uint32_t e = threadIdx.x;
   uint32_t c = 0;
   if (e < E) {
-    for (uint32_t w = 0; w < BS_WARPS; ++w) {
+    for (uint32_t w = 0; w < nw; ++w) {
       const uint32_t v = hist[w * E + e];
       hist[w * E + e] = c;
       c += v;
@@ -888,7 +920,7 @@ static __global__ void __launch_bounds__(BS_WARPS * 32)
   // Scatter: each warp walks its chunk again; its histogram row is now its cursor.
   for (uint32_t s = 0; s < chunk && p0 + s < P; s += 32u) {
     const uint32_t i = p0 + s + lane;
-    const uint32_t key = bucket_key(ids, id_kind, P, E, i);
+    const uint32_t key = s == 0u ? key0 : bucket_key(ids, id_kind, P, E, i);
     const bool ok = key != 0xffffffffu;
     const uint32_t mask = __match_any_sync(0xffffffffu, key);
     const uint32_t rank = __popc(mask & ((1u << lane) - 1u));

@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(ONE_WARPS * 32, 2)
   extern __shared__ __align__(16) unsigned char one_smem[];
   __shared__ uint32_t s_ids[ONE_MAX_PAIRS];
   __shared__ float s_rw[ONE_MAX_PAIRS];
-  __shared__ float s_p[ROUTE_BLOCK_MAX_E];
+  __shared__ __align__(16) float s_p[ROUTE_BLOCK_MAX_E];
   __shared__ float s_w[32];
   __shared__ uint32_t s_id[32];
   __shared__ uint32_t s_claim[2];
