@@ -87,7 +87,10 @@ def test_route_block_kernel_bitwise_equals_warp_kernel(rng, monkeypatch, E, k, d
     assert np.array_equal(ib, np.array(ic))
 
 
-@pytest.mark.parametrize("T,E,k,tile", [(1, 128, 8, 32), (4096, 128, 8, 64), (37, 64, 4, 16), (3, 5, 2, 1)])
+# (130 and 300 tokens: the one-block kernel with chunks of 2 and 3 steps of 32 pairs per warp,
+# 17 and 25 of the 32 warps holding pairs)
+@pytest.mark.parametrize("T,E,k,tile", [(1, 128, 8, 32), (4096, 128, 8, 64), (37, 64, 4, 16), (3, 5, 2, 1),
+                                        (130, 64, 8, 16), (300, 128, 8, 64)])
 @pytest.mark.parametrize("id_dtype", [np.uint32, np.int32, np.int64])
 def test_bucket_gpu_vs_cpu(rng, T, E, k, tile, id_dtype):
     ids = mx.array(rng.integers(0, E, size=(T, k)).astype(id_dtype))
