@@ -497,10 +497,11 @@ __global__ void route_kernel(const T* __restrict__ logits, uint32_t rows, uint32
 // order, without its k dependent rounds of warp arg-max -- and the slots are normalised by
 // their sum taken in slot order. The rank of expert e counts the experts before it with
 // q >= p and those after it with q > p; the row is padded with -1 (below every probability)
-// to a multiple of 8, read four entries per load when s_p is 16-byte aligned, and split
-// over two adjacent threads per expert when the block has 2 E threads. Needs E <=
-// ROUTE_BLOCK_MAX_E and k <= 32. Shared scratch: s_p[ROUTE_BLOCK_MAX_E], s_w[32], s_id[32],
-// s_state. Every thread of the block must call it.
+// to a multiple of 8, read four entries per load, and split over two adjacent threads per
+// expert when the block has 2 E threads. Needs E <= ROUTE_BLOCK_MAX_E and k <= 32. Shared
+// scratch: s_p[ROUTE_BLOCK_MAX_E] (16-byte aligned: the callers' __align__(16) arrays, or
+// dec_route's 1024 bytes into aligned dynamic shared memory), s_w[32], s_id[32], s_state.
+// Every thread of the block must call it.
 constexpr uint32_t ROUTE_BLOCK_MAX_E = 256;
 template <typename T>
 __device__ __forceinline__ void route_row_block(const T* __restrict__ l, uint32_t E, uint32_t k,
@@ -508,6 +509,7 @@ __device__ __forceinline__ void route_row_block(const T* __restrict__ l, uint32_
                                                 float* s_p, float* s_w, uint32_t* s_id,
                                                 uint32_t* s_state) {
   const uint32_t tid = threadIdx.x, lane = tid & 31u;
+  const uint32_t EP = (E + 7u) & ~7u;  // (the padded row)
   if (tid < 32u) {
     float m = -INFINITY;
     bool nan = false;
@@ -535,7 +537,6 @@ __device__ __forceinline__ void route_row_block(const T* __restrict__ l, uint32_
         s += pc[c];
       }
       s = warp_sum(s);
-      const uint32_t EP = (E + 7u) & ~7u;
 #pragma unroll
       for (int c = 0; c < CACHE; ++c) {
         const uint32_t i = lane + 32u * c;
@@ -547,32 +548,21 @@ __device__ __forceinline__ void route_row_block(const T* __restrict__ l, uint32_
   }
   __syncthreads();
   if (*s_state == 0u) {
-    const uint32_t EP = (E + 7u) & ~7u;
-    const bool vec = (__cvta_generic_to_shared(s_p) & 15u) == 0u;
-    const bool two = vec && blockDim.x >= 2u * E;  // (uniform)
+    const bool two = blockDim.x >= 2u * E;  // (uniform)
     const uint32_t e = two ? tid >> 1 : tid, h = two ? tid & 1u : 0u;
     const uint32_t len = two ? EP / 2u : EP, j0 = h * len;  // (multiples of 4)
     uint32_t rank = 0;
     float p = 0.f;
     if (e < E) {
       p = s_p[e];
-      if (vec) {
-        const float4* q4 = reinterpret_cast<const float4*>(s_p + j0);
+      // entry j (probability q) ranks above e
+      auto above = [&](uint32_t j, float q) { return (j < e ? q >= p : q > p) ? 1u : 0u; };
+      const float4* q4 = reinterpret_cast<const float4*>(s_p + j0);
 #pragma unroll 4
-        for (uint32_t m = 0; m < len / 4u; ++m) {
-          const float4 q = q4[m];
-          const uint32_t j = j0 + 4u * m;
-          rank += (j < e ? q.x >= p : q.x > p) ? 1u : 0u;
-          rank += (j + 1u < e ? q.y >= p : q.y > p) ? 1u : 0u;
-          rank += (j + 2u < e ? q.z >= p : q.z > p) ? 1u : 0u;
-          rank += (j + 3u < e ? q.w >= p : q.w > p) ? 1u : 0u;
-        }
-      } else {
-#pragma unroll 8
-        for (uint32_t j = 0; j < E; ++j) {
-          const float q = s_p[j];
-          rank += (j < e ? q >= p : q > p) ? 1u : 0u;
-        }
+      for (uint32_t m = 0; m < len / 4u; ++m) {
+        const float4 q = q4[m];
+        const uint32_t j = j0 + 4u * m;
+        rank += above(j, q.x) + above(j + 1u, q.y) + above(j + 2u, q.z) + above(j + 3u, q.w);
       }
     }
     if (two) rank += __shfl_xor_sync(0xffffffffu, rank, 1);  // (the pair: adjacent lanes)
