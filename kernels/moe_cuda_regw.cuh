@@ -294,12 +294,17 @@ __device__ __forceinline__ void rw_reduce_store(const float* Red, uint32_t tid, 
 // threads per SM), so that down's small blocks (F / 8 threads: 96 at Qwen3 widths) fit 8 to an
 // SM instead of 5 at 120 and keep more weight loads in flight (H200, Qwen3 affine 4-bit
 // 16 tokens 105.6 -> 101.0 us per layer, mxfp4 128.2 -> 119.6; docs/PERFORMANCE.md,
-// twenty-ninth session); the streaming blocks at most 128 (2 per SM: at 80 they spill, and
-// the layer lost 2-25%).
+// twenty-ninth session); the plain down block of 16 rows (MT 1, mxfp4's) at most 64 (10 to an
+// SM at Qwen3 widths); the streaming blocks at most 128 (2 per SM: at 80 they spill, and the
+// layer lost 2-25%).
 template <bool GATEUP, int GS, int MT, bool DIRECT = false, int BITS = 4, bool FP4 = false,
           bool STREAM = false>
 __global__ void __launch_bounds__(DIRECT && !GATEUP ? RW_DIRECT_THREADS : BITS == 8 && !STREAM ? 512 : 256,
-                                  DIRECT && !GATEUP ? 1 : BITS == 8 && !STREAM ? 1 : STREAM ? 2 : 3)
+                                  DIRECT && !GATEUP                  ? 1
+                                  : BITS == 8 && !STREAM             ? 1
+                                  : STREAM                           ? 2
+                                  : !GATEUP && !DIRECT && MT == 1    ? 4
+                                                                     : 3)
     mlp_regw_kernel(MlpDesc md, const __nv_bfloat16* __restrict__ xin,
                     const uint32_t* __restrict__ pairs, const uint32_t* __restrict__ offsets,
                     const uint32_t* __restrict__ active, const uint32_t* __restrict__ meta,

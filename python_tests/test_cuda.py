@@ -746,6 +746,32 @@ def test_moe_mlp_regw_ring_bad_ids(rng, monkeypatch, case, shape):
     _regw_bad_ids_check(rng, monkeypatch, RING_SHAPES[shape], case)
 
 
+# The plain down block on 16 rows (MLX_MOE_CUDA_REGW_DN_MT=1: mxfp4's default) or 32 (=2:
+# affine's; 8-bit down always 32): each row's products and its warps' partial sums are the
+# same, in the same order, so the two outputs are bitwise equal (checked on a second layer of
+# the case's shape), within _gg_check's bound, and dropped ids add nothing.
+@pytest.mark.parametrize(
+    "T,E,D,F,k,fmt,bits,gs",
+    REGW_FORM_CASES + [(6, 16, 512, 512, 8, "affine", (4, 4, 8), 64)],  # 8-bit down: 32 rows
+)
+def test_moe_mlp_regw_dn_rows(rng, monkeypatch, T, E, D, F, k, fmt, bits, gs):
+    _regw_form_check(rng, monkeypatch, {"MLX_MOE_CUDA_REGW_DN_MT": "1"}, T, E, D, F, k, fmt, bits, gs)
+    experts = experts_for(rng, E, D, F, fmt, bits, gs, mx.bfloat16)
+    x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(mx.bfloat16)
+    ids, w = mlx_moe.route(random_logits(rng, T, E), k, stream=mx.cpu)
+    mx.eval(x, ids, w)
+    gpu = lambda: mlx_moe.moe_mlp(x, ids, w, experts, stream=mx.gpu)
+    ref = _run_env(monkeypatch, gpu, REGW_DN_MT=2)
+    assert np.isfinite(ref).all()
+    assert np.array_equal(_run_env(monkeypatch, gpu, REGW_DN_MT=1), ref)
+
+
+@pytest.mark.parametrize("case", ["affine", "mxfp4_scale_range"])
+@pytest.mark.parametrize("rows", ["1", "2"])
+def test_moe_mlp_regw_dn_rows_bad_ids(rng, monkeypatch, case, rows):
+    _regw_bad_ids_check(rng, monkeypatch, {"MLX_MOE_CUDA_REGW_DN_MT": rows}, case)
+
+
 def test_moe_mlp_regw_decode_bad_ids(rng):
     _gg_check(rng, 20, 16, 2048, 768, 4, "affine", (4, 4, 4), 64, mx.bfloat16, sdt=mx.bfloat16,
               bad_ids=True)

@@ -695,7 +695,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
     if (regw || regw_direct) {
       if constexpr (std::is_same_v<XT, __nv_bfloat16>) {
         // gate/up: D / 8 threads (one 16-byte chunk of a staged row each; 8-bit: D / 4), 16
-        // rows per block; down: F / 8 (F / 4) threads, 16 * REGW_DN_MT rows. H holds bf16 rows
+        // rows per block; down: F / 8 (F / 4) threads, 16 * dn_mt rows (below). H holds bf16 rows
         // [bucketed pair, F].
         // Direct: gate/up blocks per pair (H rows [pair, F]); down blocks per token, k F / 8
         // threads, 16 rows, writing the output.
@@ -737,7 +737,18 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
         uint32_t w_gu, wp_gu, w_dn, wp_dn;
         const bool st_gu = stream_shape(true, Kg, F, w_gu, wp_gu);
         const bool st_dn = stream_shape(false, Kd, D, w_dn, wp_dn);
-        const uint32_t dn_mt = regw_direct || st_dn ? 1u : uint32_t(REGW_DN_MT);
+        // The plain down block: 32 rows (REGW_DN_MT), or 16 for mxfp4 down (at most 64
+        // registers: 10 blocks per SM at Qwen3 widths against 8). H200, device time per layer,
+        // 32 -> 16 rows: Qwen3 mxfp4 4 / 16 / 64 tokens 53.6 / 120.0 / 200.0 -> 51.25 / 116.45 /
+        // 197.95 us, GLM-4.7-Flash mxfp4 55.1 / 124.5 / 197.95 -> 52.05 / 117.65 / 192.6. Affine
+        // 4-bit gains 1-4% at 4-8 tokens and loses 1-2% at 32-64 (Qwen3 64 tokens 170.75 ->
+        // 174.1), so it keeps 32. 64-row blocks (168 registers, 4 per SM) were slower for both
+        // (Qwen3 16 tokens: affine 101.05 -> 106.75, mxfp4 119.65 -> 132.55; docs/PERFORMANCE.md,
+        // thirty-first session). MLX_MOE_CUDA_REGW_DN_MT=1 / 2 forces either (4-bit).
+        const uint32_t dn_mt_env =
+            env_u32("MLX_MOE_CUDA_REGW_DN_MT", md.down.mode == 1u ? 1u : uint32_t(REGW_DN_MT));
+        const bool dn_mt1 = !regw_direct && !st_dn && b_dn == 4u && dn_mt_env == 1u;
+        const uint32_t dn_mt = regw_direct || st_dn || dn_mt1 ? 1u : uint32_t(REGW_DN_MT);
         // The persistent ring-fed kernels (kernels/moe_cuda_ring.cuh: a producer warp copying
         // each item's weight rows into a ring of shared-memory stages by bulk copies, K / 256
         // consumer warps), bucketed 4-bit projections on sm_90, up to
@@ -809,7 +820,8 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
         if (rg_dn) {
           chain.add(ring_dn, {&H, &ids, &pairs, &offsets, &active, &meta, &rw}, {&Yp});
         } else {
-          chain.add(kernel_node(regw_kernel(false, gs_dn, regw_direct, b_dn, md.down.mode == 1u, st_dn),
+          chain.add(kernel_node(regw_kernel(false, gs_dn, regw_direct, b_dn, md.down.mode == 1u, st_dn,
+                                            dn_mt1 ? 1u : 0u),
                                 dim3(regw_direct ? T : max_active, D / (16u * dn_mt * w_dn)),
                                 dim3(regw_direct ? k * F / 8u : st_dn ? 32u * wp_dn : Kd / 8u),
                                 regw_smem_bytes(Kd, gs_dn * b_dn / 4u, 1, int(dn_mt), regw_direct ? k : 1u,

@@ -11,12 +11,18 @@ using namespace mlx_moe::cuda;
 // The kernel for group size gs (32, 64, or for affine 4-bit codes 128; FP4: 32); null
 // otherwise. STREAM: the streaming form (bucketed only).
 template <bool DIRECT, int BITS, bool FP4 = false, bool STREAM = false>
-static RegwKernel regw_pick(bool gateup, uint32_t gs) {
+static RegwKernel regw_pick(bool gateup, uint32_t gs, uint32_t dn_mt) {
   constexpr int MT = DIRECT || STREAM ? 1 : REGW_DN_MT;
+  // (16-row plain down blocks: the bucketed 4-bit form only)
+  constexpr bool MT1 = !DIRECT && !STREAM && BITS == 4;
   auto pick = [&](auto g) -> RegwKernel {
     constexpr int G = decltype(g)::value;
-    return gateup ? mlp_regw_kernel<true, G, 1, DIRECT, BITS, FP4, STREAM>
-                  : mlp_regw_kernel<false, G, MT, DIRECT, BITS, FP4, STREAM>;
+    if (gateup) return mlp_regw_kernel<true, G, 1, DIRECT, BITS, FP4, STREAM>;
+    if (dn_mt == 1u) {
+      if constexpr (MT1) return mlp_regw_kernel<false, G, 1, DIRECT, BITS, FP4, STREAM>;
+      return nullptr;
+    }
+    return mlp_regw_kernel<false, G, MT, DIRECT, BITS, FP4, STREAM>;
   };
   if (gs == 32u) return pick(std::integral_constant<int, 32>{});
   if constexpr (!FP4) {
@@ -28,14 +34,15 @@ static RegwKernel regw_pick(bool gateup, uint32_t gs) {
   return nullptr;
 }
 
-RegwKernel regw_kernel(bool gateup, uint32_t gs, bool direct, uint32_t bits, bool fp4, bool stream) {
+RegwKernel regw_kernel(bool gateup, uint32_t gs, bool direct, uint32_t bits, bool fp4, bool stream,
+                       uint32_t dn_mt) {
   // (DIRECT: 4-bit only; STREAM: bucketed only)
   auto by_format = [&](auto direct_c, auto stream_c) -> RegwKernel {
     constexpr bool D = decltype(direct_c)::value, S = decltype(stream_c)::value;
-    if (fp4) return bits == 4u ? regw_pick<D, 4, true, S>(gateup, gs) : nullptr;
-    if (bits == 4u) return regw_pick<D, 4, false, S>(gateup, gs);
+    if (fp4) return bits == 4u ? regw_pick<D, 4, true, S>(gateup, gs, dn_mt) : nullptr;
+    if (bits == 4u) return regw_pick<D, 4, false, S>(gateup, gs, dn_mt);
     if constexpr (!D) {
-      if (bits == 8u) return regw_pick<D, 8, false, S>(gateup, gs);
+      if (bits == 8u) return regw_pick<D, 8, false, S>(gateup, gs, dn_mt);
     }
     return nullptr;
   };
