@@ -593,6 +593,18 @@ def gg_kernel(request, monkeypatch):
     return request.param
 
 
+# The register-operand kernels' pair limits default to pairs per expert (6 E 8-bit, 10 E
+# mxfp4, 12 E affine 4-bit); the cases below on 8 or 16 experts with 20-80 pairs per expert
+# exercise their multi-chunk paths, so those tests pin the limits in pairs (the Qwen3 values).
+REGW_PAIR_CAPS = {"MLX_MOE_CUDA_REGW_MAX_PAIRS": "1536", "MLX_MOE_CUDA_REGW8_MAX_PAIRS": "768",
+                  "MLX_MOE_CUDA_REGW_FP4_MAX_PAIRS": "1280"}
+
+
+def _regw_caps(monkeypatch):
+    for name, value in REGW_PAIR_CAPS.items():
+        monkeypatch.setenv(name, value)
+
+
 # The register-operand decode kernels (kernels/moe_cuda_regw.cuh): bucketed decode path
 # (3 tokens .. 1536 pairs), bf16 activations, affine 4-bit projections with bf16 scales and biases,
 # widths multiples of 256 up to 2048. Exact codes and fp32 scaling, H rounded to bf16, the
@@ -613,6 +625,7 @@ def gg_kernel(request, monkeypatch):
 @pytest.mark.parametrize("regw", ["1", "0"])
 def test_moe_mlp_regw_decode(rng, monkeypatch, T, E, D, F, k, gs, regw):
     monkeypatch.setenv("MLX_MOE_CUDA_REGW", regw)
+    _regw_caps(monkeypatch)
     _gg_check(rng, T, E, D, F, k, "affine", (4, 4, 4), gs, mx.bfloat16, sdt=mx.bfloat16)
 
 
@@ -635,6 +648,7 @@ def test_moe_mlp_regw_decode(rng, monkeypatch, T, E, D, F, k, gs, regw):
 @pytest.mark.parametrize("regw", ["1", "0"])
 def test_moe_mlp_regw_decode_8bit(rng, monkeypatch, T, E, D, F, k, gs, bits, regw):
     monkeypatch.setenv("MLX_MOE_CUDA_REGW", regw)
+    _regw_caps(monkeypatch)
     _gg_check(rng, T, E, D, F, k, "affine", bits, gs, mx.bfloat16, sdt=mx.bfloat16)
 
 
@@ -682,7 +696,9 @@ def test_moe_mlp_regw_stream(rng, monkeypatch, T, E, D, F, k, fmt, bits, gs, sha
 
 
 def _regw_form_check(rng, monkeypatch, env, T, E, D, F, k, fmt, bits, gs):
-    """_gg_check of a bf16 layer (affine with bf16 scales, or mxfp4) under the settings env."""
+    """_gg_check of a bf16 layer (affine with bf16 scales, or mxfp4) under the settings env (and
+    the register-operand kernels' pair limits in pairs)."""
+    _regw_caps(monkeypatch)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     _gg_check(rng, T, E, D, F, k, fmt, bits, gs, mx.bfloat16,
@@ -855,6 +871,7 @@ def test_moe_mlp_regw_direct_dropped_slot_patterns(rng, T):
 @pytest.mark.parametrize("regw", ["1", "0"])
 def test_moe_mlp_regw_mxfp4(rng, monkeypatch, T, E, D, F, k, direct_max, regw):
     monkeypatch.setenv("MLX_MOE_CUDA_REGW", regw)
+    _regw_caps(monkeypatch)
     monkeypatch.setenv("MLX_MOE_CUDA_REGW_DIRECT_MAX_TOKENS", str(direct_max))
     _gg_check(rng, T, E, D, F, k, "mxfp4", (4, 4, 4), 32, mx.bfloat16)
 
@@ -869,6 +886,7 @@ def test_moe_mlp_regw_mxfp4(rng, monkeypatch, T, E, D, F, k, direct_max, regw):
 @pytest.mark.parametrize("regw", ["1", "0"])
 def test_moe_mlp_regw_mixed_mxfp4_affine(rng, monkeypatch, T, E, D, F, k, fmts, regw):
     monkeypatch.setenv("MLX_MOE_CUDA_REGW", regw)
+    _regw_caps(monkeypatch)
     gs = tuple(32 if f == "mxfp4" else 64 for f in fmts)
     _gg_check(rng, T, E, D, F, k, fmts, (4, 4, 4), gs, mx.bfloat16, sdt=mx.bfloat16)
 

@@ -550,16 +550,16 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // activations, every projection affine 4-bit or 8-bit with bf16 scales and biases (what
   // mlx-community's 4- and 8-bit checkpoints of bf16 models hold) or mxfp4, widths D and F
   // multiples of 256 up to 2048. MLX_MOE_CUDA_REGW=0: never (the shared-memory decode
-  // kernels). They stay on the decode path up to MLX_MOE_CUDA_REGW_MAX_PAIRS pairs (1536;
+  // kernels). They stay on the decode path up to MLX_MOE_CUDA_REGW_MAX_PAIRS pairs (12 E;
   // H200, Qwen3 layer with bf16 scales, device time per layer against the grouped kernels:
   // 273 vs 359 us at 1280 pairs, 375 vs 364 at 2048; docs/PERFORMANCE.md, twenty-first
-  // session), layers with an 8-bit projection up to MLX_MOE_CUDA_REGW8_MAX_PAIRS (768; Qwen3
+  // session), layers with an 8-bit projection up to MLX_MOE_CUDA_REGW8_MAX_PAIRS (6 E; Qwen3
   // 8-bit: 352 vs 446 us at 512 pairs, 485 vs 450 at 1024; twenty-second session).
   // 8-bit projections (group size 32 or 64) as rows of twice as many 4-bit codes (the
   // kernels' BITS = 8; bucketed form only, at 1 token too: the shared-memory direct kernels
   // have no tensor-core form for them).
   // mxfp4 projections (E8M0 scales, standard E2M1 decoding) in their FP4 form, bucketed or
-  // direct like affine 4-bit, up to MLX_MOE_CUDA_REGW_FP4_MAX_PAIRS pairs (1280; Qwen3 mxfp4
+  // direct like affine 4-bit, up to MLX_MOE_CUDA_REGW_FP4_MAX_PAIRS pairs (10 E; Qwen3 mxfp4
   // layer, against the grouped kernels: 322 vs 337 us at 1280 pairs, 285 vs 335 at 1024;
   // the byte-table decode's build 402 vs 335 at 1536; docs/PERFORMANCE.md, twenty-third
   // session).
@@ -583,10 +583,20 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // (bucketed: no fused combine, these kernels leave the slots to combine_kernel; layers with
   // 8-bit projections take them at 1 token too)
   const bool regw_layer = regw_fmt_ok && (!fused_combine || !regw_all4);
+  // The limits above are pairs per expert (thirty-first session): 6 E, 10 E and 12 E, the
+  // values measured on Qwen3's 128 experts (768, 1280, 1536). A block of these kernels
+  // walks its expert's pairs 8 at a time with the weights in registers, so their cost
+  // against the grouped kernels follows the pairs per expert, not the pairs: GLM-4.7-Flash
+  // (64 experts) at 1280 pairs, 20 per expert, took 490.8 us per layer for mxfp4 (the
+  // grouped kernels: 324.75 at 1024 pairs, 328.5 at 1536), affine 4-bit at 1536 pairs 499.4
+  // against 352.55 on the grouped kernels; at 8 pairs per expert the register-operand
+  // kernels win (mxfp4 269.5 vs 318.9, affine 232.9 vs 345.8), at 12 affine still wins
+  // (303.1 vs 347.6) and mxfp4 loses (350.1 vs 323.45) (docs/PERFORMANCE.md, thirty-first
+  // session). The MLX_MOE_CUDA_REGW*_MAX_PAIRS overrides are pairs.
   const uint32_t decode_top =
-      regw_layer ? std::max(!regw_all4     ? env_u32("MLX_MOE_CUDA_REGW8_MAX_PAIRS", 768u)
-                            : regw_any_fp4 ? env_u32("MLX_MOE_CUDA_REGW_FP4_MAX_PAIRS", 1280u)
-                                           : env_u32("MLX_MOE_CUDA_REGW_MAX_PAIRS", 1536u),
+      regw_layer ? std::max(!regw_all4     ? env_u32("MLX_MOE_CUDA_REGW8_MAX_PAIRS", 6u * E)
+                            : regw_any_fp4 ? env_u32("MLX_MOE_CUDA_REGW_FP4_MAX_PAIRS", 10u * E)
+                                           : env_u32("MLX_MOE_CUDA_REGW_MAX_PAIRS", 12u * E),
                             decode_max_pairs)
       : mma_all  ? std::max(mma_max_pairs, decode_max_pairs)
                  : decode_max_pairs;
