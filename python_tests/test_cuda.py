@@ -600,8 +600,8 @@ REGW_PAIR_CAPS = {"MLX_MOE_CUDA_REGW_MAX_PAIRS": "1536", "MLX_MOE_CUDA_REGW8_MAX
                   "MLX_MOE_CUDA_REGW_FP4_MAX_PAIRS": "1280"}
 
 
-def _regw_caps(monkeypatch):
-    for name, value in REGW_PAIR_CAPS.items():
+def _setenv_all(monkeypatch, env):
+    for name, value in env.items():
         monkeypatch.setenv(name, value)
 
 
@@ -625,7 +625,7 @@ def _regw_caps(monkeypatch):
 @pytest.mark.parametrize("regw", ["1", "0"])
 def test_moe_mlp_regw_decode(rng, monkeypatch, T, E, D, F, k, gs, regw):
     monkeypatch.setenv("MLX_MOE_CUDA_REGW", regw)
-    _regw_caps(monkeypatch)
+    _setenv_all(monkeypatch, REGW_PAIR_CAPS)
     _gg_check(rng, T, E, D, F, k, "affine", (4, 4, 4), gs, mx.bfloat16, sdt=mx.bfloat16)
 
 
@@ -648,7 +648,7 @@ def test_moe_mlp_regw_decode(rng, monkeypatch, T, E, D, F, k, gs, regw):
 @pytest.mark.parametrize("regw", ["1", "0"])
 def test_moe_mlp_regw_decode_8bit(rng, monkeypatch, T, E, D, F, k, gs, bits, regw):
     monkeypatch.setenv("MLX_MOE_CUDA_REGW", regw)
-    _regw_caps(monkeypatch)
+    _setenv_all(monkeypatch, REGW_PAIR_CAPS)
     _gg_check(rng, T, E, D, F, k, "affine", bits, gs, mx.bfloat16, sdt=mx.bfloat16)
 
 
@@ -698,9 +698,7 @@ def test_moe_mlp_regw_stream(rng, monkeypatch, T, E, D, F, k, fmt, bits, gs, sha
 def _regw_form_check(rng, monkeypatch, env, T, E, D, F, k, fmt, bits, gs):
     """_gg_check of a bf16 layer (affine with bf16 scales, or mxfp4) under the settings env (and
     the register-operand kernels' pair limits in pairs)."""
-    _regw_caps(monkeypatch)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    _setenv_all(monkeypatch, {**REGW_PAIR_CAPS, **env})
     _gg_check(rng, T, E, D, F, k, fmt, bits, gs, mx.bfloat16,
               sdt=None if fmt == "mxfp4" else mx.bfloat16)
 
@@ -717,8 +715,7 @@ def test_moe_mlp_regw_stream_bad_ids(rng, monkeypatch, case, shape):
 def _regw_bad_ids_check(rng, monkeypatch, env, case):
     """Dropped ids under the settings env: affine 4-bit at Qwen3 widths, or mxfp4 with E8M0
     scales 2^-127 .. 2^-124 on gate / up and activations scaled by 2^110."""
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    _setenv_all(monkeypatch, env)
     if case == "affine":
         _gg_check(rng, 20, 16, 2048, 768, 4, "affine", (4, 4, 4), 64, mx.bfloat16,
                   sdt=mx.bfloat16, bad_ids=True)
@@ -871,7 +868,7 @@ def test_moe_mlp_regw_direct_dropped_slot_patterns(rng, T):
 @pytest.mark.parametrize("regw", ["1", "0"])
 def test_moe_mlp_regw_mxfp4(rng, monkeypatch, T, E, D, F, k, direct_max, regw):
     monkeypatch.setenv("MLX_MOE_CUDA_REGW", regw)
-    _regw_caps(monkeypatch)
+    _setenv_all(monkeypatch, REGW_PAIR_CAPS)
     monkeypatch.setenv("MLX_MOE_CUDA_REGW_DIRECT_MAX_TOKENS", str(direct_max))
     _gg_check(rng, T, E, D, F, k, "mxfp4", (4, 4, 4), 32, mx.bfloat16)
 
@@ -886,7 +883,7 @@ def test_moe_mlp_regw_mxfp4(rng, monkeypatch, T, E, D, F, k, direct_max, regw):
 @pytest.mark.parametrize("regw", ["1", "0"])
 def test_moe_mlp_regw_mixed_mxfp4_affine(rng, monkeypatch, T, E, D, F, k, fmts, regw):
     monkeypatch.setenv("MLX_MOE_CUDA_REGW", regw)
-    _regw_caps(monkeypatch)
+    _setenv_all(monkeypatch, REGW_PAIR_CAPS)
     gs = tuple(32 if f == "mxfp4" else 64 for f in fmts)
     _gg_check(rng, T, E, D, F, k, fmts, (4, 4, 4), gs, mx.bfloat16, sdt=mx.bfloat16)
 
