@@ -605,6 +605,84 @@ def _setenv_all(monkeypatch, env):
         monkeypatch.setenv(name, value)
 
 
+# The shared-memory tensor-core decode kernels' pair limits (MLX_MOE_CUDA_MMA_MAX_PAIRS: affine
+# 4-bit / mxfp4 layers the register-operand kernels do not take; MLX_MOE_CUDA_TR_MMA_MAX_PAIRS:
+# trellis) default to pairs per expert where the layer has the sm_90a grouped kernels, and to
+# 1024 / 768 pairs elsewhere. The cases in this file were written against the absolute values,
+# and many run few experts with many pairs each to exercise the decode kernels' multi-chunk
+# paths, so every test pins them unless it sets its own;
+# test_moe_mlp_decode_pair_limits_default checks the defaults.
+DECODE_PAIR_CAPS = {"MLX_MOE_CUDA_MMA_MAX_PAIRS": "1024", "MLX_MOE_CUDA_TR_MMA_MAX_PAIRS": "768"}
+
+
+@pytest.fixture(autouse=True)
+def _decode_pair_caps(monkeypatch):
+    _setenv_all(monkeypatch, DECODE_PAIR_CAPS)
+
+
+def _sm90():
+    """Whether the GPU has compute capability 9.0 (the sm_90a grouped kernels), from
+    nvidia-smi; None when that cannot be read."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] == "9.0" if out else None
+
+
+# The defaults of those limits. With the sm_90a grouped kernels (and scales they take): 5.5 E
+# pairs (affine 4-bit / mxfp4) and 5 E (trellis) with bf16 activations, 2.75 E with fp16, and
+# never below the decode path's 128 pairs for affine / mxfp4; MLX_MOE_CUDA_WGMMA=0 (the
+# mma.sync grouped kernels) or bf16 scales with fp16 activations: 1024 / 768. Each case runs
+# just under and just over its limit; the default's output must be bitwise that of the path
+# the rule picks, forced by the limits (decode: 100000; grouped: 0, with the decode path's 128
+# pairs, MLX_MOE_CUDA_DECODE_MAX_PAIRS, 0 too), and the two paths' outputs
+# must differ (the decode kernels keep H in fp32, the grouped ones round it to the activation
+# type), so that the comparison tells them apart. Each path has its own tests above and below.
+@pytest.mark.parametrize(
+    "fmt,sdt,dtype,E,k,T_dec,T_grp",
+    [
+        ("affine", mx.float32, mx.bfloat16, 32, 4, 44, 45),   # 176 pairs (5.5 E), 180
+        ("mxfp4", None, mx.float16, 64, 4, 44, 45),           # 176 pairs (2.75 E), 180
+        ("affine", mx.float16, mx.float16, 16, 4, 32, 33),    # 2.75 E = 44 < 128: 128, 132
+        ("trellis", mx.float16, mx.bfloat16, 16, 4, 20, 21),  # 80 pairs (5 E), 84
+        ("trellis", mx.float16, mx.float16, 16, 4, 11, 12),   # 44 pairs (2.75 E), 48
+        ("affine", mx.bfloat16, mx.float16, 16, 4, 40, 41),   # bf16 scales, fp16: 1024 (no grouped)
+    ],
+)
+@pytest.mark.parametrize("wgmma", ["1", "0"])
+def test_moe_mlp_decode_pair_limits_default(rng, monkeypatch, fmt, sdt, dtype, E, k, T_dec, T_grp, wgmma):
+    sm90 = _sm90()
+    if sm90 is None:
+        pytest.skip("compute capability not readable (nvidia-smi)")
+    for name in DECODE_PAIR_CAPS:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MLX_MOE_CUDA_WGMMA", wgmma)
+    # (bf16 scales with fp16 activations: no grouped tensor-core kernel; forced past the limit,
+    # the older fp32 kernel, whose rounding is not asserted to differ)
+    grouped_kernel = not (sdt is not None and sdt == mx.bfloat16 and dtype == mx.float16)
+    per_expert = sm90 and wgmma == "1" and grouped_kernel
+    D, F = 256, 128
+    experts = experts_for(rng, E, D, F, fmt, (4, 4, 4), 64 if fmt != "mxfp4" else 32, sdt)
+    lim = "TR_MMA_MAX_PAIRS" if fmt == "trellis" else "MMA_MAX_PAIRS"
+    for T, over in ((T_dec, False), (T_grp, True)):
+        x = mx.array(rng.standard_normal((T, D)).astype(np.float32)).astype(dtype)
+        ids, w = mlx_moe.route(random_logits(rng, T, E), k, stream=mx.cpu)
+        mx.eval(x, ids, w)
+        run = lambda: mlx_moe.moe_mlp(x, ids, w, experts, stream=mx.gpu)
+        y_dec = _run_env(monkeypatch, run, **{lim: 100000})
+        y_grp = _run_env(monkeypatch, run, **{lim: 0, "DECODE_MAX_PAIRS": 0})
+        poison_cache([x.nbytes, k * T * F * 4, k * T * D * 4])
+        y = _run_env(monkeypatch, run)
+        assert np.isfinite(y_dec).all() and np.isfinite(y_grp).all()
+        if grouped_kernel:
+            assert not np.array_equal(y_dec, y_grp)
+        assert np.array_equal(y, y_grp if (over and per_expert) else y_dec), (T, k * T, per_expert)
+
+
 # The register-operand decode kernels (kernels/moe_cuda_regw.cuh): bucketed decode path
 # (3 tokens .. 1536 pairs), bf16 activations, affine 4-bit projections with bf16 scales and biases,
 # widths multiples of 256 up to 2048. Exact codes and fp32 scaling, H rounded to bf16, the

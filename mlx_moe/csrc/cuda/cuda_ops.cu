@@ -484,25 +484,22 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   const bool fused_combine = T <= env_u32("MLX_MOE_CUDA_FUSED_COMBINE", 1u);
   // Affine 4-bit and mxfp4 projections take the tensor-core decode kernel
   // (MLX_MOE_CUDA_MMA_DECODE=0: the fp32 decode kernel for every format), up to
-  // MLX_MOE_CUDA_MMA_MAX_PAIRS pairs when all three projections are such.
+  // MLX_MOE_CUDA_MMA_MAX_PAIRS pairs when all three projections are such (mma_max_pairs,
+  // below).
   const bool mma_on = env_u32("MLX_MOE_CUDA_MMA_DECODE", 1u) != 0u;
   auto affine4 = [](const WDesc& d) {  // affine 4-bit or mxfp4 (standard E2M1 decoding)
     return (d.mode == 0u && d.bits == 4u) || (d.mode == 1u && d.fp4_quarter == 0u);
   };
   const bool mma_all = mma_on && affine4(md.gate) && affine4(md.up) && affine4(md.down);
-  const uint32_t mma_max_pairs = env_u32("MLX_MOE_CUDA_MMA_MAX_PAIRS", 1024u);
   // Trellis layers with bf16 / fp16 activations take the same kernels in their trellis form
   // (codebook levels as bf16, + their lo half for fp16; su on the activation operand; scale
-  // * sv applied in fp32 per run or unit), up to MLX_MOE_CUDA_TR_MMA_MAX_PAIRS pairs (768:
-  // H200, Qwen3 trellis4 layer, device time per layer against the grouped path: 702 vs 846 us
-  // at 512 pairs, 834 vs 853 at 768; a first version 998 vs 870 at 1024), where their shared
-  // memory fits at one token per chunk.
+  // * sv applied in fp32 per run or unit), up to MLX_MOE_CUDA_TR_MMA_MAX_PAIRS pairs (below),
+  // where their shared memory fits at one token per chunk.
   const bool x16 = x.dtype() == mx::bfloat16 || x.dtype() == mx::float16;
   // 16-byte aligned (the tensor-core kernels' cp.async copies, trellis decode and grouped)
   auto al16 = [](const void* q) { return (reinterpret_cast<uintptr_t>(q) % 16) == 0; };
   const bool w_al16 = al16(md.gate.w) && al16(md.up.w) && al16(md.down.w);
-  bool tr_mm = mma_on && x16 && md.gate.mode == 2u && md.up.mode == 2u && md.down.mode == 2u &&
-               P <= env_u32("MLX_MOE_CUDA_TR_MMA_MAX_PAIRS", 768u);
+  bool tr_mm = mma_on && x16 && md.gate.mode == 2u && md.up.mode == 2u && md.down.mode == 2u;
   if (tr_mm) {
     const int ns = x.dtype() == mx::bfloat16 ? 1 : 2;
     tr_mm = mm_layout_tr<true>(md, 1, ns, 1, MM_WARPS_GU).total <= 227u * 1024u &&
@@ -545,6 +542,30 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
     };
     if (gg_ok) gg_ok = fits(gg_fgu, md.gate, md.up) && fits(gg_fdn, md.down, md.down);
   }
+  // The shared-memory tensor-core decode kernels' pair limits (affine 4-bit / mxfp4:
+  // MLX_MOE_CUDA_MMA_MAX_PAIRS; trellis: MLX_MOE_CUDA_TR_MMA_MAX_PAIRS). Where the layer has
+  // the sm_90a grouped kernels (gg_ok, wg_available), they are pairs per expert, like the
+  // register-operand kernels' (thirty-second session): a decode block walks its expert's pairs
+  // 8 at a time, so its cost against the grouped kernels follows pairs per expert, and with fp16
+  // activations (bf16 hi + lo: twice the products) it crosses earlier. H200, device time per
+  // layer, crossovers measured in pairs per expert (decode against grouped on both sides):
+  // bf16 activations, affine 4-bit with fp32 scales: Qwen3 6.2 (6 E 370.9 vs 379.8 us, 8 E
+  // 446.3 vs 381.8), GLM-4.7-Flash 4.9 (4.5 E 355.4 vs 369.2, 6 E 422.6 vs 368.1); trellis:
+  // Qwen3 5.6 (4 E 688.9 vs 789.9, 6 E 817.0 vs 793.1), GLM-4.7-Flash 4.5 (4.5 E 771.7 vs
+  // 774.9, 5 E 803.7 vs 775.0); fp16 activations: affine 4-bit (fp32 scales) 3.1 and 2.9,
+  // mxfp4 2.7 and 2.6, trellis 2.75 and 2.65 (docs/PERFORMANCE.md, thirty-second session).
+  // Hence 5.5 E (mma) and 5 E (trellis) for bf16, 2.75 E for fp16. The absolute limits they
+  // replace (1024 and 768, tuned on Qwen3 against older grouped kernels) took GLM-4.7-Flash
+  // affine 4-bit at 1024 pairs to 904 us against 372 grouped. Elsewhere -- no sm_90a kernel
+  // (mma.sync grouped kernels: 785-801 us per layer at 48-128 tokens against 262-446 decode),
+  // or scales the grouped kernels do not take (bf16 scales with fp16 activations: 1013-1077 us
+  // against 368-700) -- the absolute limits stay.
+  const bool wg_fast = gg_ok && wg_available();
+  const bool x_bf16 = x.dtype() == mx::bfloat16;
+  const uint32_t mma_max_pairs = env_u32(
+      "MLX_MOE_CUDA_MMA_MAX_PAIRS", !wg_fast ? 1024u : x_bf16 ? 11u * E / 2u : 11u * E / 4u);
+  if (tr_mm)
+    tr_mm = P <= env_u32("MLX_MOE_CUDA_TR_MMA_MAX_PAIRS", !wg_fast ? 768u : x_bf16 ? 5u * E : 11u * E / 4u);
   // Layers the register-operand decode kernels take (kernels/moe_cuda_regw.cuh: weights
   // loaded straight into the MMA's registers, no shared-memory staging; H in bf16): bf16
   // activations, every projection affine 4-bit or 8-bit with bf16 scales and biases (what
