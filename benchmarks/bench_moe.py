@@ -57,6 +57,9 @@ FORMATS = {
     # The same quantized from bf16 weights: bf16 scales and biases, as in mlx-community's
     # checkpoints of bf16 models (affine4 quantizes fp32 weights: fp32 scales and biases).
     "affine4bf": dict(mode="affine", bits=4, group_size=64, wdtype="bfloat16"),
+    # ... and from fp16 weights: fp16 scales and biases (checkpoints of fp16 models, run with
+    # fp16 activations: --dtype float16)
+    "affine4h": dict(mode="affine", bits=4, group_size=64, wdtype="float16"),
     "affine8": dict(mode="affine", bits=8, group_size=64),
     "affine8bf": dict(mode="affine", bits=8, group_size=64, wdtype="bfloat16"),
     "mxfp4": dict(mode="mxfp4", bits=4, group_size=32),
