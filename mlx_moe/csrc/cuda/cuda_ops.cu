@@ -778,8 +778,8 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
         // thirty-first session). MLX_MOE_CUDA_REGW_DN_MT=1 / 2 forces either (4-bit).
         const uint32_t dn_mt_env =
             env_u32("MLX_MOE_CUDA_REGW_DN_MT", md.down.mode == 1u ? 1u : uint32_t(REGW_DN_MT));
-        const bool dn_mt1 = !regw_direct && !st_dn && b_dn == 4u && dn_mt_env == 1u;
-        const uint32_t dn_mt = regw_direct || st_dn || dn_mt1 ? 1u : uint32_t(REGW_DN_MT);
+        const uint32_t dn_mt =
+            regw_direct || st_dn || (b_dn == 4u && dn_mt_env == 1u) ? 1u : uint32_t(REGW_DN_MT);
         // The persistent ring-fed kernels (kernels/moe_cuda_ring.cuh: a producer warp copying
         // each item's weight rows into a ring of shared-memory stages by bulk copies, K / 256
         // consumer warps), bucketed 4-bit projections on sm_90, up to
@@ -851,8 +851,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
         if (rg_dn) {
           chain.add(ring_dn, {&H, &ids, &pairs, &offsets, &active, &meta, &rw}, {&Yp});
         } else {
-          chain.add(kernel_node(regw_kernel(false, gs_dn, regw_direct, b_dn, md.down.mode == 1u, st_dn,
-                                            dn_mt1 ? 1u : 0u),
+          chain.add(kernel_node(regw_kernel(false, gs_dn, regw_direct, b_dn, md.down.mode == 1u, st_dn, dn_mt),
                                 dim3(regw_direct ? T : max_active, D / (16u * dn_mt * w_dn)),
                                 dim3(regw_direct ? k * F / 8u : st_dn ? 32u * wp_dn : Kd / 8u),
                                 regw_smem_bytes(Kd, gs_dn * b_dn / 4u, 1, int(dn_mt), regw_direct ? k : 1u,

@@ -9,20 +9,23 @@ namespace mlx_moe::gpu {
 using namespace mlx_moe::cuda;
 
 // The kernel for group size gs (32, 64, or for affine 4-bit codes 128; FP4: 32); null
-// otherwise. STREAM: the streaming form (bucketed only).
+// otherwise. STREAM: the streaming form (bucketed only). Down on dn_mt tiles of 16 rows: the
+// plain bucketed form's REGW_DN_MT, or 1 for 4-bit codes; the direct and streaming forms' 1.
 template <bool DIRECT, int BITS, bool FP4 = false, bool STREAM = false>
 static RegwKernel regw_pick(bool gateup, uint32_t gs, uint32_t dn_mt) {
-  constexpr int MT = DIRECT || STREAM ? 1 : REGW_DN_MT;
-  // (16-row plain down blocks: the bucketed 4-bit form only)
-  constexpr bool MT1 = !DIRECT && !STREAM && BITS == 4;
+  constexpr bool PLAIN = !DIRECT && !STREAM;
   auto pick = [&](auto g) -> RegwKernel {
     constexpr int G = decltype(g)::value;
     if (gateup) return mlp_regw_kernel<true, G, 1, DIRECT, BITS, FP4, STREAM>;
-    if (dn_mt == 1u) {
-      if constexpr (MT1) return mlp_regw_kernel<false, G, 1, DIRECT, BITS, FP4, STREAM>;
+    if constexpr (PLAIN) {
+      if (dn_mt == uint32_t(REGW_DN_MT)) return mlp_regw_kernel<false, G, REGW_DN_MT, DIRECT, BITS, FP4, STREAM>;
+      if constexpr (BITS == 4) {
+        if (dn_mt == 1u) return mlp_regw_kernel<false, G, 1, DIRECT, BITS, FP4, STREAM>;
+      }
       return nullptr;
+    } else {
+      return dn_mt == 1u ? mlp_regw_kernel<false, G, 1, DIRECT, BITS, FP4, STREAM> : nullptr;
     }
-    return mlp_regw_kernel<false, G, MT, DIRECT, BITS, FP4, STREAM>;
   };
   if (gs == 32u) return pick(std::integral_constant<int, 32>{});
   if constexpr (!FP4) {

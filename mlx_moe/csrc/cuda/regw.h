@@ -13,8 +13,8 @@ using RegwKernel = void (*)(cuda::MlpDesc, const __nv_bfloat16*, const uint32_t*
                             const uint32_t*, const uint32_t*, const float*, __nv_bfloat16*, float*,
                             cuda::RegwDirect);
 
-// Rows per block of the plain bucketed down kernel, in tiles of 16 (gate/up and the direct and
-// streaming down kernels: 16); regw_kernel's dn_mt 1 takes 16 instead.
+// Rows per block of the plain bucketed down kernel, in tiles of 16, by default (4-bit codes:
+// 16 too, regw_kernel's dn_mt 1); gate/up and the direct and streaming down kernels: 16.
 constexpr int REGW_DN_MT = 2;
 
 // Gate/up (gateup) or down for scale groups of gs codes of `bits` bits: affine 4-bit 32, 64
@@ -25,10 +25,9 @@ constexpr int REGW_DN_MT = 2;
 // nibble-row activations each); the direct down block k times F / 8; STREAM: 32 W KS threads
 // for W tiles of 16 rows (grid.y = N / (16 W)) and KS warps per tile (K * bits / 1024 a
 // multiple of KS), at most 256.
-// dn_mt 1: the plain bucketed 4-bit down kernel on blocks of 16 rows (null for any other
-// form); otherwise down on the form's rows (REGW_DN_MT, or 16 for the direct and streaming
-// forms).
+// dn_mt: down's tiles of 16 rows per block: the plain bucketed form REGW_DN_MT, or 1 for
+// 4-bit codes; the direct and streaming forms 1 (null for any other; gate/up ignores it).
 RegwKernel regw_kernel(bool gateup, uint32_t gs, bool direct, uint32_t bits, bool fp4,
-                       bool stream = false, uint32_t dn_mt = 0u);
+                       bool stream = false, uint32_t dn_mt = uint32_t(REGW_DN_MT));
 
 }  // namespace mlx_moe::gpu
