@@ -388,6 +388,18 @@ int wg_groups(int fgu, int fdn, const MlpDesc& md, bool rs) {
 #endif
 }
 
+// Whether the grouped projections take mlp_wg_kernel at all (gg_pick's last try: 2 warpgroups,
+// 3 raw stages) rather than mlp_gg_kernel (mma.sync).
+bool wg_fits(int fgu, int fdn, const MlpDesc& md) {
+#if defined(MLX_MOE_SM90A)
+  return wg_available() && wg_smem(fgu, 3, md.gate, md.up, 2, false, true) <= 227u * 1024u &&
+         wg_smem(fdn, 3, md.down, md.down, 2, false, false) <= 227u * 1024u;
+#else
+  (void)fgu, (void)fdn, (void)md;
+  return false;
+#endif
+}
+
 // The grouped kernel of one projection: mlp_wg_kernel on nwg warpgroups (4 raw stages, else
 // 3, as shared memory allows; rs: its register-sourced form, 6 stages, else 4) where
 // wg_available(), else mlp_gg_kernel (tiles of 128 pairs: nwg 2 only). smem: its dynamic
@@ -544,7 +556,7 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   }
   // The shared-memory tensor-core decode kernels' pair limits (affine 4-bit / mxfp4:
   // MLX_MOE_CUDA_MMA_MAX_PAIRS; trellis: MLX_MOE_CUDA_TR_MMA_MAX_PAIRS). Where the layer has
-  // the sm_90a grouped kernels (gg_ok, wg_available), they are pairs per expert, like the
+  // the sm_90a grouped kernels (gg_ok, wg_fits), they are pairs per expert, like the
   // register-operand kernels' (thirty-second session): a decode block walks its expert's pairs
   // 8 at a time, so its cost against the grouped kernels follows pairs per expert, and with fp16
   // activations (bf16 hi + lo: twice the products) it crosses earlier. H200, device time per
@@ -552,15 +564,15 @@ void moe_mlp(MoeMLP& p, const std::vector<mx::array>& inputs_in, std::vector<mx:
   // bf16 activations, affine 4-bit with fp32 scales: Qwen3 6.2 (6 E 370.9 vs 379.8 us, 8 E
   // 446.3 vs 381.8), GLM-4.7-Flash 4.9 (4.5 E 355.4 vs 369.2, 6 E 422.6 vs 368.1); trellis:
   // Qwen3 5.6 (4 E 688.9 vs 789.9, 6 E 817.0 vs 793.1), GLM-4.7-Flash 4.5 (4.5 E 771.7 vs
-  // 774.9, 5 E 803.7 vs 775.0); fp16 activations: affine 4-bit (fp32 scales) 3.1 and 2.9,
-  // mxfp4 2.7 and 2.6, trellis 2.75 and 2.65 (docs/PERFORMANCE.md, thirty-second session).
+  // 774.9, 5 E 803.7 vs 775.0); fp16 activations: affine 4-bit (fp32 scales) ~3.2 and ~2.9,
+  // mxfp4 2.7 and 2.6, trellis 2.75 and 2.6 (docs/PERFORMANCE.md, thirty-second session).
   // Hence 5.5 E (mma) and 5 E (trellis) for bf16, 2.75 E for fp16. The absolute limits they
   // replace (1024 and 768, tuned on Qwen3 against older grouped kernels) took GLM-4.7-Flash
   // affine 4-bit at 1024 pairs to 904 us against 372 grouped. Elsewhere -- no sm_90a kernel
   // (mma.sync grouped kernels: 785-801 us per layer at 48-128 tokens against 262-446 decode),
   // or scales the grouped kernels do not take (bf16 scales with fp16 activations: 1013-1077 us
   // against 368-700) -- the absolute limits stay.
-  const bool wg_fast = gg_ok && wg_available();
+  const bool wg_fast = gg_ok && wg_fits(gg_fgu, gg_fdn, md);
   const bool x_bf16 = x.dtype() == mx::bfloat16;
   const uint32_t mma_max_pairs = env_u32(
       "MLX_MOE_CUDA_MMA_MAX_PAIRS", !wg_fast ? 1024u : x_bf16 ? 11u * E / 2u : 11u * E / 4u);
