@@ -346,6 +346,14 @@ bool wg_available() {
 // same process, docs/PERFORMANCE.md), so mxfp4 takes the shared tiles. MLX_MOE_CUDA_WG_RS=0 /
 // 1: never / always (affine 4-bit and mxfp4).
 constexpr uint32_t RS_MAX_AVG_PAIRS = 64;
+#if defined(MLX_MOE_SM90A)
+// Whether both grouped projections' mlp_wg_kernel fits in shared memory on nwg warpgroups
+// with `stages` raw stages (rs: its register-sourced form).
+static bool wg_both_fit(int fgu, int fdn, const MlpDesc& md, int stages, int nwg, bool rs) {
+  return wg_smem(fgu, stages, md.gate, md.up, nwg, rs, true) <= 227u * 1024u &&
+         wg_smem(fdn, stages, md.down, md.down, nwg, rs, false) <= 227u * 1024u;
+}
+#endif
 bool wg_rs(int fgu, int fdn, const MlpDesc& md) {
 #if defined(MLX_MOE_SM90A)
   auto ok = [](int f) { return f == GG_A4 || f == GG_FP4; };
@@ -355,8 +363,7 @@ bool wg_rs(int fgu, int fdn, const MlpDesc& md) {
   if (mode != 1u && (fgu != GG_A4 || fdn != GG_A4 ||
                      uint64_t(md.P) >= uint64_t(RS_MAX_AVG_PAIRS) * md.E))
     return false;
-  return wg_smem(fgu, 4, md.gate, md.up, 2, true, true) <= 227u * 1024u &&
-         wg_smem(fdn, 4, md.down, md.down, 2, true, false) <= 227u * 1024u;
+  return wg_both_fit(fgu, fdn, md, 4, 2, true);
 #else
   (void)fgu, (void)fdn, (void)md;
   return false;
@@ -378,9 +385,7 @@ int wg_groups(int fgu, int fdn, const MlpDesc& md, bool rs) {
   if (!wg_available() || tm == 128u || rs) return 2;
   if (tm != 192u && uint64_t(md.P) < uint64_t(WG3_MIN_AVG_PAIRS) * md.E) return 2;
   if (fgu == GG_TR || fdn == GG_TR) return 2;
-  if (wg_smem(fgu, 3, md.gate, md.up, 3, false, true) > 227u * 1024u ||
-      wg_smem(fdn, 3, md.down, md.down, 3, false, false) > 227u * 1024u)
-    return 2;
+  if (!wg_both_fit(fgu, fdn, md, 3, 3, false)) return 2;
   return 3;
 #else
   (void)fgu, (void)fdn, (void)md, (void)rs;
@@ -392,8 +397,7 @@ int wg_groups(int fgu, int fdn, const MlpDesc& md, bool rs) {
 // 3 raw stages) rather than mlp_gg_kernel (mma.sync).
 bool wg_fits(int fgu, int fdn, const MlpDesc& md) {
 #if defined(MLX_MOE_SM90A)
-  return wg_available() && wg_smem(fgu, 3, md.gate, md.up, 2, false, true) <= 227u * 1024u &&
-         wg_smem(fdn, 3, md.down, md.down, 2, false, false) <= 227u * 1024u;
+  return wg_available() && wg_both_fit(fgu, fdn, md, 3, 2, false);
 #else
   (void)fgu, (void)fdn, (void)md;
   return false;
